@@ -1,0 +1,87 @@
+"""Every private Keras API customfit relies on, in one place.
+
+Keras 3 keeps several pieces of `fit` machinery private. customfit reuses them
+instead of copying them, so that its default step stays bit-for-bit equal to
+stock `fit`. `tests/test_keras_internals.py` checks each assumption made here
+and fails loudly when a Keras release changes one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as _loss_module
+from keras.src.models import functional as _functional
+from keras.src.models import model as _model
+from keras.src.saving import object_registration as _object_registration
+from keras.src.trainers import compile_utils as _compile_utils
+
+Functional = _functional.Functional
+CompileMetrics = _compile_utils.CompileMetrics
+MetricsList = _compile_utils.MetricsList
+
+
+def is_functional_call(args: tuple, kwargs: dict) -> bool:
+    """Whether `Model(*args, **kwargs)` asks for a functional model."""
+    return _model.functional_init_arguments(args, kwargs)
+
+
+def share_registered_name(twin: type, original: type) -> None:
+    """Saves `twin` under the name `original` was registered with, if any."""
+    names = _object_registration.GLOBAL_CUSTOM_NAMES
+    if original in names:
+        names[twin] = names[original]
+
+
+def unscale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:
+    """The per-replica loss multiplied back by the number of replicas."""
+    return _loss_module.unscale_loss_for_distribution(loss)
+
+
+def compiled_loss_object(model: keras.Model) -> Any:
+    """The `CompileLoss` built by `compile(loss=...)`, or None."""
+    return model._compile_loss
+
+
+def compiled_metrics_object(model: keras.Model) -> Any:
+    """The `CompileMetrics` built by `compile(metrics=...)`, or None."""
+    return model._compile_metrics
+
+
+def loss_tracker(model: keras.Model) -> keras.metrics.Mean:
+    """The `Mean` metric behind the `loss` column of the logs."""
+    return model._loss_tracker
+
+
+def call_has_training_arg(model: keras.Model) -> bool:
+    return model._call_has_training_arg
+
+
+def compute_loss(model: keras.Model, **kwargs: Any) -> tf.Tensor:
+    """`model.compute_loss`, also for overrides without a `training` argument."""
+    return model._compute_loss(**kwargs)
+
+
+def aggregate_additional_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
+    """One `add_loss`/regularization term, summed and scaled per replica."""
+    return model._aggregate_additional_loss(loss)
+
+
+def make_step_function(model: keras.Model, step: Callable) -> Callable:
+    """Wraps `step` in Keras' own loop: distribution, tf.function, XLA and
+    `steps_per_execution`, exactly as `make_train_function` does."""
+    return model._make_function(step)
+
+
+def loss_scale_in_use(optimizer: Any) -> tf.Tensor | float | None:
+    """The factor `optimizer.scale_loss` multiplies the loss by, or None.
+
+    Mirrors `LossScaleOptimizer.scale_loss`: before the optimizer is built it
+    uses `initial_scale`, afterwards the `dynamic_scale` variable.
+    """
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+

@@ -1,0 +1,399 @@
+"""`CustomModel`: stock `fit`'s step, split into hooks a user overrides one at a time."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from customfit import _keras_internals as internals
+from customfit._keras2 import (
+    CompiledLoss,
+    CompiledMetrics,
+    expand_compile_metrics,
+    missing_targets_message,
+    track_loss,
+)
+from customfit._step_logging import StepLogs
+
+
+@keras.saving.register_keras_serializable(package="customfit")
+class CustomModel(keras.Model):
+    """A `keras.Model` whose training step is built from overridable hooks.
+
+    With nothing overridden, `fit`, `evaluate` and `predict` give the same
+    results as `keras.Model`, bit for bit. Use it like `keras.Model`: as
+    `CustomModel(inputs, outputs)` or as the base class of a subclassed model.
+
+    The training step, in order (`train_step`):
+
+    1. forward pass `self(x, training=True)` and `compute_loss(...)` under a
+       `tf.GradientTape`; the loss is added to the `loss` metric;
+    2. the loss is scaled for mixed precision (`optimizer.scale_loss`) and
+       differentiated w.r.t. `trainable_weights`; the gradients are unscaled;
+    3. `transform_gradients(gradients, variables)`;
+    4. `apply_gradients(gradients, variables)`;
+    5. `compute_metrics(...)`, whose dict (plus every `log`ged value) goes to
+       callbacks, the progress bar and `History`.
+
+    Each hook can be overridden alone; `train_step`/`test_step` can still be
+    overridden whole, with the Keras-2 helpers `compiled_loss`,
+    `compiled_metrics` and `metrics` behaving as they did in `tf.keras`.
+
+    Example:
+
+    ```python
+    class ClippedModel(customfit.CustomModel):
+        def transform_gradients(self, gradients, variables):
+            clipped, norm = tf.clip_by_global_norm(gradients, 1.0)
+            self.log("grad_norm", norm)
+            return clipped
+    ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if internals.is_functional_call(args, kwargs) and not isinstance(
+            self, internals.Functional
+        ):
+            # keras.Model would rewrite the bases of this class (and of every
+            # base up to keras.Model) in place to insert Functional, breaking
+            # later subclasses that define their own __init__. Switch this one
+            # instance to a functional subclass instead.
+            self.__class__ = _functional_twin(type(self))
+        super().__init__(*args, **kwargs)
+        # Plain attributes: not model state that Keras should track or save.
+        object.__setattr__(self, "_step_logs", StepLogs())
+        object.__setattr__(self, "_stock_metrics_only", False)
+        object.__setattr__(self, "_compiled_loss", CompiledLoss(self))
+        object.__setattr__(self, "_compiled_metrics", CompiledMetrics(self))
+
+    # ----------------------------------------------------------------- hooks
+
+    def transform_gradients(
+        self, gradients: list[tf.Tensor], variables: list[tf.Variable]
+    ) -> list[tf.Tensor]:
+        """Changes the gradients before they are applied. Default: identity.
+
+        Runs once per training batch inside the default `train_step`, after
+        `tape.gradient` and before `apply_gradients`. The gradients it sees are
+        unscaled (mixed-precision loss scaling already undone) and belong to
+        this replica: under `tf.distribute` each replica sees the gradient of
+        its own share of the loss (the loss is divided by the number of
+        replicas), and the optimizer sums them across replicas afterwards. It
+        is the place for clipping, noise, masking and gradient logging.
+
+        Args:
+            gradients: One gradient per variable, in the order of `variables`.
+                A gradient is `None` when the variable does not affect the loss.
+            variables: `self.trainable_weights`.
+
+        Returns:
+            One gradient per variable, in the same order. `None` is an error:
+            return `tf.zeros_like(variable)` to leave a variable unchanged.
+
+        Example:
+
+        ```python
+        def transform_gradients(self, gradients, variables):
+            norm = tf.linalg.global_norm(gradients)
+            self.log("grad_norm", norm)
+            return [tf.clip_by_norm(g, 1.0) for g in gradients]
+        ```
+        """
+        return gradients
+
+    def apply_gradients(
+        self, gradients: Sequence[tf.Tensor], variables: Sequence[tf.Variable]
+    ) -> None:
+        """Applies the gradients to the variables. Default: the optimizer.
+
+        Runs once per training batch inside the default `train_step`, right
+        after `transform_gradients`, with unscaled per-replica gradients (see
+        there). The default hands them to `self.optimizer`; with a
+        `LossScaleOptimizer` it re-applies the loss scale first, which is exact
+        (the scale is a power of two), so the optimizer's own finite check and
+        dynamic scale update keep working.
+
+        Override it to use several optimizers or to skip updates; call
+        `super().apply_gradients(...)` for the optimizer's update.
+
+        Example:
+
+        ```python
+        def apply_gradients(self, gradients, variables):
+            n = len(self.encoder.trainable_weights)
+            self.encoder_optimizer.apply(gradients[:n], variables[:n])
+            super().apply_gradients(gradients[n:], variables[n:])
+        ```
+        """
+        scale = internals.loss_scale_in_use(self.optimizer)
+        if scale is not None:
+            gradients = [_multiply(g, scale) for g in gradients]
+        self.optimizer.apply(list(gradients), list(variables))
+
+    def log(self, name: str, value: Any) -> None:
+        """Reports a scalar next to the loss and metrics.
+
+        Call it anywhere in `train_step`, `test_step` or a hook. The value is
+        averaged over the epoch like a metric (each call counts once) and reset
+        at the start of each epoch and each `evaluate`. It shows in the progress
+        bar, `History`, callback logs and TensorBoard; values logged from
+        `test_step` are reported by `evaluate` and as `val_<name>`. Under
+        `tf.distribute`, values are averaged over replicas as Keras averages
+        metrics.
+
+        Args:
+            name: The column name; must not clash with a compiled metric.
+            value: A scalar (tensor or number).
+        """
+        self._step_logs.log(name, value, reserved_names=self._metric_names)
+
+    # ------------------------------------------------------------- the steps
+
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+        """One training step on one batch; see the class docstring for order."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self._forward(x, training=True)
+            loss = internals.compute_loss(
+                self,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+            track_loss(self, loss, batch_of=x)
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+
+        variables = self.trainable_weights
+        if variables:
+            gradients = self._unscale(tape.gradient(loss, variables))
+            gradients = self.transform_gradients(gradients, variables)
+            gradients = _checked_gradients(gradients, variables)
+            self.apply_gradients(gradients, variables)
+        else:
+            warnings.warn("The model does not have any trainable weights.")
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
+        """One evaluation step: forward pass, loss, metrics; no update."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self._forward(x, training=False)
+        loss = internals.compute_loss(
+            self,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=False,
+        )
+        track_loss(self, loss, batch_of=x)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: Any = None,
+        sample_weight: Any = None,
+        training: bool = True,
+    ) -> tf.Tensor:
+        """Keras' `compute_loss`, with errors that say what to change."""
+        has_compiled_loss = internals.compiled_loss_object(self) is not None
+        if not has_compiled_loss and not self.losses:
+            raise ValueError(
+                "There is no loss to minimize: compile() got no loss= and the "
+                "model adds none. Pass loss=... to compile(), call "
+                "self.add_loss(...) in call(), or override compute_loss()."
+            )
+        if has_compiled_loss and y is None:
+            raise ValueError(missing_targets_message())
+        return super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+
+    # ------------------------------------------------------ Keras-2 helpers
+
+    @property
+    def compiled_loss(self) -> CompiledLoss:
+        """Keras-2 `self.compiled_loss(y, y_pred, sample_weight=None,
+        regularization_losses=None)`; see `customfit.CompiledLoss`."""
+        return self._compiled_loss
+
+    @property
+    def compiled_metrics(self) -> CompiledMetrics:
+        """Keras-2 `self.compiled_metrics.update_state(y, y_pred,
+        sample_weight=None)`: updates the metrics passed to `compile()`."""
+        return self._compiled_metrics
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        """Every metric reported in the logs, one object per log column.
+
+        Unlike `keras.Model.metrics`, the compiled metrics are listed one by
+        one, so `{m.name: m.result() for m in self.metrics}` gives the same
+        logs as stock `fit`. Values from `log` come last.
+        """
+        stock = super().metrics
+        if self.__dict__.get("_stock_metrics_only", True):
+            return stock
+        metrics = []
+        for metric in stock:
+            if isinstance(metric, internals.CompileMetrics):
+                metrics.extend(expand_compile_metrics(metric))
+            else:
+                metrics.append(metric)
+        metrics.extend(self._step_logs.metrics)
+        return metrics
+
+    # ------------------------------------------------------------ plumbing
+
+    def make_train_function(self, force: bool = False) -> Callable:
+        if self.train_function is None or force:
+            self.train_function = internals.make_step_function(
+                self, self._checked_step(self.train_step, "train_step")
+            )
+        return self.train_function
+
+    def make_test_function(self, force: bool = False) -> Callable:
+        if self.test_function is None or force:
+            self.test_function = internals.make_step_function(
+                self, self._checked_step(self.test_step, "test_step")
+            )
+        return self.test_function
+
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        self._require_compiled("fit")
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._require_compiled("evaluate")
+        return super().evaluate(*args, **kwargs)
+
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self._require_compiled("train_on_batch")
+        return super().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self._require_compiled("test_on_batch")
+        return super().test_on_batch(*args, **kwargs)
+
+    def _flatten_metrics_in_order(self, logs: dict) -> Any:
+        # Keras orders evaluate()'s list by its own metrics list; keep its order.
+        object.__setattr__(self, "_stock_metrics_only", True)
+        try:
+            return super()._flatten_metrics_in_order(logs)
+        finally:
+            object.__setattr__(self, "_stock_metrics_only", False)
+
+    def _require_compiled(self, method: str) -> None:
+        if not self.compiled:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}() needs compile() first: call "
+                'model.compile(optimizer="adam", loss=...) before '
+                f"model.{method}()."
+            )
+
+    def _forward(self, x: Any, training: bool) -> Any:
+        if internals.call_has_training_arg(self):
+            return self(x, training=training)
+        return self(x)
+
+    def _unscale(self, gradients: list) -> list:
+        scale = internals.loss_scale_in_use(self.optimizer)
+        if scale is None:
+            return gradients
+        return [_multiply(g, 1.0 / scale) for g in gradients]
+
+    def _metric_names(self) -> set[str]:
+        names = set(self.get_metrics_result()) if self.compiled else set()
+        return names - {m.name for m in self._step_logs.metrics}
+
+    def _checked_step(self, step: Callable, step_name: str) -> Callable:
+        def checked_step(data):
+            logs = step(data)
+            if not isinstance(logs, Mapping):
+                raise TypeError(_bad_logs_message(step_name, logs))
+            logs = dict(logs)
+            for name, value in logs.items():
+                if not isinstance(name, str) or not _is_scalar(value):
+                    raise TypeError(_bad_logs_message(step_name, logs))
+            for name, value in self._step_logs.results().items():
+                logs.setdefault(name, value)
+            return logs
+
+        return checked_step
+
+
+def _multiply(gradient: Any, factor: Any) -> Any:
+    if gradient is None:
+        return None
+    return gradient * tf.cast(factor, gradient.dtype)
+
+
+def _checked_gradients(gradients: Any, variables: list) -> list:
+    gradients = list(gradients)
+    if len(gradients) != len(variables):
+        raise ValueError(
+            f"transform_gradients() returned {len(gradients)} gradients for "
+            f"{len(variables)} variables. Return exactly one gradient per "
+            "variable, in the order received (tf.zeros_like(variable) to leave "
+            "one unchanged)."
+        )
+    missing = [v.path for g, v in zip(gradients, variables) if g is None]
+    if missing:
+        raise ValueError(
+            f"No gradient for {len(missing)} trainable variable(s): "
+            f"{', '.join(missing)}. They do not affect the loss. Use them in "
+            "call(), freeze them (layer.trainable = False, then compile() "
+            "again), or return tf.zeros_like(variable) for them from "
+            "transform_gradients()."
+        )
+    return gradients
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return False
+    try:
+        dtype = tf.as_dtype(dtype)
+    except TypeError:
+        return False
+    return len(shape) == 0 and (dtype.is_floating or dtype.is_integer)
+
+
+def _bad_logs_message(step_name: str, logs: Any) -> str:
+    if isinstance(logs, Mapping):
+        got = {k: getattr(v, "shape", type(v).__name__) for k, v in logs.items()}
+    else:
+        got = type(logs).__name__
+    return (
+        f"{step_name}() must return a dict mapping metric names to scalars, "
+        f"e.g. `return {{m.name: m.result() for m in self.metrics}}`; got {got}."
+    )
+
+
+_TWIN_ATTRIBUTE = "_customfit_functional_twin"
+
+
+def _functional_twin(cls: type) -> type:
+    """`cls` with keras' `Functional` mixed in, made once per class."""
+    twin = cls.__dict__.get(_TWIN_ATTRIBUTE)
+    if twin is None:
+        twin = type(
+            cls.__name__,
+            (cls, internals.Functional),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+        internals.share_registered_name(twin, cls)
+        setattr(cls, _TWIN_ATTRIBUTE, twin)
+    return twin
