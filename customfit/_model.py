@@ -256,32 +256,41 @@ class CustomModel(keras.Model):
     def make_train_function(self, force: bool = False) -> Callable:
         if self.train_function is None or force:
             self.train_function = internals.make_step_function(
-                self, self._checked_step(self.train_step, "train_step")
+                self, self._checked_step(self.train_step, "train")
             )
         return self.train_function
 
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
             self.test_function = internals.make_step_function(
-                self, self._checked_step(self.test_step, "test_step")
+                self, self._checked_step(self.test_step, "test")
             )
         return self.test_function
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         self._require_compiled("fit")
-        return super().fit(*args, **kwargs)
+        with self._step_logs.in_phase("train"):
+            return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("evaluate")
-        return super().evaluate(*args, **kwargs)
+        with self._step_logs.in_phase("test"):
+            return super().evaluate(*args, **kwargs)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
-        return super().train_on_batch(*args, **kwargs)
+        with self._step_logs.in_phase("train"):
+            return super().train_on_batch(*args, **kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("test_on_batch")
-        return super().test_on_batch(*args, **kwargs)
+        with self._step_logs.in_phase("test"):
+            return super().test_on_batch(*args, **kwargs)
+
+    def reset_metrics(self) -> None:
+        super().reset_metrics()
+        for metric in self._step_logs.all_metrics:
+            metric.reset_state()
 
     def _flatten_metrics_in_order(self, logs: dict) -> Any:
         # Keras orders evaluate()'s list by its own metrics list; keep its order.
@@ -314,9 +323,14 @@ class CustomModel(keras.Model):
         names = set(self.get_metrics_result()) if self.compiled else set()
         return names - {m.name for m in self._step_logs.metrics}
 
-    def _checked_step(self, step: Callable, step_name: str) -> Callable:
+    def _checked_step(self, step: Callable, phase: str) -> Callable:
+        step_name = f"{phase}_step"
+
         def checked_step(data):
-            logs = step(data)
+            with self._step_logs.in_phase(phase):
+                return checked_logs(step(data))
+
+        def checked_logs(logs):
             if not isinstance(logs, Mapping):
                 raise TypeError(_bad_logs_message(step_name, logs))
             logs = dict(logs)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import keras
 import tensorflow as tf
 
 
 class StepLogs:
-    """The scalars a model logs with `CustomModel.log`, one `Mean` per name.
+    """The scalars a model logs with `CustomModel.log`, one `Mean` per name and
+    phase ("train" for `fit`'s steps, "test" for `evaluate` and validation), so
+    a value logged only while evaluating never shows up as a training column.
 
     A name's metric is created the first time a step logs it. That happens while
     Keras traces the step, so the variables are created under `tf.init_scope()`:
@@ -19,16 +22,32 @@ class StepLogs:
     replicas the way Keras averages its own metrics.
 
     Attributes:
-        metrics: The `keras.metrics.Mean` of each logged name, in the order the
-            names were first logged.
+        phase: Where values logged now go: "train" or "test".
     """
 
     def __init__(self) -> None:
-        self._by_name: dict[str, keras.metrics.Mean] = {}
+        self.phase = "train"
+        self._by_phase: dict[str, dict[str, keras.metrics.Mean]] = {
+            "train": {},
+            "test": {},
+        }
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        previous, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = previous
 
     @property
     def metrics(self) -> list[keras.metrics.Mean]:
-        return list(self._by_name.values())
+        """The current phase's metrics, in the order names were first logged."""
+        return list(self._by_phase[self.phase].values())
+
+    @property
+    def all_metrics(self) -> list[keras.metrics.Mean]:
+        return [m for by_name in self._by_phase.values() for m in by_name.values()]
 
     def log(
         self, name: str, value, reserved_names: Callable[[], set[str]]
@@ -38,7 +57,8 @@ class StepLogs:
                 f"log() takes a non-empty string name; got {name!r}. "
                 'Call it as self.log("grad_norm", value).'
             )
-        metric = self._by_name.get(name)
+        by_name = self._by_phase[self.phase]
+        metric = by_name.get(name)
         if metric is None:
             if name in reserved_names():
                 raise ValueError(
@@ -48,7 +68,7 @@ class StepLogs:
                 )
             with tf.init_scope():
                 metric = keras.metrics.Mean(name=name)
-            self._by_name[name] = metric
+            by_name[name] = metric
         value = tf.convert_to_tensor(value)
         if value.shape.rank != 0:
             if value.shape.num_elements() != 1:
@@ -61,4 +81,5 @@ class StepLogs:
         metric.update_state(tf.cast(value, metric.dtype))
 
     def results(self) -> dict[str, tf.Tensor]:
-        return {name: m.result() for name, m in self._by_name.items()}
+        """The current phase's values."""
+        return {name: m.result() for name, m in self._by_phase[self.phase].items()}
