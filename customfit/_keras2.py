@@ -162,13 +162,11 @@ def expand_compile_metrics(compile_metrics: Any) -> list[keras.metrics.Metric]:
         return []
     expanded = compile_metrics.__dict__.get("_customfit_expanded")
     if expanded is None:
-        metrics = compile_metrics.metrics
-        with tf.init_scope():
-            names = list(compile_metrics.result().keys())
-            if len(names) != len(metrics):
-                expanded = [compile_metrics]
-            else:
-                expanded = [_NamedMetric(m, n) for m, n in zip(metrics, names)]
+        named = internals.compiled_metric_log_names(compile_metrics)
+        if len(named) != len(compile_metrics.metrics):
+            expanded = [compile_metrics]
+        else:
+            expanded = [_NamedMetric(m, name) for name, m in named.items()]
         # Plain attribute: Keras must not track the views as extra state.
         object.__setattr__(compile_metrics, "_customfit_expanded", expanded)
     return expanded

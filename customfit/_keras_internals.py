@@ -85,3 +85,39 @@ def loss_scale_in_use(optimizer: Any) -> tf.Tensor | float | None:
         return None
     return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
 
+
+
+def compiled_metric_log_names(compile_metrics: Any) -> dict[str, Any]:
+    """Each compiled metric under its key in `CompileMetrics.result()`.
+
+    Replays `CompileMetrics.result()`'s naming (output-name prefixes, `_1`
+    suffixes, `weighted_` prefixes) on the metric objects, without computing
+    any result: it is called while Keras traces a step, also under
+    `tf.distribute`, where computing results there is not allowed.
+    """
+    named: dict[str, Any] = {}
+    counters: dict[str, int] = {}
+
+    def prefixed(metric_list, name):
+        return f"{metric_list.output_name}_{name}" if metric_list.output_name else name
+
+    def deduplicated(name):
+        if name not in counters:
+            counters[name] = 1
+            return name
+        index = counters[name]
+        counters[name] += 1
+        return f"{name}_{index}"
+
+    for metric_list in compile_metrics._flat_metrics:
+        for metric in metric_list.metrics if metric_list else ():
+            named[deduplicated(prefixed(metric_list, metric.name))] = metric
+    for metric_list in compile_metrics._flat_weighted_metrics:
+        for metric in metric_list.metrics if metric_list else ():
+            name = prefixed(metric_list, metric.name)
+            if name in counters:
+                name = deduplicated(prefixed(metric_list, f"weighted_{metric.name}"))
+            else:
+                counters[name] = 1
+            named[name] = metric
+    return named

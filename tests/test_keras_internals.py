@@ -78,3 +78,18 @@ def test_registered_name_is_shared_with_the_functional_twin():
     model = Named(i, keras.layers.Dense(1)(i))
     assert type(model) is not Named
     assert keras.saving.get_registered_name(type(model)) == "internals_test>Named"
+
+
+def test_compiled_metric_log_names_replay_compile_metrics_result(digits):
+    x, y = models.multi_io_data(digits[0][:32], digits[1][:32])
+    model = models.multi_io(customfit.CustomModel)
+    model.compile("sgd", loss=models.MULTI_IO_COMPILE["loss"],
+                  metrics={"digit": ["accuracy", "accuracy"], "big": ["mse"]},
+                  weighted_metrics={"digit": ["accuracy"], "big": ["mse", "mse"]})
+    model.evaluate(x, y, verbose=0)
+    compile_metrics = internals.compiled_metrics_object(model)
+    named = internals.compiled_metric_log_names(compile_metrics)
+    results = compile_metrics.result()
+    assert list(named) == list(results)
+    for name, metric in named.items():
+        assert float(metric.result()) == float(results[name]), name
