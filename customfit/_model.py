@@ -158,15 +158,7 @@ class CustomModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self._forward(x, training=True)
-            loss = internals.compute_loss(
-                self,
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-            track_loss(self, loss, batch_of=x)
+            loss = self._tracked_loss(x, y, y_pred, sample_weight, training=True)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
 
@@ -184,15 +176,7 @@ class CustomModel(keras.Model):
         """One evaluation step: forward pass, loss, metrics; no update."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self._forward(x, training=False)
-        loss = internals.compute_loss(
-            self,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=False,
-        )
-        track_loss(self, loss, batch_of=x)
+        self._tracked_loss(x, y, y_pred, sample_weight, training=False)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def compute_loss(
@@ -222,7 +206,8 @@ class CustomModel(keras.Model):
     @property
     def compiled_loss(self) -> CompiledLoss:
         """Keras-2 `self.compiled_loss(y, y_pred, sample_weight=None,
-        regularization_losses=None)`; see `customfit.CompiledLoss`."""
+        regularization_losses=None)`: the compiled loss plus regularization,
+        tracked in `loss` as stock `fit` tracks it."""
         return self._compiled_loss
 
     @property
@@ -312,6 +297,21 @@ class CustomModel(keras.Model):
         if internals.call_has_training_arg(self):
             return self(x, training=training)
         return self(x)
+
+    def _tracked_loss(
+        self, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
+    ) -> tf.Tensor:
+        """`compute_loss`, added to the `loss` metric as stock `fit` does."""
+        loss = internals.compute_loss(
+            self,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+        )
+        track_loss(self, loss, batch_of=x)
+        return loss
 
     def _unscale(self, gradients: list) -> list:
         scale = internals.loss_scale_in_use(self.optimizer)

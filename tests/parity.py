@@ -49,6 +49,12 @@ def assert_identical(expected: Run, actual: Run) -> None:
     for i, (a, e) in enumerate(zip(actual.weights, expected.weights)):
         np.testing.assert_array_equal(a, e, err_msg=f"weight #{i}")
     assert actual.evaluation == expected.evaluation
-    for a, e in zip(np.atleast_1d(actual.predictions) if not isinstance(actual.predictions, dict) else actual.predictions.values(),
-                    np.atleast_1d(expected.predictions) if not isinstance(expected.predictions, dict) else expected.predictions.values()):
-        np.testing.assert_array_equal(a, e)
+    expected_outputs, actual_outputs = _outputs(expected), _outputs(actual)
+    assert actual_outputs.keys() == expected_outputs.keys()
+    for name in expected_outputs:
+        np.testing.assert_array_equal(actual_outputs[name], expected_outputs[name])
+
+
+def _outputs(run: Run) -> dict:
+    predictions = run.predictions
+    return dict(predictions) if isinstance(predictions, dict) else {"": predictions}
