@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import keras
 import tensorflow as tf
+from keras import tree
+from keras.src.backend.tensorflow import trainer as _tf_trainer
 from keras.src.losses import loss as _loss_module
 from keras.src.models import functional as _functional
 from keras.src.models import model as _model
@@ -73,6 +75,43 @@ def make_step_function(model: keras.Model, step: Callable) -> Callable:
     """Wraps `step` in Keras' own loop: distribution, tf.function, XLA and
     `steps_per_execution`, exactly as `make_train_function` does."""
     return model._make_function(step)
+
+
+def symbolic_build(
+    model: keras.Model, iterator: Any = None, data_batch: Any = None
+) -> None:
+    """Keras' `_maybe_symbolic_build`, working under every strategy.
+
+    Before `fit`/`evaluate` under a strategy, Keras builds the model from the
+    shapes of one batch. It first merges a distributed batch with
+    `strategy.reduce("MEAN", batch, axis=None)`, which takes one tensor, not a
+    nest: under `MultiWorkerMirroredStrategy` that raises `ValueError: Attempt
+    to convert a value (PerReplica ...)`. Only shapes and dtypes are used, so
+    one replica's part of the batch is taken instead.
+    """
+    if model._distribute_strategy is None:
+        return
+    strategy = model.distribute_strategy
+    if iterator is not None:
+        for _, _, batches in iterator:
+            data_batch = next(batches)
+            break
+
+    def one_replica(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    with strategy.scope():
+        model._symbolic_build(data_batch=tree.map_structure(one_replica, data_batch))
+
+
+def logs_reduced_along_first_axis(strategy: tf.distribute.Strategy) -> bool:
+    """Whether Keras reduces a step's logs with `strategy.reduce("MEAN", value,
+    axis=0)` (multi-worker collective strategies), which needs rank-1 values:
+    a scalar raises `Invalid reduction dimension 0 for input with 0 dimensions`.
+    Under every other strategy Keras averages the replicas' scalars."""
+    return _tf_trainer._collective_all_reduce_multi_worker(strategy)
 
 
 def loss_scale_in_use(optimizer: Any) -> tf.Tensor | float | None:

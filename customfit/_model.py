@@ -277,6 +277,9 @@ class CustomModel(keras.Model):
         for metric in self._step_logs.all_metrics:
             metric.reset_state()
 
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
+
     def _flatten_metrics_in_order(self, logs: dict) -> Any:
         # Keras orders evaluate()'s list by its own metrics list; keep its order.
         object.__setattr__(self, "_stock_metrics_only", True)
@@ -339,6 +342,9 @@ class CustomModel(keras.Model):
                     raise TypeError(_bad_logs_message(step_name, logs))
             for name, value in self._step_logs.results().items():
                 logs.setdefault(name, value)
+            if internals.logs_reduced_along_first_axis(self.distribute_strategy):
+                # Keras averages these over all workers' replicas along axis 0.
+                logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
             return logs
 
         return checked_step

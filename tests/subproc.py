@@ -1,9 +1,12 @@
 """Run test code in a fresh Python: for TensorFlow settings fixed at start-up."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +26,51 @@ def run_python(code: str, timeout: float = 300, env: dict | None = None) -> str:
             f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
         )
     return proc.stdout
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (bound together, so all distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(code: str, count: int = 2, timeout: float = 240) -> list[str]:
+    """Runs `code` in `count` new interpreters forming one multi-worker cluster
+    on localhost (`TF_CONFIG` set per worker); returns each worker's stdout.
+
+    Every worker is killed and reaped when the call returns, whatever happens.
+    """
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]}
+    procs = []
+    try:
+        for index in range(count):
+            config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(code)],
+                cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                               "PYTHONPATH": str(ROOT), "TF_CONFIG": json.dumps(config)},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        deadline = time.monotonic() + timeout
+        outputs = []
+        for index, proc in enumerate(procs):
+            try:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"worker {index} still running after {timeout} s")
+            if proc.returncode != 0:
+                raise AssertionError(
+                    f"worker {index} failed ({proc.returncode}):\n{out}\n{err[-4000:]}")
+            outputs.append(out)
+        return outputs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()

@@ -93,3 +93,36 @@ def test_compiled_metric_log_names_replay_compile_metrics_result(digits):
     assert list(named) == list(results)
     for name, metric in named.items():
         assert float(metric.result()) == float(results[name]), name
+
+
+def test_fit_and_evaluate_build_through_maybe_symbolic_build():
+    """CustomModel overrides `_maybe_symbolic_build` (see
+    `internals.symbolic_build`); Keras must still call it with these names."""
+    from keras.src.backend.tensorflow import trainer
+
+    assert "self._maybe_symbolic_build(iterator=epoch_iterator)" in inspect.getsource(
+        trainer.TensorFlowTrainer.fit)
+    assert "self._maybe_symbolic_build(iterator=epoch_iterator)" in inspect.getsource(
+        trainer.TensorFlowTrainer.evaluate)
+    parameters = inspect.signature(trainer.TensorFlowTrainer._maybe_symbolic_build).parameters
+    assert list(parameters) == ["self", "iterator", "data_batch"]
+
+
+def test_symbolic_build_under_a_strategy_builds_from_one_replica(digits):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = models.mlp(customfit.CustomModel)
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(digits).batch(8))
+    internals.symbolic_build(model, iterator=[(0, 0, iter(dataset))])
+    assert model.built and model.optimizer.built
+    assert internals.compiled_metrics_object(model).built
+
+
+def test_logs_reduced_along_first_axis_only_across_workers():
+    assert not internals.logs_reduced_along_first_axis(tf.distribute.get_strategy())
+    assert not internals.logs_reduced_along_first_axis(
+        tf.distribute.MirroredStrategy(["/cpu:0"]))
+    # True across workers: tests/test_multiworker.py (a strategy that joins a
+    # cluster changes the process's TensorFlow context, so not created here).
