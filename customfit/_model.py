@@ -82,8 +82,9 @@ class CustomModel(keras.Model):
         unscaled (mixed-precision loss scaling already undone) and belong to
         this replica: under `tf.distribute` each replica sees the gradient of
         its own share of the loss (the loss is divided by the number of
-        replicas), and the optimizer sums them across replicas afterwards. It
-        is the place for clipping, noise, masking and gradient logging.
+        replicas), and the optimizer sums them across replicas afterwards;
+        Keras' own `clipnorm`/`global_clipnorm` clip at this point too. It is
+        the place for clipping, noise, masking and gradient logging.
 
         Args:
             gradients: One gradient per variable, in the order of `variables`.
@@ -143,7 +144,9 @@ class CustomModel(keras.Model):
         bar, `History`, callback logs and TensorBoard; values logged from
         `test_step` are reported by `evaluate` and as `val_<name>`. Under
         `tf.distribute`, values are averaged over replicas as Keras averages
-        metrics.
+        metrics; per-replica quantities are averaged as they are (the loss from
+        `compute_loss` is already divided by the number of replicas, so on two
+        replicas it shows half the one-device value).
 
         Args:
             name: The column name; must not clash with a compiled metric.
