@@ -238,7 +238,7 @@ def _describe(fingerprint: dict) -> str:
 
 
 class TrainingPlot(keras.callbacks.Callback):
-    """Draws a run to image files after every epoch: the loss within each
+    """Draws a run to image files as it trains: the loss within each
     epoch, batch by batch, one line per epoch, and the `History` curves
     (training and validation) of every metric, one panel per metric.
 
@@ -253,6 +253,8 @@ class TrainingPlot(keras.callbacks.Callback):
         path: File name without extension, e.g. "runs/plots/training".
         formats: Extensions to write, each one a file: ("png", "pdf").
         batch_metric: The per-batch log to draw in the first panel.
+        draw_every: Redraw after every this many epochs (drawing takes about
+            a second); the files are always redrawn when `fit` ends.
     """
 
     def __init__(
@@ -260,12 +262,18 @@ class TrainingPlot(keras.callbacks.Callback):
         path: str | os.PathLike,
         formats: Sequence[str] = ("png", "pdf"),
         batch_metric: str = "loss",
+        draw_every: int = 1,
     ) -> None:
         super().__init__()
         _require_matplotlib()
+        if draw_every < 1:
+            raise ValueError(f"draw_every must be at least 1, got {draw_every}.")
         self.path = os.fspath(path)
         self.formats = tuple(formats)
         self.batch_metric = batch_metric
+        self.draw_every = draw_every
+        self.drawn_epochs: list[int] = []  # epochs finished at each drawing
+        self._epochs_done = 0
         self.batch_values: dict[int, list[float]] = {}
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._epoch = 0
@@ -287,10 +295,18 @@ class TrainingPlot(keras.callbacks.Callback):
             self.batch_values[self._epoch].append(float(value))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        """Runs after each epoch (after validation): records it and redraws."""
+        """Runs after each epoch (after validation): records it, redraws
+        every `draw_every` epochs."""
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append((epoch + 1, float(value)))
-        self.draw()
+        self._epochs_done = epoch + 1
+        if (epoch + 1) % self.draw_every == 0:
+            self.draw()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Runs when `fit` ends: draws what the last redraw missed."""
+        if self._epochs_done and self._epochs_done not in self.drawn_epochs[-1:]:
+            self.draw()
 
     def draw(self) -> list[str]:
         """Writes the figure to every format now; returns the file names."""
@@ -298,6 +314,7 @@ class TrainingPlot(keras.callbacks.Callback):
         names = [n for n in self.history if not n.startswith("val_")]
         names += [n[4:] for n in self.history
                   if n.startswith("val_") and n[4:] not in self.history]
+        names.sort(key=lambda n: n != self.batch_metric)  # its curve first
         panels = 1 + len(names)
         columns = min(panels, 3)
         rows = -(-panels // columns)
@@ -314,6 +331,7 @@ class TrainingPlot(keras.callbacks.Callback):
         for filename in self.files:
             with atomic_destination(filename) as temporary:
                 figure.savefig(temporary, format=filename.rsplit(".", 1)[1], dpi=110)
+        self.drawn_epochs.append(self._epochs_done)
         return self.files
 
     def _draw_batches(self, ax: Any) -> None:
