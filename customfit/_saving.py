@@ -81,12 +81,12 @@ def checked_load(model: keras.Model, filepath: Any, load: Callable[[], Any]) -> 
     """
     path = os.fspath(filepath)
     found = _structure_of_file(path)
+    if found is not None:
+        _check_same_structure(model, path, found)
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built and model.built:
         # Otherwise Keras skips the optimizer's saved state with a warning.
         optimizer.build(model.trainable_variables)
-    if found is not None:
-        _check_same_structure(model, path, found)
     state = all_state(model)
     before = [v.numpy() for v in state]
     try:
