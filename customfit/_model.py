@@ -264,7 +264,9 @@ class CustomModel(keras.Model):
 
         A missing, truncated or corrupt file, or one written by a different
         architecture, raises `FileNotFoundError` or `ValueError` and leaves
-        every weight, random-layer state and optimizer variable as it was. An
+        every weight, random-layer state and optimizer variable as it was
+        (Keras alone loads another architecture's file partly, with a
+        warning). `skip_mismatch=True` keeps Keras' partial loading. An
         unbuilt optimizer is built first, so its saved state is restored
         rather than skipped.
         """
@@ -272,6 +274,7 @@ class CustomModel(keras.Model):
             self, filepath,
             lambda: super(CustomModel, self).load_weights(
                 filepath, skip_mismatch=skip_mismatch, **kwargs),
+            skip_mismatch=skip_mismatch,
         )
 
     # ------------------------------------------------------------ plumbing

@@ -69,7 +69,9 @@ def all_state(model: keras.Model) -> list:
     return state
 
 
-def checked_load(model: keras.Model, filepath: Any, load: Callable[[], Any]) -> Any:
+def checked_load(
+    model: keras.Model, filepath: Any, load: Callable[[], Any], skip_mismatch: bool = False
+) -> Any:
     """Runs Keras' `load_weights` only on a file written by this architecture,
     with errors that say what is wrong; leaves the model (weights, RNG and
     optimizer state) as it was if it fails.
@@ -77,11 +79,12 @@ def checked_load(model: keras.Model, filepath: Any, load: Callable[[], Any]) -> 
     Keras' own `load_weights` matches weights by the model's structure and is
     lenient: a file from another architecture can load partly, with only a
     warning about the optimizer. Here the weights in the file must be exactly
-    those this model saves (optimizer state may be absent).
+    those this model saves (optimizer state may be absent), unless
+    `skip_mismatch` asks for Keras' partial loading.
     """
     path = os.fspath(filepath)
     found = _structure_of_file(path)
-    if found is not None:
+    if found is not None and model.built and not skip_mismatch:
         _check_same_structure(model, path, found)
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built and model.built:

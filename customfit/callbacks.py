@@ -169,6 +169,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Runs when `fit` ends: deletes the backup, or saves the final state."""
         internals.set_initial_epoch(self.model, None)
         if self.delete_checkpoint:
+            if os.path.exists(self.state_path):
+                os.remove(self.state_path)  # first: no half-deleted backup
             if os.path.isdir(self.backup_dir):
                 shutil.rmtree(self.backup_dir)
         elif self._epochs_done is not None:
@@ -193,7 +195,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             return None
         names = os.listdir(self.backup_dir)
         if _STATE_FILE not in names:
-            foreign = [n for n in names if not n.startswith(".tmp-")]
+            foreign = [n for n in names if not _is_backup_leftover(n)]
             if foreign:
                 raise ValueError(
                     f"backup_dir {self.backup_dir} already holds files that are "
@@ -221,6 +223,12 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "scratch."
             )
         return state
+
+
+def _is_backup_leftover(name: str) -> bool:
+    """Files a kill can leave behind without a committed `backup.json`."""
+    return name.startswith(".tmp-") or (
+        name.startswith("epoch-") and name.endswith(".weights.h5"))
 
 
 def _fingerprint(model: keras.Model) -> dict:

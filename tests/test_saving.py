@@ -269,8 +269,18 @@ def test_directory_of_something_else_is_refused(digits, tmp_path):
     stock = keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)
     fit(compiled(functional), digits, epochs=1, callbacks=[stock])
     model = compiled(functional)
-    with pytest.raises(ValueError, match="not a customfit backup"):
+    with pytest.raises(ValueError, match="not a customfit backup.*latest.weights.h5"):
         fit(model, digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+
+
+def test_leftovers_of_a_kill_while_deleting_are_not_a_backup(digits, tmp_path):
+    """backup.json goes first; weights left without it mean: start afresh."""
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "epoch-3.weights.h5").write_bytes(b"partly deleted")
+    (backup / ".tmp-0123-backup.json").write_text("{")
+    history = fit(compiled(functional), digits, epochs=1, callbacks=[BackupAndRestore(backup)])
+    assert len(history["loss"]) == 1 and not backup.exists()
 
 
 def test_corrupt_backup_is_a_clear_error(digits, tmp_path):
