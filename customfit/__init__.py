@@ -1,5 +1,6 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
+from customfit import callbacks  # noqa: F401  (customfit.callbacks.*)
 from customfit._model import CustomModel
 
 __version__ = "0.1.0"

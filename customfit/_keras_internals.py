@@ -160,3 +160,31 @@ def compiled_metric_log_names(compile_metrics: Any) -> dict[str, Any]:
                 counters[name] = 1
             named[name] = metric
     return named
+
+
+def checkpoint_file_path(
+    callback: keras.callbacks.ModelCheckpoint, epoch: int, batch: int | None, logs: dict
+) -> str:
+    """The file `ModelCheckpoint` would write now (its placeholders filled)."""
+    return callback._get_file_path(epoch, batch, logs)
+
+
+def checkpoint_should_save(
+    callback: keras.callbacks.ModelCheckpoint,
+    epoch: int,
+    batch: int | None,
+    logs: dict,
+    filepath: str,
+) -> bool:
+    """`ModelCheckpoint`'s decision to save now; updates its `best` as Keras does.
+
+    customfit's `ModelCheckpoint` overrides `_save_model`, which Keras'
+    `on_epoch_end`/`on_train_batch_end` call to decide and write.
+    """
+    return callback._should_save_model(epoch, batch, logs, filepath)
+
+
+def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
+    """The epoch `fit` starts at when set from `on_train_begin` (Keras'
+    `BackupAndRestore` uses it); None lets `fit`'s own `initial_epoch` apply."""
+    model._initial_epoch = epoch

@@ -17,6 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
+from customfit import _saving
 from customfit._step_logging import StepLogs
 
 
@@ -239,9 +240,56 @@ class CustomModel(keras.Model):
         metrics.extend(self._step_logs.metrics)
         return metrics
 
+    # ---------------------------------------------------------------- saving
+
+    def save_own_variables(self, store: Any) -> None:
+        """Keras' own state of the model, plus the state of its random layers.
+
+        Called by `save`, `save_weights` and the checkpoint callbacks. Keras
+        saves weights and optimizer state but not the `SeedGenerator` state of
+        Dropout and other random layers, so training resumed from a file would
+        draw other dropout masks than training that never stopped. This saves
+        them too, so resumed training equals uninterrupted training.
+        """
+        super().save_own_variables(store)
+        _saving.save_rng_states(self, store)
+
+    def load_own_variables(self, store: Any) -> None:
+        """Loads what `save_own_variables` saved; files written by
+        `keras.Model` (without random-layer state) load as before."""
+        own, rng_states = _saving.split_rng_states(store)
+        super().load_own_variables(own)
+        _saving.load_rng_states(self, rng_states)
+
+    def load_weights(self, filepath: Any, skip_mismatch: bool = False, **kwargs: Any) -> None:
+        """Keras' `load_weights`, with errors that name the problem and no
+        half-loaded model.
+
+        A missing, truncated or corrupt file, or one written by a different
+        architecture, raises `FileNotFoundError` or `ValueError` and leaves
+        every weight, random-layer state and optimizer variable as it was
+        (Keras alone loads another architecture's file partly, with a
+        warning). `skip_mismatch=True` keeps Keras' partial loading. An
+        unbuilt optimizer is built first, so its saved state is restored
+        rather than skipped.
+        """
+        return _saving.checked_load(
+            self, filepath,
+            lambda: super(CustomModel, self).load_weights(
+                filepath, skip_mismatch=skip_mismatch, **kwargs),
+            skip_mismatch=skip_mismatch,
+        )
+
     # ------------------------------------------------------------ plumbing
 
     def make_train_function(self, force: bool = False) -> Callable:
+        if self.optimizer is not None and not self.optimizer.built and self.built:
+            # Build it over all trainable weights now, as Keras does under a
+            # distribution strategy, in `compile_from_config` and in
+            # `BackupAndRestore`; built lazily, an `apply_gradients` override
+            # that gives it only some variables would save a state that no
+            # loaded model can take back.
+            self.optimizer.build(self.trainable_variables)
         if self.train_function is None or force:
             self.train_function = internals.make_step_function(
                 self, self._checked_step(self.train_step, "train")

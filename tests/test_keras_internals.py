@@ -126,3 +126,46 @@ def test_logs_reduced_along_first_axis_only_across_workers():
         tf.distribute.MirroredStrategy(["/cpu:0"]))
     # True across workers: tests/test_multiworker.py (a strategy that joins a
     # cluster changes the process's TensorFlow context, so not created here).
+def test_model_checkpoint_decides_and_writes_in_save_model(tmp_path):
+    """customfit.callbacks.ModelCheckpoint replaces `_save_model`; Keras must
+    still route every save through it, and decide with the two helpers."""
+    source = inspect.getsource(keras.callbacks.ModelCheckpoint)
+    assert source.count("self._save_model(") == 2  # per batch and per epoch
+    callback = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "{epoch:02d}.weights.h5"), monitor="loss",
+        save_best_only=True, save_weights_only=True)
+    callback._set_monitor_op()
+    path = internals.checkpoint_file_path(callback, 2, None, {"loss": 1.0})
+    assert path == str(tmp_path / "03.weights.h5")
+    assert internals.checkpoint_should_save(callback, 2, None, {"loss": 1.0}, path)
+    assert callback.best == 1.0
+    assert not internals.checkpoint_should_save(callback, 3, None, {"loss": 2.0}, path)
+
+
+def test_fit_starts_at_the_epoch_set_in_on_train_begin(digits):
+    class StartAt(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            internals.set_initial_epoch(self.model, 2)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    seen = []
+    model = models.mlp(customfit.CustomModel)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(digits[0][:32], digits[1][:32], epochs=3, verbose=0, callbacks=[StartAt()])
+    assert seen == [2]
+    # Keras never resets it: customfit's BackupAndRestore does, after fit.
+    assert model._initial_epoch == 2
+
+
+def test_keras_does_not_save_dropout_generator_state(tmp_path):
+    """The reason CustomModel.save_own_variables adds it: keras.Model resumed
+    from a file draws the first epoch's dropout masks again."""
+    model = models.mlp(keras.Model, dropout=0.5)
+    (state,) = [v for v in model.variables if id(v) not in {id(w) for w in model.weights}]
+    state.assign([7, 9])
+    model.save_weights(tmp_path / "m.weights.h5")
+    state.assign([0, 0])
+    model.load_weights(tmp_path / "m.weights.h5")
+    np.testing.assert_array_equal(state.numpy(), [0, 0])

@@ -1,0 +1,384 @@
+"""Callbacks for training that survives crashes, and plots of a run.
+
+- `ModelCheckpoint`: Keras' `ModelCheckpoint` that replaces its file
+  atomically and keeps `save_best_only`'s best value across a restart.
+- `BackupAndRestore`: resumes a killed `fit` from the last finished epoch;
+  its backup is replaced atomically, checked against the model, and saved
+  after every other callback has seen the epoch.
+- `TrainingPlot`: draws the per-batch loss of each epoch and the `History`
+  curves to PNG/PDF with matplotlib (`pip install "customfit[plot]"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Sequence
+
+import keras
+
+from customfit import _keras_internals as internals
+from customfit._saving import atomic_destination, write_text_atomically
+
+__all__ = ["BackupAndRestore", "ModelCheckpoint", "TrainingPlot"]
+
+
+class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`keras.callbacks.ModelCheckpoint` that never leaves a broken file and
+    remembers the best value across restarts.
+
+    Same arguments as Keras' callback. Two differences:
+
+    - Each file is written to a temporary file in the same directory and moved
+      over the checkpoint in one `os.replace` when complete. A crash, a kill or
+      an error while saving leaves the previous checkpoint intact (Keras'
+      callback writes into the checkpoint file itself).
+    - With `save_best_only=True`, the best monitored value is kept in
+      `<filepath>.best.json` next to the checkpoint. When `fit` starts past
+      epoch 0 (resumed by `BackupAndRestore` or `initial_epoch`), the value is
+      read back, so a resumed run only overwrites the best checkpoint with a
+      better one. A run starting at epoch 0 starts from scratch as in Keras.
+    """
+
+    def __init__(self, filepath: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        super().__init__(filepath, *args, **kwargs)
+        self.best_path = f"{self.filepath}.best.json"
+        self._first_epoch_of_fit = True
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: the next epoch decides whether to resume."""
+        super().on_train_begin(logs)
+        self._first_epoch_of_fit = True
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs before each epoch; on the first of a resumed `fit`, reads the
+        best value saved by the interrupted run."""
+        super().on_epoch_begin(epoch, logs)
+        if self._first_epoch_of_fit:
+            self._first_epoch_of_fit = False
+            if epoch > 0 and self.save_best_only:
+                self._restore_best(epoch)
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict) -> None:
+        # Keras' own method writes into `filepath` directly; this replaces it.
+        logs = logs or {}
+        filepath = internals.checkpoint_file_path(self, epoch, batch, logs)
+        if not internals.checkpoint_should_save(self, epoch, batch, logs, filepath):
+            return
+        with atomic_destination(filepath) as temporary:
+            if self.save_weights_only:
+                self.model.save_weights(temporary, overwrite=True)
+            else:
+                self.model.save(temporary, overwrite=True)
+        if self.save_best_only and self.best is not None:
+            write_text_atomically(self.best_path, json.dumps(
+                {"monitor": self.monitor, "best": float(self.best), "epoch": epoch}))
+
+    def _restore_best(self, epoch: int) -> None:
+        if not os.path.exists(self.best_path):
+            return
+        try:
+            with open(self.best_path) as f:
+                saved = json.load(f)
+            best, saved_epoch, monitor = saved["best"], saved["epoch"], saved["monitor"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"Cannot read {self.best_path} ({error}). Delete it to start "
+                "the best-so-far comparison afresh."
+            ) from error
+        if monitor != self.monitor:
+            raise ValueError(
+                f"{self.best_path} tracks '{monitor}', this ModelCheckpoint "
+                f"monitors '{self.monitor}'. Use another filepath or delete it."
+            )
+        if saved_epoch < epoch:
+            self.best = best
+
+
+_STATE_FILE = "backup.json"
+_FORMAT = "customfit.BackupAndRestore/1"
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Resumes a killed training run from its last finished epoch.
+
+    Put it in `fit`'s callbacks and run the same script again after a crash:
+    `fit` restores the weights, optimizer state and random-layer state saved
+    after the last finished epoch, and continues with the next one. On CPU with
+    fixed seeds and op determinism, the resumed run ends with the same weights,
+    bit for bit, as one that never stopped (for a `CustomModel`, which also
+    saves the state of Dropout's random generator; for a `tf.data` pipeline
+    the order of each epoch's batches must not depend on how many epochs this
+    process has run, see the README). An epoch interrupted midway is run again
+    from its start.
+
+    Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
+
+    - the backup is saved when the next epoch begins, after every callback
+      (e.g. `ModelCheckpoint`) has handled the finished one, whatever their
+      order in the list;
+    - the weights go to a new file and `backup.json`, which names it, is
+      replaced atomically afterwards: a kill at any moment leaves the previous
+      or the new backup, never a mix or a truncated file;
+    - a directory holding another model's backup, or anything else, is an
+      error before training starts, and is left untouched;
+    - after a resumed `fit`, the model's next `fit` starts at its own
+      `initial_epoch` again.
+
+    Args:
+        backup_dir: A directory used only by this callback.
+        delete_checkpoint: Delete the directory when `fit` finishes.
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike, delete_checkpoint: bool = True) -> None:
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("BackupAndRestore needs a backup_dir, got an empty one.")
+        self.backup_dir = os.fspath(backup_dir)
+        self.delete_checkpoint = delete_checkpoint
+        self.state_path = os.path.join(self.backup_dir, _STATE_FILE)
+        self._epochs_done: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: restores the backup, if there is one."""
+        self._epochs_done = None
+        state = self._read_state()
+        if state is None:
+            return
+        weights = os.path.join(self.backup_dir, state["weights"])
+        try:
+            self.model.load_weights(weights)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Cannot restore the backup in {self.backup_dir}: {error}\n"
+                f"Delete {self.backup_dir} to train from scratch."
+            ) from error
+        internals.set_initial_epoch(self.model, state["epoch"])
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch; the backup follows when the next one begins."""
+        self._epochs_done = epoch + 1
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs before each epoch: saves the state after the previous one."""
+        if self._epochs_done is not None:
+            self._save(self._epochs_done)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Runs when `fit` ends: deletes the backup, or saves the final state."""
+        internals.set_initial_epoch(self.model, None)
+        if self.delete_checkpoint:
+            if os.path.exists(self.state_path):
+                os.remove(self.state_path)  # first: no half-deleted backup
+            if os.path.isdir(self.backup_dir):
+                shutil.rmtree(self.backup_dir)
+        elif self._epochs_done is not None:
+            self._save(self._epochs_done)
+
+    def _save(self, epochs_done: int) -> None:
+        weights_name = f"epoch-{epochs_done}.weights.h5"
+        with atomic_destination(os.path.join(self.backup_dir, weights_name)) as temporary:
+            self.model.save_weights(temporary)
+        write_text_atomically(self.state_path, json.dumps({
+            "format": _FORMAT,
+            "epoch": epochs_done,
+            "weights": weights_name,
+            "model": _fingerprint(self.model),
+        }))
+        for name in os.listdir(self.backup_dir):
+            if name.endswith(".weights.h5") and name != weights_name:
+                os.remove(os.path.join(self.backup_dir, name))
+
+    def _read_state(self) -> dict | None:
+        if not os.path.isdir(self.backup_dir):
+            return None
+        names = os.listdir(self.backup_dir)
+        if _STATE_FILE not in names:
+            foreign = [n for n in names if not _is_backup_leftover(n)]
+            if foreign:
+                raise ValueError(
+                    f"backup_dir {self.backup_dir} already holds files that are "
+                    f"not a customfit backup ({', '.join(sorted(foreign)[:5])}). "
+                    "Give BackupAndRestore a directory of its own."
+                )
+            return None
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+            if state.get("format") != _FORMAT:
+                raise ValueError(f"unknown format {state.get('format')!r}")
+            state["epoch"], state["weights"], state["model"]  # noqa: B018
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise ValueError(
+                f"{self.state_path} is not a readable backup ({error}). Delete "
+                f"{self.backup_dir} to train from scratch."
+            ) from error
+        if state["model"] != _fingerprint(self.model):
+            raise ValueError(
+                f"The backup in {self.backup_dir} was written by a different "
+                f"model ({_describe(state['model'])}; this one is "
+                f"{_describe(_fingerprint(self.model))}). Use another backup_dir "
+                f"for this model, or delete {self.backup_dir} to train it from "
+                "scratch."
+            )
+        return state
+
+
+def _is_backup_leftover(name: str) -> bool:
+    """Files a kill can leave behind without a committed `backup.json`."""
+    return name.startswith(".tmp-") or (
+        name.startswith("epoch-") and name.endswith(".weights.h5"))
+
+
+def _fingerprint(model: keras.Model) -> dict:
+    return {
+        "class": type(model).__name__,
+        "weights": [[list(w.shape), str(w.dtype)] for w in model.weights],
+    }
+
+
+def _describe(fingerprint: dict) -> str:
+    weights = fingerprint.get("weights", [])
+    shapes = ", ".join("x".join(map(str, s)) or "scalar" for s, _ in weights[:4])
+    more = ", ..." if len(weights) > 4 else ""
+    return f"{fingerprint.get('class')} with {len(weights)} weights: {shapes}{more}"
+
+
+class TrainingPlot(keras.callbacks.Callback):
+    """Draws a run to image files as it trains: the loss within each
+    epoch, batch by batch, one line per epoch, and the `History` curves
+    (training and validation) of every metric, one panel per metric.
+
+    The per-batch values are the ones Keras passes to callbacks: the mean loss
+    of the epoch so far, so each line ends at that epoch's `loss`. Logged
+    values (`CustomModel.log`) are drawn like metrics.
+
+    Needs matplotlib (`pip install "customfit[plot]"`); it draws off-screen
+    (Agg) and never opens windows or changes matplotlib's global backend.
+
+    Args:
+        path: File name without extension, e.g. "runs/plots/training".
+        formats: Extensions to write, each one a file: ("png", "pdf").
+        batch_metric: The per-batch log to draw in the first panel.
+        draw_every: Redraw after every this many epochs (drawing takes about
+            a second); the files are always redrawn when `fit` ends.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        formats: Sequence[str] = ("png", "pdf"),
+        batch_metric: str = "loss",
+        draw_every: int = 1,
+    ) -> None:
+        super().__init__()
+        _require_matplotlib()
+        if draw_every < 1:
+            raise ValueError(f"draw_every must be at least 1, got {draw_every}.")
+        self.path = os.fspath(path)
+        self.formats = tuple(formats)
+        self.batch_metric = batch_metric
+        self.draw_every = draw_every
+        self.drawn_epochs: list[int] = []  # epochs finished at each drawing
+        self._epochs_done = 0
+        self.batch_values: dict[int, list[float]] = {}
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._epoch = 0
+
+    @property
+    def files(self) -> list[str]:
+        """The files written, one per format."""
+        return [f"{self.path}.{fmt}" for fmt in self.formats]
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs before each epoch: starts its per-batch line."""
+        self._epoch = epoch
+        self.batch_values[epoch] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Runs after each training batch: records the batch's value."""
+        value = (logs or {}).get(self.batch_metric)
+        if value is not None:
+            self.batch_values[self._epoch].append(float(value))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch (after validation): records it, redraws
+        every `draw_every` epochs."""
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append((epoch + 1, float(value)))
+        self._epochs_done = epoch + 1
+        if (epoch + 1) % self.draw_every == 0:
+            self.draw()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Runs when `fit` ends: draws what the last redraw missed."""
+        if self._epochs_done and self._epochs_done not in self.drawn_epochs[-1:]:
+            self.draw()
+
+    def draw(self) -> list[str]:
+        """Writes the figure to every format now; returns the file names."""
+        Figure, FigureCanvasAgg = _require_matplotlib()
+        names = [n for n in self.history if not n.startswith("val_")]
+        names += [n[4:] for n in self.history
+                  if n.startswith("val_") and n[4:] not in self.history]
+        names.sort(key=lambda n: n != self.batch_metric)  # its curve first
+        panels = 1 + len(names)
+        columns = min(panels, 3)
+        rows = -(-panels // columns)
+        figure = Figure(figsize=(5 * columns, 3.6 * rows), layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(rows, columns, squeeze=False).ravel()
+        self._draw_batches(axes[0])
+        for ax, name in zip(axes[1:], names):
+            self._draw_history(ax, name)
+        for ax in axes[panels:]:
+            ax.set_visible(False)
+        if os.path.dirname(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for filename in self.files:
+            with atomic_destination(filename) as temporary:
+                figure.savefig(temporary, format=filename.rsplit(".", 1)[1], dpi=110)
+        self.drawn_epochs.append(self._epochs_done)
+        return self.files
+
+    def _draw_batches(self, ax: Any) -> None:
+        import matplotlib
+
+        colormap = matplotlib.colormaps["viridis"]
+        epochs = sorted(self.batch_values)
+        for i, epoch in enumerate(epochs):
+            values = self.batch_values[epoch]
+            colour = colormap(i / max(len(epochs) - 1, 1))
+            ax.plot(range(1, len(values) + 1), values, color=colour,
+                    label=f"epoch {epoch + 1}")
+        ax.set_title(f"{self.batch_metric} within each epoch")
+        ax.set_xlabel("batch")
+        ax.set_ylabel(f"{self.batch_metric} (mean of the epoch so far)")
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.legend(fontsize="small", ncols=1 + len(epochs) // 8)
+
+    def _draw_history(self, ax: Any, name: str) -> None:
+        for key, style, label in ((name, "o-", "training"),
+                                  (f"val_{name}", "s--", "validation")):
+            points = self.history.get(key)
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+
+def _require_matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "customfit.callbacks.TrainingPlot draws with matplotlib, which is "
+            'not installed. Install it with: pip install "customfit[plot]"'
+        ) from error
+    return Figure, FigureCanvasAgg

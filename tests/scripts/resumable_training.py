@@ -1,0 +1,106 @@
+"""A training run that survives being killed: ModelCheckpoint + BackupAndRestore.
+
+    python tests/scripts/resumable_training.py OUT [--pause-once-at EPOCH:BATCH]
+
+Run it again with the same command after a kill and it resumes. It writes, in
+OUT: `best.weights.h5` (best val_loss), `final.npz` (weights, random-layer
+state and optimizer variables at the end) and `run-<pid>.json` (the epochs
+this process trained and their logs). With --pause-once-at, the first process
+to reach that batch writes OUT/paused and sleeps, so a test can kill it there.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+import customfit  # noqa: E402
+from customfit.callbacks import BackupAndRestore, ModelCheckpoint  # noqa: E402
+
+EPOCHS = 5
+
+
+class Noisy(customfit.CustomModel):
+    def transform_gradients(self, gradients, variables):
+        self.log("grad_norm", tf.linalg.global_norm(gradients))
+        return gradients
+
+
+class PauseOnce(keras.callbacks.Callback):
+    """Stops the process at one batch, the first time only."""
+
+    def __init__(self, out, epoch, batch):
+        super().__init__()
+        self.marker = os.path.join(out, "paused")
+        self.at = (epoch, batch)
+        self.epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(f"{self.epoch}:{batch}\n")
+            time.sleep(300)  # killed here by the test
+
+
+class Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs[epoch] = {k: float(v) for k, v in logs.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--pause-once-at", default=None)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(5)
+    data = load_digits()
+    x = (data.data / 16.0).astype("float32")
+    y = data.target.astype("int32")
+
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(32, activation="relu")(inputs)
+    h = keras.layers.Dropout(0.3)(h)
+    model = Noisy(inputs, keras.layers.Dense(10, activation="softmax")(h))
+    model.compile(keras.optimizers.SGD(float(os.environ.get("LR", "0.8")), momentum=0.9),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    record = Record()
+    callbacks = [
+        BackupAndRestore(os.path.join(args.out, "backup")),
+        ModelCheckpoint(os.path.join(args.out, "best.weights.h5"), monitor="val_loss",
+                        save_best_only=True, save_weights_only=True),
+        record,
+    ]
+    if args.pause_once_at:
+        epoch, batch = map(int, args.pause_once_at.split(":"))
+        callbacks.append(PauseOnce(args.out, epoch, batch))
+    model.fit(x[:512], y[:512], validation_data=(x[512:768], y[512:768]),
+              batch_size=64, epochs=EPOCHS, verbose=0, callbacks=callbacks)
+
+    state = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
+    state.update({f"optimizer/{i}": v.numpy()
+                  for i, v in enumerate(model.optimizer.variables)})
+    np.savez(os.path.join(args.out, "final.npz"), **state)
+    with open(os.path.join(args.out, f"run-{os.getpid()}.json"), "w") as f:
+        json.dump(record.epochs, f)
+
+
+if __name__ == "__main__":
+    main()

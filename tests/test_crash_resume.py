@@ -1,0 +1,109 @@
+"""A training process killed with SIGKILL mid-epoch and started again with the
+same command ends exactly like one that was never interrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.subproc import ROOT
+
+SCRIPT = ROOT / "tests" / "scripts" / "resumable_training.py"
+KILL_AT = (2, 3)  # epoch (0-based), batch: mid-epoch, after the best epoch (1)
+
+
+def start(command, log_path):
+    """Starts `command` with its output in `log_path`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    process.log_path = log_path
+    return process
+
+
+def output(process):
+    return process.log_path.read_text()[-3000:]
+
+
+def finish(process, timeout=240):
+    code = process.wait(timeout=timeout)
+    assert code == 0, f"training process failed ({code}):\n{output(process)}"
+
+
+def h5_arrays(path):
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def runs(out):
+    """Each process's trained epochs and their logs, in start order."""
+    files = sorted(out.glob("run-*.json"), key=os.path.getmtime)
+    return [{int(k): v for k, v in json.loads(f.read_text()).items()} for f in files]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkilled_training_restarted_with_the_same_command_ends_identical(tmp_path):
+    reference_out, crashed_out = tmp_path / "reference", tmp_path / "crashed"
+    script = [sys.executable, str(SCRIPT)]
+    command = [*script, str(crashed_out), "--pause-once-at", "{}:{}".format(*KILL_AT)]
+    reference = start([*script, str(reference_out)], tmp_path / "reference.log")
+    crashed = start(command, tmp_path / "crashed.log")
+    processes = [reference, crashed]
+    try:
+        marker = crashed_out / "paused"
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert crashed.poll() is None, output(crashed)
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        crashed.send_signal(signal.SIGKILL)
+        assert crashed.wait(timeout=30) == -signal.SIGKILL
+        assert not (crashed_out / "final.npz").exists()
+        backup = json.loads((crashed_out / "backup" / "backup.json").read_text())
+        assert backup["epoch"] == KILL_AT[0]  # the epochs finished before the kill
+
+        restarted = start(command, tmp_path / "restarted.log")  # the same command
+        processes.append(restarted)
+        finish(restarted)
+        finish(reference)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    (reference_run,) = runs(reference_out)
+    (resumed_run,) = runs(crashed_out)  # the killed process wrote none
+    assert sorted(resumed_run) == [2, 3, 4]
+    for epoch, logs in resumed_run.items():
+        assert logs == reference_run[epoch], epoch
+
+    final, expected = np.load(crashed_out / "final.npz"), np.load(reference_out / "final.npz")
+    assert sorted(final.files) == sorted(expected.files)
+    for key in expected.files:
+        np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
+
+    # The best epoch came before the kill; a later one beats the epoch the
+    # restart began with but not the best: a checkpoint that forgot its best
+    # value on restart would have overwritten it.
+    val_loss = {e: logs["val_loss"] for e, logs in reference_run.items()}
+    best_epoch = min(val_loss, key=val_loss.get)
+    assert best_epoch < KILL_AT[0]
+    assert any(val_loss[e] < val_loss[KILL_AT[0]] for e in resumed_run if e > KILL_AT[0])
+    best, expected_best = (h5_arrays(out / "best.weights.h5")
+                           for out in (crashed_out, reference_out))
+    assert sorted(best) == sorted(expected_best)
+    for key in expected_best:
+        np.testing.assert_array_equal(best[key], expected_best[key], err_msg=key)
+    assert not (crashed_out / "backup").exists()  # removed after the finished run

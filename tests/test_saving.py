@@ -1,0 +1,319 @@
+"""Saving and resuming: a run continued from a file equals one that never
+stopped, bit for bit; bad files give clear errors and change nothing."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import customfit
+from customfit.callbacks import BackupAndRestore, ModelCheckpoint
+from tests import models
+
+N, BATCH = 256, 64
+
+
+@keras.saving.register_keras_serializable(package="customfit_tests")
+class Net(customfit.CustomModel):
+    """Subclassed, with an argument (so `get_config`), Dropout and BatchNorm."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="relu")
+        self.norm = keras.layers.BatchNormalization()
+        self.drop = keras.layers.Dropout(0.3)
+        self.out = keras.layers.Dense(10, activation="softmax")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.norm.build((None, self.units))
+        self.out.build((None, self.units))
+
+    def call(self, x, training=False):
+        h = self.norm(self.hidden(x), training=training)
+        return self.out(self.drop(h, training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="customfit_tests")
+class TwoOptimizers(customfit.CustomModel):
+    """The head has its own optimizer, created and built eagerly."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body = keras.layers.Dense(16, activation="relu")
+        self.drop = keras.layers.Dropout(0.2)
+        self.head = keras.layers.Dense(10, activation="softmax")
+        self.head_optimizer = keras.optimizers.Adam(3e-3)
+
+    def build(self, input_shape):
+        self.body.build(input_shape)
+        self.head.build((None, 16))
+        self.head_optimizer.build(self.head.trainable_variables)
+
+    def call(self, x, training=False):
+        return self.head(self.drop(self.body(x), training=training))
+
+    def apply_gradients(self, gradients, variables):
+        n = len(self.body.trainable_variables)
+        super().apply_gradients(gradients[:n], variables[:n])
+        self.head_optimizer.apply(gradients[n:], variables[n:])
+
+
+def functional():
+    return models.mlp(customfit.CustomModel, dropout=0.3)
+
+
+def subclassed():
+    model = Net(units=16)
+    model.build((None, 64))
+    return model
+
+
+def two_optimizers():
+    model = TwoOptimizers()
+    model.build((None, 64))
+    return model
+
+
+BUILDERS = {"functional": functional, "subclassed": subclassed,
+            "two_optimizers": two_optimizers}
+
+
+def compiled(build):
+    keras.utils.set_random_seed(3)
+    model = build()
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def state(model):
+    """Weights, random-layer state and every optimizer's variables, in order
+    (variable names differ between instances, so keys are positions)."""
+    values = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
+    for name in ("optimizer", "head_optimizer"):
+        optimizer = getattr(model, name, None)
+        if optimizer is not None:
+            values.update({f"{name}/{i}": v.numpy()
+                           for i, v in enumerate(optimizer.variables)})
+    return values
+
+
+def assert_same_state(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def fit(model, data, **kwargs):
+    x, y = data
+    return model.fit(x[:N], y[:N], batch_size=BATCH, verbose=0, **kwargs).history
+
+
+_uninterrupted = {}
+
+
+def uninterrupted_run(name, data):
+    """State and History after 2 epochs, trained once per model kind."""
+    if name not in _uninterrupted:
+        model = compiled(BUILDERS[name])
+        history = fit(model, data, epochs=2)
+        _uninterrupted[name] = state(model), history
+    return _uninterrupted[name]
+
+
+@pytest.mark.parametrize("name, how", [
+    ("functional", "keras_file"), ("subclassed", "weights_file"),
+    ("two_optimizers", "keras_file"), ("two_optimizers", "weights_file")])
+def test_training_resumed_from_a_file_equals_uninterrupted(digits, tmp_path, name, how):
+    build = BUILDERS[name]
+    expected_state, history = uninterrupted_run(name, digits)
+
+    first = compiled(build)
+    fit(first, digits, epochs=1)
+    if how == "keras_file":
+        first.save(tmp_path / "model.keras")
+        resumed = keras.saving.load_model(tmp_path / "model.keras")
+    else:
+        first.save_weights(tmp_path / "model.weights.h5")
+        keras.utils.set_random_seed(99)  # another initialization, overwritten
+        resumed = compiled(build)
+        resumed.load_weights(tmp_path / "model.weights.h5")
+    assert_same_state(state(resumed), state(first))
+    resumed_history = fit(resumed, digits, epochs=2, initial_epoch=1)
+
+    assert_same_state(state(resumed), expected_state)
+    for key in history:
+        assert resumed_history[key] == history[key][1:], key
+    if name == "two_optimizers":
+        assert int(resumed.optimizer.iterations) == 2 * N // BATCH
+        assert int(resumed.head_optimizer.iterations) == 2 * N // BATCH
+
+
+def test_dropout_generator_state_is_saved_and_restored(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = functional()
+    (seed_state,) = [v for v in model.variables if "seed_generator" in v.path]
+    seed_state.assign([123, 45])
+    model.save_weights(tmp_path / "m.weights.h5")
+    seed_state.assign([0, 0])
+    model.load_weights(tmp_path / "m.weights.h5")
+    np.testing.assert_array_equal(seed_state.numpy(), [123, 45])
+
+
+def test_a_file_from_stock_keras_model_still_loads(digits, tmp_path):
+    keras.utils.set_random_seed(3)
+    stock = models.mlp(keras.Model)
+    stock.save_weights(tmp_path / "stock.weights.h5")
+    keras.utils.set_random_seed(4)
+    model = functional()
+    model.load_weights(tmp_path / "stock.weights.h5")
+    for a, b in zip(model.get_weights(), stock.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def other_architecture():
+    return models.mlp(customfit.CustomModel, dropout=0.3, batchnorm=True)
+
+
+def test_loading_another_architecture_is_a_clear_error_and_changes_nothing(tmp_path):
+    compiled(other_architecture).save_weights(tmp_path / "other.weights.h5")
+    model = compiled(functional)
+    before = state(model)
+    with pytest.raises(ValueError, match="written by a different architecture.*"
+                       "Nothing was loaded.*layers/batch_normalization"):
+        model.load_weights(tmp_path / "other.weights.h5")
+    assert_same_state(state(model), before)
+    assert not model.optimizer.built
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    model = compiled(functional)
+    with pytest.raises(FileNotFoundError, match="No checkpoint at .*nothing.weights.h5"):
+        model.load_weights(tmp_path / "nothing.weights.h5")
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_file_is_a_clear_error_and_changes_nothing(tmp_path, suffix, damage):
+    model = compiled(functional)
+    good = tmp_path / f"good{suffix}"
+    model.save_weights(good) if suffix == ".weights.h5" else model.save(good)
+    data = good.read_bytes()
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    before = state(model)
+    with pytest.raises(ValueError, match="not a readable Keras checkpoint"):
+        model.load_weights(bad)
+    assert_same_state(state(model), before)
+
+
+def break_saving_midway(monkeypatch):
+    """Saving fails after the file is opened and its first layer written."""
+    original = keras.layers.Dense.save_own_variables
+
+    def failing(self, store):
+        if self.units == 10:  # the output layer, saved after the hidden one
+            raise OSError("disk full")
+        original(self, store)
+
+    monkeypatch.setattr(keras.layers.Dense, "save_own_variables", failing)
+
+
+@pytest.mark.parametrize("weights_only", [True, False], ids=["weights", "keras"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(
+        digits, tmp_path, monkeypatch, weights_only):
+    path = tmp_path / ("best.weights.h5" if weights_only else "best.keras")
+    model = compiled(functional)
+    callback = ModelCheckpoint(path, monitor="loss", save_weights_only=weights_only)
+    fit(model, digits, epochs=1, callbacks=[callback])
+    good = path.read_bytes()
+
+    break_saving_midway(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, digits, epochs=1, callbacks=[callback])
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no leftovers
+
+    # Keras' own callback writes into the checkpoint itself: the reason for ours.
+    stock = keras.callbacks.ModelCheckpoint(path, monitor="loss", save_weights_only=weights_only)
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, digits, epochs=1, callbacks=[stock])
+    assert path.read_bytes() != good
+
+
+def test_backup_of_another_model_is_refused_and_left_untouched(digits, tmp_path):
+    backup = tmp_path / "backup"
+    source = compiled(other_architecture)
+    fit(source, digits, epochs=1, callbacks=[BackupAndRestore(backup, delete_checkpoint=False)])
+    files = {p.name: p.read_bytes() for p in backup.iterdir()}
+    assert "backup.json" in files
+
+    model = compiled(functional)
+    with pytest.raises(ValueError, match="written by a different model"):
+        fit(model, digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == files
+
+
+def test_directory_of_something_else_is_refused(digits, tmp_path):
+    backup = tmp_path / "backup"
+    stock = keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)
+    fit(compiled(functional), digits, epochs=1, callbacks=[stock])
+    model = compiled(functional)
+    with pytest.raises(ValueError, match="not a customfit backup.*latest.weights.h5"):
+        fit(model, digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+
+
+def test_leftovers_of_a_kill_while_deleting_are_not_a_backup(digits, tmp_path):
+    """backup.json goes first; weights left without it mean: start afresh."""
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "epoch-3.weights.h5").write_bytes(b"partly deleted")
+    (backup / ".tmp-0123-backup.json").write_text("{")
+    history = fit(compiled(functional), digits, epochs=1, callbacks=[BackupAndRestore(backup)])
+    assert len(history["loss"]) == 1 and not backup.exists()
+
+
+def test_corrupt_backup_is_a_clear_error(digits, tmp_path):
+    backup = tmp_path / "backup"
+    fit(compiled(functional), digits, epochs=1,
+        callbacks=[BackupAndRestore(backup, delete_checkpoint=False)])
+    (weights,) = backup.glob("*.weights.h5")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="Cannot restore the backup.*truncated or corrupt"):
+        fit(compiled(functional), digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+    (backup / "backup.json").write_text("{not json")
+    with pytest.raises(ValueError, match="backup.json is not a readable backup"):
+        fit(compiled(functional), digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+
+
+def test_backup_resumes_in_process_and_next_fit_starts_at_its_own_epoch(digits, tmp_path):
+    backup = tmp_path / "backup"
+    expected_state, _ = uninterrupted_run("functional", digits)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 1:
+                raise KeyboardInterrupt
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(compiled(functional), digits, epochs=2,
+            callbacks=[BackupAndRestore(backup), Interrupt()])
+    resumed = compiled(functional)
+    history = fit(resumed, digits, epochs=2, callbacks=[BackupAndRestore(backup)])
+    assert len(history["loss"]) == 1  # the second epoch only
+    assert_same_state(state(resumed), expected_state)
+    assert not backup.exists()
+    assert len(fit(resumed, digits, epochs=2)["loss"]) == 2
