@@ -8,6 +8,7 @@ optimizer is then compared with what the stock step does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -139,33 +140,30 @@ def _replay(model, step, data, state: _State, seed: int,
             )
         return original_apply(grads, trainable_variables)
 
-    # Instance attributes shadow the methods for this replay only; vars() skips
-    # Keras' attribute tracking.
-    vars(model)["call"] = recording_call
-    if optimizer is not None:
-        vars(optimizer)["apply"] = recording_apply
-    try:
-        with warnings.catch_warnings():
-            # Stock steps warn about None gradients; the finding reports them.
-            warnings.simplefilter("ignore")
-            logs = step(model, data)
-        replay.logs = _scalars(logs)
-        if tracker is not None:
-            replay.tracked_loss = float(tracker.result())
-        if check_reset:
-            changed = [m for m, b in zip(metrics, before) if not _same(_values(m), b)]
-            model.reset_metrics()
-            replay.not_reset = [
-                (m.name, float(np.asarray(m.result()).ravel()[0]))
-                for m in changed
-                if m.name in replay.logs and not _is_reset(m)
-            ]
-    except Exception as error:  # noqa: BLE001 - reported as a finding or raised
-        replay.error = error
-    finally:
-        vars(model).pop("call", None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(internals.intercepted(model, "call", recording_call))
         if optimizer is not None:
-            vars(optimizer).pop("apply", None)
+            stack.enter_context(
+                internals.intercepted(optimizer, "apply", recording_apply))
+        try:
+            with warnings.catch_warnings():
+                # Stock steps warn about None gradients; a finding reports them.
+                warnings.simplefilter("ignore")
+                logs = step(model, data)
+            replay.logs = _scalars(logs)
+            if tracker is not None:
+                replay.tracked_loss = float(tracker.result())
+            if check_reset:
+                changed = [m for m, b in zip(metrics, before)
+                           if not _same(_values(m), b)]
+                model.reset_metrics()
+                replay.not_reset = [
+                    (m.name, float(np.asarray(m.result()).ravel()[0]))
+                    for m in changed
+                    if m.name in replay.logs and not _is_reset(m)
+                ]
+        except Exception as error:  # noqa: BLE001 - reported as a finding or raised
+            replay.error = error
     return replay
 
 

@@ -8,7 +8,8 @@ and fails loudly when a Keras release changes one of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -121,3 +122,16 @@ def compiled_metric_log_names(compile_metrics: Any) -> dict[str, Any]:
                 counters[name] = 1
             named[name] = metric
     return named
+
+
+@contextlib.contextmanager
+def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
+    """Shadows `obj.<method>` with `wrapper` on this instance only, bypassing
+    Keras' attribute tracking. Relies on Keras dispatching through the
+    instance: `Layer.__call__` calls `self.call`, and
+    `Optimizer.apply_gradients` calls `self.apply`."""
+    vars(obj)[method] = wrapper
+    try:
+        yield
+    finally:
+        vars(obj).pop(method, None)

@@ -177,9 +177,20 @@ def check_steps(
     n = batch_size * steps
     x, y = _take(x, n), _take(y, n)
     common = dict(compile_kwargs=compile_kwargs, batch_size=batch_size, seed=seed)
+    two_replicas = None
     if replicas:
-        two_replicas = _two_replicas([name for name, _ in resolved], x, y,
-                                     timeout=timeout, **common)
+        # Runs while this process works through the other settings.
+        two_replicas = _TwoReplicas([name for name, _ in resolved], x, y, **common)
+    try:
+        return _reports(resolved, x, y, steps, two_replicas, timeout, common)
+    finally:
+        if two_replicas is not None:
+            two_replicas.close()
+
+
+def _reports(resolved, x, y, steps, two_replicas, timeout, common) -> list[StepReport]:
+    compile_kwargs, batch_size, seed = (
+        common["compile_kwargs"], common["batch_size"], common["seed"])
     reports = []
     for i, (_, build_fn) in enumerate(resolved):
         reference, first_steps = run_setting(build_fn, x, y, **common)
@@ -195,8 +206,8 @@ def check_steps(
                          **fresh_compile_kwargs(compile_kwargs)})
         findings = diagnose(model, _take(x, batch_size), _take(y, batch_size),
                             seed=seed)
-        if replicas:
-            two, two_first = two_replicas[i]
+        if two_replicas is not None:
+            two, two_first = two_replicas.results(timeout)[i]
             comparisons.append(_compare(
                 "2 replicas (MirroredStrategy, same global batch)",
                 reference, two, REPLICA_RTOL, REPLICA_ATOL))
@@ -300,12 +311,16 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _two_replicas(names, x, y, *, compile_kwargs, batch_size, seed,
-                  timeout) -> list[TrainingRecord]:
-    if callable(compile_kwargs):
-        compile_kwargs = compile_kwargs()
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
+class _TwoReplicas:
+    """The two-replica runs, in a fresh Python started at construction."""
+
+    def __init__(self, names, x, y, *, compile_kwargs, batch_size, seed) -> None:
+        if callable(compile_kwargs):
+            compile_kwargs = compile_kwargs()
+        self._names = names
+        self._results = None
+        self._temp = tempfile.TemporaryDirectory()
+        self._folder = folder = Path(self._temp.name)
         arrays = {}
         for name, data in (("x", x), ("y", y)):
             if isinstance(data, dict):
@@ -317,29 +332,56 @@ def _two_replicas(names, x, y, *, compile_kwargs, batch_size, seed,
                     compile_kwargs=_encode(compile_kwargs or {}),
                     out=str(folder), data=str(folder / "data.npz"))
         (folder / "spec.json").write_text(json.dumps(spec))
+        # The parent's import path, so the build function imports the same way.
         path = [p for p in sys.path if p and os.path.isdir(p)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
                "TF_CPP_MIN_LOG_LEVEL": "3"}
-        proc = subprocess.run(
+        # Output goes to a file: a full pipe would stall the process while
+        # this one is busy with the other settings.
+        self._log = open(folder / "log.txt", "w")
+        self._process = subprocess.Popen(
             [sys.executable, "-m", "customfit._step_check", str(folder / "spec.json")],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        if proc.returncode != 0:
+
+    def results(self, timeout: float) -> list[tuple[TrainingRecord, dict]]:
+        if self._results is not None:
+            return self._results
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
             raise RuntimeError(
-                f"The two-replica run of {', '.join(names)} failed "
-                f"({proc.returncode}):\n{proc.stderr[-4000:]}"
+                f"The two-replica run of {', '.join(self._names)} took more than "
+                f"{timeout} s; pass a larger timeout= or fewer steps."
+            ) from None
+        if self._process.returncode != 0:
+            self._log.flush()
+            stderr = (self._folder / "log.txt").read_text()
+            raise RuntimeError(
+                f"The two-replica run of {', '.join(self._names)} failed "
+                f"({self._process.returncode}):\n{stderr[-4000:]}"
             )
-        results = []
-        for i in range(len(names)):
+        folder = self._folder
+        self._results = []
+        for i in range(len(self._names)):
             meta = json.loads((folder / f"out{i}.json").read_text())
             with np.load(folder / f"out{i}.npz") as out:
                 weights = [(p, out[f"w{j}"]) for j, p in enumerate(meta["paths"])]
                 first = {"first_loss": meta["first_loss"]}
                 if meta["has_first"]:
                     first["first"] = [out[f"first{j}"] for j in range(len(weights))]
-            results.append(
+            self._results.append(
                 (TrainingRecord(meta["model_name"], meta["history"], weights), first))
-        return results
+        return self._results
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+        self._temp.cleanup()
 
 
 def _worker(spec_path: str) -> None:

@@ -187,9 +187,13 @@ def _array_difference(label: str, got: Any, want: Any, rtol: float, atol: float)
     return (
         f"{label}: {int(np.sum(~close))} of {got.size} element(s) differ; "
         f"max abs diff {float(np.max(diff)):.3g}{where} "
-        f"({got[worst]!r} vs expected {want[worst]!r}), max rel diff "
+        f"({_number(got[worst])} vs expected {_number(want[worst])}), max rel diff "
         f"{float(np.max(rel)):.3g}"
     )
+
+
+def _number(value: Any) -> str:
+    return f"{float(value):.9g}" if np.issubdtype(np.asarray(value).dtype, np.number) else repr(value)
 
 
 def enable_determinism(seed: int) -> None:

@@ -95,3 +95,24 @@ def build_unscaled_loss():
 
 def build_loss_tracked_per_replica():
     return with_mistake("loss_tracked_per_replica")(layers_that_train_differently=False)
+
+
+class PythonState(customfit.CustomModel):
+    """Divides each gradient by a Python counter of batches: eagerly it counts
+    every batch, compiled it is read once, while the step is traced."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(10, activation="softmax")
+        self.batches_seen = 0
+
+    def call(self, x):
+        return self.dense(x)
+
+    def transform_gradients(self, gradients, variables):
+        self.batches_seen += 1
+        return [g / self.batches_seen for g in gradients]
+
+
+def build_python_state():
+    return PythonState()

@@ -93,3 +93,27 @@ def test_compiled_metric_log_names_replay_compile_metrics_result(digits):
     assert list(named) == list(results)
     for name, metric in named.items():
         assert float(metric.result()) == float(results[name]), name
+
+
+def test_intercepted_methods_are_what_keras_dispatches_to(digits):
+    """customfit.testing.diagnose records a step through these two methods."""
+    model = models.mlp(customfit.CustomModel, dropout=0)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    calls, applies = [], []
+    original_call, original_apply = model.call, model.optimizer.apply
+
+    def call(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return original_call(*args, **kwargs)
+
+    def apply(grads, variables=None):
+        applies.append(len(grads))
+        return original_apply(grads, variables)
+
+    with internals.intercepted(model, "call", call), \
+            internals.intercepted(model.optimizer, "apply", apply):
+        keras.Model.train_step(model, (tf.constant(digits[0][:8]),
+                                       tf.constant(digits[1][:8])))
+    assert calls == [True]
+    assert applies == [len(model.trainable_weights)]
+    assert "call" not in vars(model) and "apply" not in vars(model.optimizer)
