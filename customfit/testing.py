@@ -26,8 +26,8 @@ from customfit._training_parity import (
     differences,
     enable_determinism,
     format_differences,
-    record_training,
 )
+from customfit._training_parity import record_training as _record_training
 
 __all__ = [
     "Comparison",
@@ -122,11 +122,25 @@ def assert_same_training(
         raise AssertionError(format_differences(expected, actual, lines, rtol, atol))
 
 
-record_training.__doc__ = """Trains `build()` and records what `fit` produced.
+def record_training(
+    build: Callable[[], keras.Model],
+    x: Any,
+    y: Any = None,
+    *,
+    compile_kwargs: dict | Callable[[], dict] | None = None,
+    fit_kwargs: dict | None = None,
+    epochs: int = 2,
+    seed: int = 0,
+    evaluate: bool = True,
+    predict: bool = True,
+) -> TrainingRecord:
+    """Trains `build()` and records what `fit` produced.
 
     Seeds with `keras.utils.set_random_seed(seed)`, builds, compiles with
-    `compile_kwargs` (a dict or a function returning one), fits for `epochs`
-    with `fit_kwargs`, then evaluates and predicts on `x`.
+    `compile_kwargs` (objects rebuilt from their config, as in
+    `assert_trains_like_keras`), fits for `epochs` with `fit_kwargs`, then
+    evaluates and predicts on `x` (with `fit_kwargs`' batch size). It does not
+    turn on op determinism: use the `customfit_deterministic` fixture.
 
     Example:
 
@@ -136,6 +150,9 @@ record_training.__doc__ = """Trains `build()` and records what `fit` produced.
     assert_same_training(expected, actual)
     ```
     """
+    return _record_training(build, x, y, compile_kwargs=compile_kwargs,
+                            fit_kwargs=fit_kwargs, epochs=epochs, seed=seed,
+                            evaluate=evaluate, predict=predict)
 
 
 def check_step(
