@@ -8,7 +8,8 @@ and fails loudly when a Keras release changes one of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -188,3 +189,16 @@ def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     """The epoch `fit` starts at when set from `on_train_begin` (Keras'
     `BackupAndRestore` uses it); None lets `fit`'s own `initial_epoch` apply."""
     model._initial_epoch = epoch
+
+
+@contextlib.contextmanager
+def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
+    """Shadows `obj.<method>` with `wrapper` on this instance only, bypassing
+    Keras' attribute tracking. Relies on Keras dispatching through the
+    instance: `Layer.__call__` calls `self.call`, and
+    `Optimizer.apply_gradients` calls `self.apply`."""
+    vars(obj)[method] = wrapper
+    try:
+        yield
+    finally:
+        vars(obj).pop(method, None)

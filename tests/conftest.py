@@ -10,6 +10,15 @@ from sklearn.datasets import load_digits
 tf.config.experimental.enable_op_determinism()
 
 
+def pytest_configure(config):
+    # Installed (pip install -e .), the package's pytest11 entry point has
+    # already loaded the plugin; from a bare checkout, load it here.
+    import customfit.pytest_plugin as plugin
+
+    if not config.pluginmanager.is_registered(plugin):
+        config.pluginmanager.register(plugin, "customfit")
+
+
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's bundled 8x8 handwritten digits: x in [0, 1], y in 0..9."""
@@ -20,8 +29,7 @@ def digits():
 
 
 @pytest.fixture(autouse=True)
-def seeded():
-    """Op determinism refuses unseeded random ops: seed every test."""
-    import keras
-
-    keras.utils.set_random_seed(0)
+def seeded(customfit_deterministic):
+    """Op determinism refuses unseeded random ops: seed every test (with the
+    fixture the package gives its users)."""
+    return customfit_deterministic

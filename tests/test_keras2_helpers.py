@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 import customfit
+from customfit.testing import assert_trains_like_keras
 from tests import models
-from tests.parity import assert_identical, train
+from tests.parity import SEED, compile_kwargs, fit_kwargs
 
 
 def keras2_model(base):
@@ -55,42 +56,34 @@ def weighted_keras2_model(base):
     return Keras2Weighted
 
 
-def _functional(step_class_factory, build=models.mlp):
-    return lambda base: build(step_class_factory(base))
-
-
 @pytest.mark.parametrize("regularize", [False, True], ids=["plain", "l2_regularized"])
 def test_keras2_step_equals_stock_fit(digits, regularize):
     x, y = digits
     x, y = x[:300], y[:300]
-    build = lambda b: models.mlp(b, regularize=regularize)
     fit = dict(validation_data=(digits[0][300:400], digits[1][300:400]))
-    expected = train(keras.Model, build, x, y, fit_kwargs=fit)
-    actual = train(customfit.CustomModel,
-                   _functional(keras2_model, build), x, y, fit_kwargs=fit)
-    assert_identical(expected, actual)
+    assert_trains_like_keras(
+        lambda base: models.mlp(base, regularize=regularize), x, y,
+        model_class=keras2_model(customfit.CustomModel),
+        compile_kwargs=compile_kwargs(), fit_kwargs=fit_kwargs(fit), seed=SEED)
 
 
 def test_keras2_weighted_step_equals_stock_fit(digits):
     x, y = digits[0][:300], digits[1][:300]
     fit = dict(sample_weight=models.sample_weights(300))
-    compile_kwargs = dict(metrics=None, weighted_metrics=["accuracy"])
-    expected = train(keras.Model, models.mlp, x, y, compile_kwargs, fit)
-    actual = train(customfit.CustomModel, _functional(weighted_keras2_model),
-                   x, y, compile_kwargs, fit)
-    assert_identical(expected, actual)
+    weighted = dict(metrics=None, weighted_metrics=["accuracy"])
+    assert_trains_like_keras(
+        models.mlp, x, y, model_class=weighted_keras2_model(customfit.CustomModel),
+        compile_kwargs=compile_kwargs("graph", weighted), fit_kwargs=fit_kwargs(fit),
+        seed=SEED)
 
 
 def test_keras2_step_on_multi_output_model_reports_stock_log_names(digits):
     x, y = models.multi_io_data(digits[0][:256], digits[1][:256])
-
-    def build(base):
-        return models.multi_io(keras2_model(base))
-
-    expected = train(keras.Model, models.multi_io, x, y, models.MULTI_IO_COMPILE)
-    actual = train(customfit.CustomModel, build, x, y, models.MULTI_IO_COMPILE)
+    _, actual = assert_trains_like_keras(
+        models.multi_io, x, y, model_class=keras2_model(customfit.CustomModel),
+        compile_kwargs=compile_kwargs("graph", models.MULTI_IO_COMPILE),
+        fit_kwargs=fit_kwargs(), seed=SEED)
     assert {"big_accuracy", "big_mse", "digit_accuracy", "digit_loss"} <= set(actual.history)
-    assert_identical(expected, actual)
 
 
 def test_same_step_on_stock_keras_reports_the_mean_prediction_as_loss(digits):

@@ -169,3 +169,25 @@ def test_keras_does_not_save_dropout_generator_state(tmp_path):
     state.assign([0, 0])
     model.load_weights(tmp_path / "m.weights.h5")
     np.testing.assert_array_equal(state.numpy(), [0, 0])
+def test_intercepted_methods_are_what_keras_dispatches_to(digits):
+    """customfit.testing.diagnose records a step through these two methods."""
+    model = models.mlp(customfit.CustomModel, dropout=0)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    calls, applies = [], []
+    original_call, original_apply = model.call, model.optimizer.apply
+
+    def call(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return original_call(*args, **kwargs)
+
+    def apply(grads, variables=None):
+        applies.append(len(grads))
+        return original_apply(grads, variables)
+
+    with internals.intercepted(model, "call", call), \
+            internals.intercepted(model.optimizer, "apply", apply):
+        keras.Model.train_step(model, (tf.constant(digits[0][:8]),
+                                       tf.constant(digits[1][:8])))
+    assert calls == [True]
+    assert applies == [len(model.trainable_weights)]
+    assert "call" not in vars(model) and "apply" not in vars(model.optimizer)

@@ -5,8 +5,9 @@ import keras
 import pytest
 
 import customfit
+from customfit.testing import assert_trains_like_keras
 from tests import models
-from tests.parity import assert_identical, train
+from tests.parity import SEED, compile_kwargs, fit_kwargs, train
 from tests.subproc import run_python
 
 N = 320  # 5 batches of 64 per epoch; N_RAGGED gives a short last batch.
@@ -36,52 +37,57 @@ CASES = {
 }
 
 
-def _run(base, case, x, y, mode="graph", extra_fit=None):
+def _data(case, x, y):
     x, y = x[: case["n"]], y[: case["n"]]
-    if case["data"] is not None:
-        x, y = case["data"](x, y)
-    return train(base, case["build"], x, y, compile_kwargs=case["compile_kwargs"],
-                 fit_kwargs={**case["fit_kwargs"], **(extra_fit or {})}, mode=mode)
+    return case["data"](x, y) if case["data"] is not None else (x, y)
+
+
+def _run(base, case, x, y, mode="graph", extra_fit=None):
+    """One case trained on `base`; for the XLA subprocess below."""
+    return train(base, case["build"], *_data(case, x, y), case["compile_kwargs"],
+                 {**case["fit_kwargs"], **(extra_fit or {})}, mode=mode)
+
+
+def _assert_case_trains_like_keras(case, x, y, mode="graph", extra_fit=None):
+    return assert_trains_like_keras(
+        case["build"], *_data(case, x, y),
+        compile_kwargs=compile_kwargs(mode, case["compile_kwargs"]),
+        fit_kwargs=fit_kwargs({**case["fit_kwargs"], **(extra_fit or {})}),
+        seed=SEED)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_default_step_equals_stock_fit(case, digits):
-    x, y = digits
-    expected = _run(keras.Model, CASES[case], x, y)
-    actual = _run(customfit.CustomModel, CASES[case], x, y)
-    assert_identical(expected, actual)
+    _assert_case_trains_like_keras(CASES[case], *digits)
 
 
 @pytest.mark.parametrize("mode", ["eager"])
 @pytest.mark.parametrize("case", ["functional_dropout", "multi_io_dicts",
                                   "sample_weight", "steps_per_execution_3"])
 def test_default_step_equals_stock_fit_per_execution_mode(case, mode, digits):
-    x, y = digits
-    expected = _run(keras.Model, CASES[case], x, y, mode=mode)
-    actual = _run(customfit.CustomModel, CASES[case], x, y, mode=mode)
-    assert_identical(expected, actual)
+    _assert_case_trains_like_keras(CASES[case], *digits, mode=mode)
 
 
 def test_validation_data_equals_stock_fit(digits):
     x, y = digits
     validation = dict(validation_data=(x[N:N + 200], y[N:N + 200]))
-    expected = _run(keras.Model, CASES["functional_dropout"], x, y, extra_fit=validation)
-    actual = _run(customfit.CustomModel, CASES["functional_dropout"], x, y,
-                  extra_fit=validation)
+    _, actual = _assert_case_trains_like_keras(
+        CASES["functional_dropout"], x, y, extra_fit=validation)
     assert "val_loss" in actual.history and "val_accuracy" in actual.history
-    assert_identical(expected, actual)
 
 
 def test_parity_check_detects_a_one_ulp_difference(digits):
-    """The comparison itself must fail on the smallest change."""
+    """The comparison itself must fail on the smallest change, and say where."""
     import numpy as np
 
-    x, y = digits
-    expected = _run(keras.Model, CASES["functional_dropout"], x, y)
-    actual = _run(customfit.CustomModel, CASES["functional_dropout"], x, y)
-    actual.weights[0] = np.nextafter(actual.weights[0], np.inf)
-    with pytest.raises(AssertionError):
-        assert_identical(expected, actual)
+    from tests.parity import assert_identical
+
+    reference, actual = _assert_case_trains_like_keras(CASES["functional_dropout"], *digits)
+    path, kernel = actual.weights[0]
+    actual.weights[0] = (path, np.nextafter(kernel, np.inf))
+    with pytest.raises(AssertionError, match=f"weight '{path}': {kernel.size} of "
+                                             f"{kernel.size} element"):
+        assert_identical(reference, actual)
 
 
 @pytest.mark.slow

@@ -1,0 +1,341 @@
+"""Find the usual mistakes in a training step by replaying it on one batch.
+
+The step under test and Keras' stock `train_step` each run once, eagerly, on
+the same batch from the same state (weights, optimizer slots, random seed
+state restored in between). What the user's step reports and hands to the
+optimizer is then compared with what the stock step does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from customfit import _keras_internals as internals
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One mistake found in a training step.
+
+    Attributes:
+        mistake: A stable identifier, e.g. "training_not_passed".
+        message: What is wrong, with the numbers seen, and the fix.
+    """
+
+    mistake: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.mistake}] {self.message}"
+
+
+@dataclasses.dataclass
+class _Replay:
+    logs: dict[str, float] = dataclasses.field(default_factory=dict)
+    training: list[Any] = dataclasses.field(default_factory=list)
+    predictions: list[Any] = dataclasses.field(default_factory=list)
+    gradients: list[Any] | None = None
+    variables: list[Any] | None = None
+    regularization: float = 0.0
+    tracked_loss: float | None = None
+    not_reset: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    error: BaseException | None = None
+
+
+class _State:
+    """Values of the model's variables (weights, seed generator states) and the
+    optimizer's, to put back between replays. Metric variables are left out on
+    purpose: `reset_metrics()` must be what resets them."""
+
+    def __init__(self, model: keras.Model) -> None:
+        variables = list(model.variables)
+        if model.optimizer is not None:
+            variables += list(model.optimizer.variables)
+        self._saved = [(v, np.array(v.numpy(), copy=True)) for v in variables]
+
+    def restore(self) -> None:
+        for variable, value in self._saved:
+            variable.assign(value)
+
+
+def diagnose(
+    model: keras.Model, x: Any, y: Any = None, sample_weight: Any = None,
+    *, seed: int = 0,
+) -> list[Finding]:
+    if not model.compiled:
+        raise RuntimeError(
+            "diagnose() runs the model's train_step, which needs compile() "
+            "first: call model.compile(optimizer=..., loss=...) and pass the "
+            "compiled model."
+        )
+    data = tuple(
+        tf.nest.map_structure(tf.convert_to_tensor, part)
+        for part in (x, y, sample_weight) if part is not None
+    )
+    if not model.built:
+        model(data[0])
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    state = _State(model)
+    try:
+        stock = _replay(model, keras.Model.train_step, data, state, seed)
+        user = _replay(model, type(model).train_step, data, state, seed,
+                       check_reset=True)
+        training_matters = _training_changes_outputs(model, data[0], state, seed)
+    finally:
+        state.restore()
+        model.reset_metrics()
+
+    findings = (
+        _loss_findings(stock, user)
+        + _metric_reset_findings(user)
+        + _training_findings(stock, user, training_matters)
+        + _gradient_findings(model, user)
+    )
+    if user.error is not None and not findings:
+        raise RuntimeError(
+            f"{type(model).__name__}.train_step raised on one batch; fix this "
+            f"first: {type(user.error).__name__}: {user.error}"
+        ) from user.error
+    return findings
+
+
+def _replay(model, step, data, state: _State, seed: int,
+            check_reset: bool = False) -> _Replay:
+    state.restore()
+    model.reset_metrics()
+    tracker = internals.loss_tracker(model)
+    if tracker is not None:
+        tracker.reset_state()
+    metrics = _attribute_metrics(model)
+    before = [_values(m) for m in metrics]
+    keras.utils.set_random_seed(seed)
+    replay = _Replay()
+    optimizer = model.optimizer
+    original_apply = optimizer.apply if optimizer is not None else None
+    original_call = model.call
+
+    def recording_call(*args, **kwargs):
+        replay.training.append(kwargs.get("training"))
+        outputs = original_call(*args, **kwargs)
+        replay.predictions.append(outputs)
+        if len(replay.predictions) == 1:
+            # Regularizers as the forward pass saw them, before the update.
+            replay.regularization = float(sum(float(l) for l in model.losses))
+        return outputs
+
+    def recording_apply(grads, trainable_variables=None):
+        if replay.gradients is None:
+            replay.gradients = list(grads)
+            replay.variables = (
+                list(trainable_variables) if trainable_variables is not None else None
+            )
+        return original_apply(grads, trainable_variables)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(internals.intercepted(model, "call", recording_call))
+        if optimizer is not None:
+            stack.enter_context(
+                internals.intercepted(optimizer, "apply", recording_apply))
+        try:
+            with warnings.catch_warnings():
+                # Stock steps warn about None gradients; a finding reports them.
+                warnings.simplefilter("ignore")
+                logs = step(model, data)
+            replay.logs = _scalars(logs)
+            if tracker is not None:
+                replay.tracked_loss = float(tracker.result())
+            if check_reset:
+                changed = [m for m, b in zip(metrics, before)
+                           if not _same(_values(m), b)]
+                model.reset_metrics()
+                replay.not_reset = [
+                    (m.name, float(np.asarray(m.result()).ravel()[0]))
+                    for m in changed
+                    if m.name in replay.logs and not _is_reset(m)
+                ]
+        except Exception as error:  # noqa: BLE001 - reported as a finding or raised
+            replay.error = error
+    return replay
+
+
+def _scalars(logs: Any) -> dict[str, float]:
+    """The step's logs as floats; Keras nests compiled metrics in a dict."""
+    scalars = {}
+    for name, value in dict(logs).items():
+        if isinstance(value, dict):
+            scalars.update(_scalars(value))
+        elif np.ndim(value) == 0:
+            scalars[name] = float(value)
+    return scalars
+
+
+def _training_changes_outputs(model, x, state: _State, seed: int) -> bool:
+    """Whether `training=True` changes the outputs (Dropout, BatchNorm...)."""
+    results = []
+    for training in (True, False):
+        state.restore()
+        keras.utils.set_random_seed(seed)
+        outputs = model(x, training=training)
+        results.append([np.asarray(o) for o in tf.nest.flatten(outputs)])
+    return any(not np.array_equal(a, b) for a, b in zip(*results))
+
+
+def _loss_findings(stock: _Replay, user: _Replay) -> list[Finding]:
+    if user.error is not None or stock.error is not None:
+        return []
+    expected = stock.tracked_loss
+    got = user.logs.get("loss")
+    if expected is None or expected == 0.0:
+        return []
+    if got is None or got == 0.0:
+        shown = "has no `loss` column" if got is None else "reports `loss` = 0.0"
+        return [Finding(
+            "loss_not_tracked",
+            f"The step {shown}, while stock fit reports {expected:.6g} on this "
+            "batch: nothing adds the loss to the loss tracker. Fix: compute it "
+            "with `loss = self.compute_loss(x, y, y_pred)` (it updates the "
+            "tracker), or `self.compiled_loss(y, y_pred)` on CustomModel; with a "
+            "tracker of your own, call `tracker.update_state(loss)` in the step "
+            "and return `tracker.result()` as `loss`.",
+        )]
+    if _close(got, expected):
+        return []
+    mean_prediction = _mean_prediction(user)
+    if mean_prediction is not None and _close(got, mean_prediction, rtol=1e-5):
+        return [Finding(
+            "loss_tracks_predictions",
+            f"`loss` is {got:.6g}, the mean of the predictions, not the loss "
+            f"({expected:.6g}): the predictions go to the loss tracker. On "
+            "keras.Model, `self.compiled_metrics.update_state(y, y_pred)` does "
+            "this. Fix: use customfit.CustomModel, whose `compiled_metrics` "
+            "updates only the compiled metrics, or track the loss with "
+            "`self.compute_loss(x, y, y_pred)`.",
+        )]
+    if user.regularization > 0 and _close(
+        got, expected - stock.regularization, rtol=1e-4
+    ):
+        return [Finding(
+            "regularization_dropped",
+            f"The loss is {got:.6g}; stock fit's is {expected:.6g}, which "
+            f"includes {stock.regularization:.6g} of regularization "
+            "(`self.losses`: kernel regularizers, add_loss()). The step leaves "
+            "it out, so regularizers have no effect. Fix: compute the loss with "
+            "`self.compute_loss(x, y, y_pred)` (it adds `self.losses`), or add "
+            "`sum(self.losses)` to your loss before taking gradients.",
+        )]
+    return []
+
+
+def _attribute_metrics(model) -> list[keras.metrics.Metric]:
+    """Metrics held by the model's attributes (also in lists and dicts)."""
+    found: dict[int, keras.metrics.Metric] = {}
+    pending = list(vars(model).values())
+    while pending:
+        value = pending.pop()
+        if isinstance(value, keras.metrics.Metric):
+            found.setdefault(id(value), value)
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+    return list(found.values())
+
+
+def _values(metric) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in metric.variables]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _is_reset(metric) -> bool:
+    return all(not np.any(v) for v in _values(metric))
+
+
+def _metric_reset_findings(user: _Replay) -> list[Finding]:
+    return [Finding(
+        "metric_not_reset",
+        f"The metric `{name}` is updated in the step but `reset_metrics()` "
+        f"does not reset it (it still holds {value:.6g} afterwards): it is "
+        "missing from `model.metrics`, so fit never resets it at the start of "
+        "an epoch and the column averages over all epochs so far. Fix: list it "
+        "in your `metrics` property (`return [self.loss_tracker, "
+        "self.accuracy]`), or drop the override: Keras 3 lists the metrics "
+        "assigned to the model's attributes by itself.",
+    ) for name, value in user.not_reset]
+
+
+def _training_findings(stock: _Replay, user: _Replay, matters: bool) -> list[Finding]:
+    if not matters or not stock.training or True not in stock.training:
+        return []
+    if not user.training or True in user.training:
+        return []
+    return [Finding(
+        "training_not_passed",
+        "The step calls the model without `training=True` (it passed "
+        f"training={user.training[0]!r}), so Dropout, BatchNormalization and "
+        "other layers that train differently run in inference mode: no "
+        "dropout, no batch statistics. Fix: `y_pred = self(x, training=True)` "
+        "in train_step.",
+    )]
+
+
+def _gradient_findings(model, user: _Replay) -> list[Finding]:
+    findings = []
+    if user.variables is not None:
+        frozen = [v.path for v in user.variables if not v.trainable]
+        if frozen:
+            findings.append(Finding(
+                "gradients_on_weights",
+                f"The optimizer is given {len(frozen)} non-trainable "
+                f"variable(s) ({', '.join(frozen)}): the gradients are taken on "
+                "`self.weights`, which includes BatchNormalization's moving "
+                "statistics and frozen layers. Fix: differentiate and apply "
+                "with `self.trainable_weights`: `tape.gradient(loss, "
+                "self.trainable_weights)`.",
+            ))
+    if user.gradients is not None:
+        variables = user.variables or list(model.trainable_weights)
+        missing = [
+            getattr(v, "path", getattr(v, "name", "?"))
+            for g, v in zip(user.gradients, variables)
+            if g is None and getattr(v, "trainable", True)
+        ]
+        if missing:
+            findings.append(_none_gradients(missing))
+    elif user.error is not None and "No gradient for" in str(user.error):
+        findings.append(Finding("none_gradients", str(user.error)))
+    return findings
+
+
+def _none_gradients(paths: list[str]) -> Finding:
+    return Finding(
+        "none_gradients",
+        f"No gradient for {len(paths)} trainable variable(s): "
+        f"{', '.join(paths)}. They do not affect the loss (the optimizer skips "
+        "them with a warning). Fix: use them in call(), freeze them "
+        "(layer.trainable = False, then compile() again), or leave them out of "
+        "the variables you differentiate.",
+    )
+
+
+def _mean_prediction(replay: _Replay) -> float | None:
+    if not replay.predictions:
+        return None
+    flat = [np.asarray(t, dtype="float64").ravel()
+            for t in tf.nest.flatten(replay.predictions[0])]
+    return float(np.mean(np.concatenate(flat))) if flat else None
+
+
+def _close(a: float, b: float, rtol: float = 1e-6) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
