@@ -17,7 +17,6 @@ from keras.src.models import functional as _functional
 from keras.src.models import model as _model
 from keras.src.saving import object_registration as _object_registration
 from keras.src.trainers import compile_utils as _compile_utils
-from keras.src.utils import python_utils as _python_utils
 
 Functional = _functional.Functional
 CompileMetrics = _compile_utils.CompileMetrics
@@ -34,13 +33,6 @@ def share_registered_name(twin: type, original: type) -> None:
     names = _object_registration.GLOBAL_CUSTOM_NAMES
     if original in names:
         names[twin] = names[original]
-
-
-def default_get_config(method: Callable) -> Callable:
-    """Marks a `get_config` override as Keras' default, so that Keras still
-    adds the constructor arguments it records for subclasses (its automatic
-    config) before the override adds its own keys."""
-    return _python_utils.default(method)
 
 
 def unscale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:

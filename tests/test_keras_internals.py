@@ -93,20 +93,3 @@ def test_compiled_metric_log_names_replay_compile_metrics_result(digits):
     assert list(named) == list(results)
     for name, metric in named.items():
         assert float(metric.result()) == float(results[name]), name
-
-
-def test_default_get_config_keeps_the_automatic_config():
-    """Recipes add their options in get_config; Keras must still record a
-    subclass's own constructor arguments."""
-
-    class WithArgs(keras.Model):
-        def __init__(self, units=3, **kwargs):
-            super().__init__(**kwargs)
-            self.units = units
-
-        @internals.default_get_config
-        def get_config(self):
-            return {**super().get_config(), "extra": 1}
-
-    config = WithArgs(units=5).get_config()
-    assert config["units"] == 5 and config["extra"] == 1
