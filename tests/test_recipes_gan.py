@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from customfit.recipes import GAN
+from customfit.recipes import GAN, GlobalNormClipping
 from examples.gan_digits import build_gan, frechet_distance
 from tests.subproc import run_python
 
@@ -100,6 +100,25 @@ def test_transform_gradients_runs_per_player(images):
         np.testing.assert_array_equal(before, after)
     assert any(not np.array_equal(b, a) for b, a in zip(d_before, gan.discriminator.get_weights()))
     assert history["g_grad_norm"][0] > 0 and history["d_grad_norm"][0] > 0
+
+
+def test_composes_with_a_gradient_recipe_per_player(images, tmp_path):
+    class ClippedGAN(GlobalNormClipping, GAN):
+        pass
+
+    base = tiny_gan()
+    gan = ClippedGAN(base.generator, base.discriminator, latent_dim=LATENT, clip_norm=1e-3)
+    gan.compile(keras.optimizers.SGD(1.0), keras.optimizers.SGD(1.0))
+    players = (gan.generator, gan.discriminator)
+    before = [[w.copy() for w in p.get_weights()] for p in players]
+    gan.fit(images[:64], batch_size=64, epochs=1, verbose=0)
+    for player, old in zip(players, before):
+        step = np.sqrt(sum(((w - o) ** 2).sum() for w, o in zip(player.get_weights(), old)))
+        assert 0 < step <= 1e-3 * (1 + 1e-5)  # each player clipped on its own
+    gan.save(tmp_path / "clipped.keras")
+    loaded = keras.models.load_model(tmp_path / "clipped.keras",
+                                     custom_objects={"ClippedGAN": ClippedGAN})
+    assert loaded.clip_norm == 1e-3
 
 
 def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_path):
