@@ -152,10 +152,16 @@ def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_pat
             np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_weights_checkpoint_holds_both_optimizers(images, tmp_path):
+def test_callbacks_and_weights_checkpoint_hold_both_optimizers(images, tmp_path):
     trained = compiled(tiny_gan())
-    trained.fit(images[:128], batch_size=64, epochs=1, verbose=0)
-    trained.save_weights(tmp_path / "gan.weights.h5")
+    epochs_seen = []
+    trained.fit(images[:128], batch_size=64, epochs=1, verbose=1, callbacks=[
+        keras.callbacks.ModelCheckpoint(tmp_path / "gan.weights.h5", save_weights_only=True),
+        keras.callbacks.TensorBoard(tmp_path / "tb"),
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: epochs_seen.append(logs)),
+    ])
+    assert set(epochs_seen[0]) == {"d_loss", "g_loss"}
+    assert list((tmp_path / "tb" / "train").iterdir())
     fresh = compiled(tiny_gan(seed=0))
     assert int(fresh.generator_optimizer.iterations) == 0
     fresh.load_weights(tmp_path / "gan.weights.h5")
