@@ -215,6 +215,14 @@ def test_bad_compile_and_models_say_what_to_do():
         gan.compile(adam, adam)
     with pytest.raises(TypeError, match="generator_loss"):
         gan.compile(loss="binary_crossentropy")
+
+    class PerSample(GAN):
+        def generator_loss(self, fake_logits):
+            return fake_logits[:, 0]
+
+    per_sample = compiled(PerSample(gan.generator, gan.discriminator, latent_dim=LATENT))
+    with pytest.raises(ValueError, match="reduce_mean"):
+        per_sample.fit(np.zeros((8, 64), "float32"), verbose=0)
     unbuilt = keras.Sequential([keras.layers.Dense(64)])
     with pytest.raises(ValueError, match="keras.Input"):
         GAN(unbuilt, gan.discriminator, latent_dim=LATENT)

@@ -160,11 +160,12 @@ class GAN(CustomModel):
                     opt.build(model.trainable_weights)
         self.generator_optimizer = g_opt
         self.discriminator_optimizer = d_opt
-        self._gan_compile_config = {
+        # A plain attribute: what compile() was given, not state to track.
+        object.__setattr__(self, "_gan_compile_config", {
             "generator_optimizer": generator_optimizer,
             "discriminator_optimizer": discriminator_optimizer,
             **kwargs,
-        }
+        })
 
     def get_compile_config(self) -> dict:
         if not self.compiled:
@@ -291,6 +292,12 @@ class GAN(CustomModel):
     def _replica_loss(loss: tf.Tensor) -> tf.Tensor:
         """This replica's share: the optimizers sum gradients over replicas."""
         loss = tf.cast(loss, "float32")
+        if loss.shape.rank != 0:
+            raise ValueError(
+                "discriminator_loss() and generator_loss() must return a scalar "
+                f"(the mean over the batch); got shape {loss.shape}. Reduce it, "
+                "e.g. return tf.reduce_mean(per_sample_loss)."
+            )
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1:
             loss = loss * tf.cast(1.0 / replicas, loss.dtype)
