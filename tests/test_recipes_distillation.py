@@ -195,3 +195,18 @@ def test_bad_arguments_say_what_to_do(digits, teacher):
     with pytest.raises(ValueError, match="from_logits=True"):
         distiller.fit(digits[0][:64], digits[1][:64], verbose=0)
 
+
+
+def test_composes_with_a_gradient_recipe(digits, teacher):
+    from customfit.recipes import GlobalNormClipping
+
+    class ClippedDistiller(GlobalNormClipping, Distiller):
+        pass
+
+    distiller = ClippedDistiller(logits_mlp(16, seed=1), teacher, 4.0, 0.1, clip_norm=1e-3)
+    distiller.compile(keras.optimizers.SGD(1.0), cross_entropy())
+    before = [w.copy() for w in distiller.student.get_weights()]
+    distiller.fit(digits[0][:64], digits[1][:64], batch_size=64, verbose=0)
+    step = np.sqrt(sum(((w - b) ** 2).sum()
+                       for w, b in zip(distiller.student.get_weights(), before)))
+    assert 0 < step <= 1e-3 * (1 + 1e-5)

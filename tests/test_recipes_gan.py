@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from customfit.recipes import GAN, GlobalNormClipping
+from customfit.recipes import GAN, GlobalNormClipping, GradientAccumulation
 from examples.gan_digits import build_gan, frechet_distance
 from tests.subproc import run_python
 
@@ -223,6 +223,12 @@ def test_bad_compile_and_models_say_what_to_do():
     per_sample = compiled(PerSample(gan.generator, gan.discriminator, latent_dim=LATENT))
     with pytest.raises(ValueError, match="reduce_mean"):
         per_sample.fit(np.zeros((8, 64), "float32"), verbose=0)
+    class AccumulatedGAN(GradientAccumulation, GAN):
+        pass
+
+    with pytest.raises(TypeError, match="would be ignored"):
+        AccumulatedGAN(gan.generator, gan.discriminator, latent_dim=LATENT,
+                       accumulation_steps=2)
     unbuilt = keras.Sequential([keras.layers.Dense(64)])
     with pytest.raises(ValueError, match="keras.Input"):
         GAN(unbuilt, gan.discriminator, latent_dim=LATENT)

@@ -73,6 +73,16 @@ class GAN(CustomModel):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
+        for seam in ("_loss_gradients", "_update_weights"):
+            if getattr(type(self), seam) is not getattr(CustomModel, seam):
+                raise TypeError(
+                    f"{type(self).__name__} mixes GAN with a recipe that changes "
+                    "the single-optimizer step (such as SAM or "
+                    "GradientAccumulation); GAN runs its own two-player step, so "
+                    "that recipe would be ignored. Gradient transforms "
+                    "(transform_gradients, e.g. GlobalNormClipping) do apply, "
+                    "to each player."
+                )
         super().__init__(**kwargs)
         for role, model in (("generator", generator), ("discriminator", discriminator)):
             if not isinstance(model, keras.Model):
