@@ -1,7 +1,8 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
 from customfit._model import CustomModel
+from customfit import recipes  # after CustomModel, which the recipes extend
 
 __version__ = "0.1.0"
 
-__all__ = ["CustomModel", "__version__"]
+__all__ = ["CustomModel", "recipes", "__version__"]
