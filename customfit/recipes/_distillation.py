@@ -115,9 +115,8 @@ class Distiller(CustomModel):
         hard = compile_loss(y, y_pred, sample_weight)
         teacher_logits = self.teacher(x, training=False)
         soft = self.distillation_loss(teacher_logits, y_pred, sample_weight)
-        batch_of = x
-        track_like_loss(self.student_loss_tracker, hard, batch_of)
-        track_like_loss(self.distillation_loss_tracker, soft, batch_of)
+        _track_like_loss(self.student_loss_tracker, hard, batch_of=x)
+        _track_like_loss(self.distillation_loss_tracker, soft, batch_of=x)
         losses = [self.alpha * hard + (1.0 - self.alpha) * soft]
         losses.extend(
             internals.aggregate_additional_loss(self, extra)
@@ -166,7 +165,7 @@ class Distiller(CustomModel):
         return cls(**config)
 
 
-def track_like_loss(tracker: keras.metrics.Mean, value: tf.Tensor, batch_of: Any) -> None:
+def _track_like_loss(tracker: keras.metrics.Mean, value: tf.Tensor, batch_of: Any) -> None:
     """Adds the full (cross-replica) value, weighted by batch size."""
     first = next(t for t in tf.nest.flatten(batch_of) if t is not None)
     tracker.update_state(
