@@ -20,7 +20,7 @@ from customfit import recipes
 from tests import models
 
 d = load_digits()
-x, y = (d.data / 16).astype("float32")[:256], d.target.astype("int32")[:256]
+x, y = (d.data / 16).astype("float32")[:128], d.target.astype("int32")[:128]
 two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 one = tf.distribute.get_strategy()
 
