@@ -193,3 +193,46 @@ def test_bad_clip_factor_is_a_clear_error():
     with pytest.raises(ValueError, match="clip_factor must be a finite number > 0"):
         recipes.AdaptiveGradientClipping(inputs, keras.layers.Dense(1)(inputs),
                                          clip_factor=-1)
+
+
+@keras.saving.register_keras_serializable(package="customfit_tests")
+class StackedNet(recipes.SAM, recipes.GradientAccumulation, recipes.GlobalNormClipping,
+                 customfit.CustomModel):
+    """A subclassed model with its own argument, three recipes and a hook."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="relu")
+        self.out = keras.layers.Dense(10, activation="softmax")
+        self.hook_calls = 0
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def transform_gradients(self, gradients, variables):
+        self.hook_calls += 1
+        return super().transform_gradients(gradients, variables)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def test_subclassed_model_stacks_recipes_and_hooks(digits, tmp_path):
+    x, y = digits[0][:64], digits[1][:64]
+    model = StackedNet(units=8, rho=0.05, accumulation_steps=2, clip_norm=0.5)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
+                  run_eagerly=True)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    # 4 micro-batches, k=2: the user's hook and the clipping log run per update.
+    assert model.hook_calls == 2 and int(model.optimizer.iterations) == 2
+    assert len(history["grad_norm"]) == 1 and np.isfinite(history["grad_norm"][0])
+    config = model.get_config()
+    assert {k: config[k] for k in ("units", "rho", "accumulation_steps", "clip_norm")} == {
+        "units": 8, "rho": 0.05, "accumulation_steps": 2, "clip_norm": 0.5}
+    model.save(tmp_path / "stacked.keras")
+    loaded = keras.saving.load_model(tmp_path / "stacked.keras")
+    assert isinstance(loaded, StackedNet) and loaded.units == 8
+    assert (loaded.rho, loaded.accumulation_steps, loaded.clip_norm) == (0.05, 2, 0.5)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0),
+                                  model.predict(x, verbose=0))
