@@ -5,7 +5,6 @@ device, mixed precision, save/load."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import customfit
 from customfit import recipes

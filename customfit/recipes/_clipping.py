@@ -7,7 +7,6 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
