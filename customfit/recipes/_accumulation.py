@@ -63,10 +63,14 @@ class GradientAccumulation(CustomModel):
     runs. With `SAM`, each micro-batch gets its own SAM gradient, and those
     are averaged.
 
-    The accumulators are model state: created before the first training
-    step (when the train function is made), saved and loaded with the model
-    (`.keras` and `.weights.h5`), and re-created empty if the trainable
-    variables change (e.g. after freezing a layer and compiling again).
+    The accumulators are model state: created eagerly before the first
+    training step (when the train function is made, or when a saved state is
+    loaded), saved and loaded with the model through `save_own_variables` /
+    `load_own_variables` (`.keras`, `.weights.h5`, `BackupAndRestore`), and
+    re-created empty if the trainable variables change (e.g. after freezing
+    a layer and compiling again). They are not in `model.variables`: Keras
+    locks a built subclassed model's state, and they only exist once the
+    trainable variables are known.
 
     Args:
         accumulation_steps: Micro-batches per update, an integer `>= 1`
