@@ -29,6 +29,10 @@ class SAMAccumulated(recipes.SAM, recipes.GradientAccumulation):
     pass
 
 
+class AccumulatedClipped(recipes.GradientAccumulation, recipes.GlobalNormClipping):
+    pass  # clips and logs inside the update that runs once across replicas
+
+
 def run(strategy, base, batch_size, **options):
     keras.utils.set_random_seed(0)
     with strategy.scope():
@@ -48,8 +52,8 @@ results = {
     "sam_two": run(two, recipes.SAM, 64, rho=0.1),
     "sam_one_accumulated": run(one, SAMAccumulated, 32, rho=0.1, accumulation_steps=2),
     "sam_one": run(one, recipes.SAM, 64, rho=0.1),
-    "accumulation_two": run(two, recipes.GradientAccumulation, 64, accumulation_steps=2),
-    "accumulation_one": run(one, recipes.GradientAccumulation, 64, accumulation_steps=2),
+    "accumulation_two": run(two, AccumulatedClipped, 64, accumulation_steps=2, **clip),
+    "accumulation_one": run(one, AccumulatedClipped, 64, accumulation_steps=2, **clip),
     "clipping_two": run(two, recipes.GlobalNormClipping, 64, **clip),
     "clipping_one": run(one, recipes.GlobalNormClipping, 64, **clip),
     "agc_two": run(two, recipes.AdaptiveGradientClipping, 64, **agc),
