@@ -160,21 +160,39 @@ class CustomModel(keras.Model):
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         """One training step on one batch; see the class docstring for order."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, gradients, variables = self._loss_gradients(x, y, sample_weight)
+        if variables:
+            self._update_weights(gradients, variables)
+        else:
+            warnings.warn("The model does not have any trainable weights.")
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # Two seams of `train_step` for `customfit.recipes`: a recipe that changes
+    # how the gradient is computed (SAM's second pass) overrides
+    # `_loss_gradients`; one that changes when or with which gradient the
+    # update runs (gradient accumulation) overrides `_update_weights`. The
+    # public hooks run inside them, so they compose with a user's overrides.
+
+    def _loss_gradients(
+        self, x: Any, y: Any, sample_weight: Any
+    ) -> tuple[Any, list, list]:
+        """Forward pass and tracked loss; returns `(y_pred, gradients,
+        variables)` with the gradients unscaled (empty without variables)."""
         with tf.GradientTape() as tape:
             y_pred = self._forward(x, training=True)
             loss = self._tracked_loss(x, y, y_pred, sample_weight, training=True)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
-
         variables = self.trainable_weights
-        if variables:
-            gradients = self._unscale(tape.gradient(loss, variables))
-            gradients = self.transform_gradients(gradients, variables)
-            gradients = _checked_gradients(gradients, variables)
-            self.apply_gradients(gradients, variables)
-        else:
-            warnings.warn("The model does not have any trainable weights.")
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if not variables:
+            return y_pred, [], variables
+        return y_pred, self._unscale(tape.gradient(loss, variables)), variables
+
+    def _update_weights(self, gradients: list, variables: list) -> None:
+        """`transform_gradients`, the gradient checks, `apply_gradients`."""
+        gradients = self.transform_gradients(gradients, variables)
+        gradients = _checked_gradients(gradients, variables)
+        self.apply_gradients(gradients, variables)
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         """One evaluation step: forward pass, loss, metrics; no update."""

@@ -1,0 +1,127 @@
+"""`SAM`: Sharpness-Aware Minimization (Foret et al., 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from customfit import _keras_internals as internals
+from customfit._model import CustomModel
+from customfit.recipes import _options as options
+
+# Added to the gradient norm before dividing, as in the authors' code.
+_NORM_FLOOR = 1e-12
+
+
+@keras.saving.register_keras_serializable(package="customfit")
+class SAM(CustomModel):
+    """Sharpness-Aware Minimization: descend with the gradient taken at the
+    worst nearby weights.
+
+    Per training batch, with `g` the gradient of the loss at the weights `w`:
+
+    1. `e = rho * g / (||g|| + 1e-12)`, `||g||` the global L2 norm over all
+       trainable variables;
+    2. a second forward and backward pass on the same batch at `w + e` gives
+       `g_sam`;
+    3. `g_sam` (not `g`) goes through `transform_gradients` and
+       `apply_gradients` as in the default step. `w` itself is never
+       modified: the second pass reads `w + e` through a `keras.StatelessScope`,
+       so the weights the optimizer updates are exactly `w`.
+
+    The second pass sees the model state the first pass saw: the same batch,
+    the same dropout masks (random-generator state) and the same
+    BatchNormalization moving statistics; its state updates are discarded,
+    so BatchNormalization statistics (and random generators) advance once per
+    step, from the first pass. `loss` and the compiled metrics are those of
+    the first pass, at `w`. With `rho=0` the step equals the default step
+    bit for bit.
+
+    **Per replica (m-sharpness).** Under `tf.distribute`, each replica
+    computes `e` from the gradient of its own share of the batch, as in the
+    paper's m-sharpness with `m` = the per-replica batch size; the optimizer
+    then sums the replicas' `g_sam`. Two replicas of 64 therefore train like
+    one device running SAM on micro-batches of 64 with
+    `GradientAccumulation(accumulation_steps=2)`, not like SAM on 128.
+
+    **Mixed precision.** Both passes scale the loss and unscale their
+    gradients; a non-finite first gradient makes `g_sam` non-finite, which a
+    `LossScaleOptimizer` skips as it skips any overflowing step.
+
+    **Composition.** SAM replaces only how the step's gradient is computed:
+    a user's `transform_gradients`/`apply_gradients`/`log`, clipping recipes
+    and `GradientAccumulation` see `g_sam`, and `AdversarialTraining` hands
+    SAM the adversarial batch, whatever their order among the bases.
+
+    Args:
+        rho: Radius of the neighbourhood, `>= 0` (the paper uses 0.05 for
+            most CIFAR runs).
+
+    Example:
+
+    ```python
+    model = customfit.recipes.SAM(inputs, outputs, rho=0.05)
+
+    class Net(customfit.recipes.SAM, customfit.CustomModel):
+        ...  # Net(rho=0.1)
+    ```
+    """
+
+    def __init__(self, *args: Any, rho: float = 0.05, **kwargs: Any) -> None:
+        rho = options.number("SAM", "rho", rho)
+        super().__init__(*args, **kwargs)
+        self.rho = rho
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["rho"] = self.rho
+        return config
+
+    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any):
+        state = [(v, tf.identity(v.value)) for v in self.non_trainable_variables]
+        y_pred, gradients, variables = super()._loss_gradients(x, y, sample_weight)
+        if not variables:
+            return y_pred, gradients, variables
+        gradients = self._sharpness_aware_gradients(
+            x, y, sample_weight, gradients, variables, state
+        )
+        return y_pred, gradients, variables
+
+    def _sharpness_aware_gradients(
+        self,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        gradients: list,
+        variables: list,
+        state: list,
+    ) -> list:
+        """`g_sam`: the unscaled gradient of the loss at `w + e`.
+
+        Runs once per training batch, after the first backward pass. `state`
+        pairs each non-trainable variable with its value before the first
+        pass; the second pass reads those values.
+        """
+        norm = tf.linalg.global_norm([g for g in gradients if g is not None])
+        scale = self.rho / (norm + _NORM_FLOOR)
+        perturbed = [
+            tf.identity(v.value) if g is None
+            else v.value + g * tf.cast(scale, g.dtype)
+            for g, v in zip(gradients, variables)
+        ]
+        mapping = list(zip(variables, perturbed)) + state
+        with tf.GradientTape() as tape:
+            tape.watch(perturbed)
+            with keras.StatelessScope(
+                state_mapping=mapping, collect_losses=True, initialize_variables=False
+            ):
+                y_pred = self._forward(x, training=True)
+                loss = internals.compute_loss(
+                    self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                    training=True,
+                )
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+        return self._unscale(tape.gradient(loss, perturbed))
