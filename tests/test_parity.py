@@ -104,9 +104,10 @@ def test_default_step_equals_stock_fit_under_xla():
         from tests.test_parity import CASES, _run
 
         d = load_digits()
-        x, y = (d.data / 16).astype("float32"), d.target.astype("int32")
-        for name in ["functional_dropout", "multi_io_dicts", "sample_weight",
-                     "steps_per_execution_3"]:
+        x, y = (d.data / 16).astype("float32")[:600], d.target.astype("int32")[:600]
+        # XLA compiles each case's steps anew: the cases that change the step's
+        # structure (dropout, dict inputs and outputs, several steps per call).
+        for name in ["functional_dropout", "multi_io_dicts", "steps_per_execution_3"]:
             expected = _run(keras.Model, CASES[name], x, y, mode="xla")
             actual = _run(customfit.CustomModel, CASES[name], x, y, mode="xla")
             assert_identical(expected, actual)
