@@ -1,9 +1,8 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
-from customfit import callbacks  # noqa: F401  (customfit.callbacks.*)
 from customfit._model import CustomModel
-from customfit import recipes  # after CustomModel, which the recipes extend
+from customfit import callbacks, recipes  # recipes extend CustomModel: import it first
 
 __version__ = "0.1.0"
 
-__all__ = ["CustomModel", "recipes", "__version__"]
+__all__ = ["CustomModel", "callbacks", "recipes", "__version__"]
