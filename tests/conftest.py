@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -33,3 +34,13 @@ def seeded(customfit_deterministic):
     """Op determinism refuses unseeded random ops: seed every test (with the
     fixture the package gives its users)."""
     return customfit_deterministic
+
+
+@pytest.fixture
+def mixed_float16():
+    """The mixed_float16 global policy for one test, float32 afterwards."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

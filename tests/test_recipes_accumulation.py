@@ -18,15 +18,6 @@ from tests.recipe_checks import assert_trains_like
 CLOSE = dict(rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def accumulating(k, cls=recipes.GradientAccumulation):
     return lambda inputs, outputs: cls(inputs, outputs, accumulation_steps=k)
 

@@ -14,15 +14,6 @@ from tests import models, recipes_mirrored
 from tests.recipe_checks import assert_trains_like
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def trained_plain_model(digits, n=256):
     model = models.mlp(customfit.CustomModel, dropout=0)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")

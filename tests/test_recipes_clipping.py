@@ -14,15 +14,6 @@ from tests import models, recipes_mirrored
 CLOSE = dict(rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def recorded(cls):
     """`cls` with the user's own transform_gradients around the recipe's."""
     seen = {"raw": [], "clipped": []}

@@ -163,15 +163,6 @@ def test_keras_default_logits_distillation_is_a_different_loss(digits, teacher):
     assert float(ours.compute_loss(x, y, ours(x))) != pytest.approx(float(raw), rel=0.1)
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def test_mixed_precision_trains(digits, mixed_float16):
     x, y = digits[0][:256], digits[1][:256]
     teacher = logits_mlp(32, seed=0)

@@ -171,15 +171,6 @@ def test_callbacks_and_weights_checkpoint_hold_both_optimizers(images, tmp_path)
     assert int(fresh.steps) == 2
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def test_mixed_precision_scales_each_players_loss(images, mixed_float16):
     norms = []
 

@@ -14,15 +14,6 @@ from tests import models, recipes_mirrored
 from tests.recipe_checks import assert_trains_like
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def softmax_regression(base, **options):
     inputs = keras.Input((64,))
     return base(inputs, keras.layers.Dense(10, activation="softmax")(inputs), **options)
