@@ -8,11 +8,6 @@ from tests.subproc import run_python
 
 CODE = """
 import json
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-tf.config.experimental.enable_op_determinism()
 import keras, numpy as np
 from sklearn.datasets import load_digits
 import customfit
@@ -68,5 +63,5 @@ print("RESULTS" + json.dumps(results))
 @functools.lru_cache(maxsize=None)
 def results() -> dict:
     """Runs the subprocess once per test session."""
-    out = run_python(CODE, timeout=600)
+    out = run_python(CODE, timeout=600, two_cpus=True)
     return json.loads(out.split("RESULTS", 1)[1])

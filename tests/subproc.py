@@ -11,14 +11,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Start of a subprocess that needs two replicas: two logical CPU devices, set
+# before TensorFlow initialises, and op determinism.
+TWO_CPUS = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.experimental.enable_op_determinism()
+"""
 
-def run_python(code: str, timeout: float = 300, env: dict | None = None) -> str:
+
+def run_python(code: str, timeout: float = 300, env: dict | None = None,
+               two_cpus: bool = False) -> str:
     """Runs `code` in a new interpreter from the repository root; returns its
-    stdout, or fails the test with its output."""
+    stdout, or fails the test with its output. `two_cpus` starts it with
+    `TWO_CPUS`."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT),
                 **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(code)],
+        [sys.executable, "-W", "error::UserWarning", "-c",
+         (TWO_CPUS if two_cpus else "") + textwrap.dedent(code)],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != 0:

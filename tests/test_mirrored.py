@@ -14,13 +14,8 @@ from tests.subproc import run_python
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_replicas_report_and_train_like_stock_fit():
-    out = run_python("""
+    out = run_python(two_cpus=True, code="""
         import json
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        tf.config.experimental.enable_op_determinism()
         import keras, numpy as np
         from sklearn.datasets import load_digits
         import customfit

@@ -230,13 +230,8 @@ def test_bad_compile_and_models_say_what_to_do():
 def test_two_replicas_match_one_for_gan_and_distiller():
     """One subprocess for both wrapping recipes: TensorFlow's start-up and
     the logical devices dominate its cost."""
-    out = run_python("""
+    out = run_python(two_cpus=True, code="""
         import json
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        tf.config.experimental.enable_op_determinism()
         import keras, numpy as np
         from sklearn.datasets import load_digits
         from customfit.recipes import Distiller
