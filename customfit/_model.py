@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _saving
+from customfit import _dev_modes, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -321,10 +321,48 @@ class CustomModel(keras.Model):
             )
         return self.test_function
 
-    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+    def fit(
+        self,
+        *args: Any,
+        quick_run: int | None = None,
+        overfit_batches: int | None = None,
+        validate_every_n_batches: int | None = None,
+        **kwargs: Any,
+    ) -> keras.callbacks.History:
+        """Keras' `fit`, plus three run modes for developing a model.
+
+        Every Keras argument works as in `keras.Model.fit`. The run modes are
+        off by default:
+
+        Args:
+            quick_run: Train one epoch of at most this many batches, then
+                validate on at most this many; a smoke test of the whole loop
+                (callbacks included) that takes seconds.
+            overfit_batches: Train every epoch on the same first
+                `overfit_batches` batches, unshuffled (a shuffling `tf.data`
+                pipeline is cached after its first pass), and validate on at
+                most as many. A model that cannot drive this loss towards zero
+                has a bug.
+            validate_every_n_batches: Also validate after every this many
+                training batches (a multiple of `steps_per_execution`). The
+                results reach the callbacks after it in that batch's logs as
+                `val_<name>`; the training metrics keep running, so the
+                epoch's training logs are unchanged. Needs `validation_data`
+                or `validation_split`.
+
+        Example:
+
+        ```python
+        model.fit(x, y, validation_split=0.2, quick_run=2)
+        model.fit(x, y, epochs=200, overfit_batches=1)
+        model.fit(x, y, validation_data=(xv, yv), validate_every_n_batches=50)
+        ```
+        """
         self._require_compiled("fit")
+        modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
+        arguments = _dev_modes.fit_arguments(self, args, kwargs, modes)
         with self._step_logs.in_phase("train"):
-            return super().fit(*args, **kwargs)
+            return super().fit(**arguments)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("evaluate")
