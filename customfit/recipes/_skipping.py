@@ -35,10 +35,10 @@ class SkipNonFinite(CustomModel):
     **Counting.** Skipped steps are counted in a non-trainable int64
     variable, `skipped_steps` (a property), created with the model, saved and
     loaded with it (`.keras`, `.weights.h5`, `BackupAndRestore`), so the
-    count survives a restart. The column `log_name` (default
+    count survives a restart. The column `count_log_name` (default
     `"skipped_steps"`) reports that cumulative count at the end of each
     epoch (and batch), not an epoch average: its growth between epochs is
-    the number skipped in the epoch. `log_name=None` leaves it out.
+    the number skipped in the epoch. `count_log_name=None` leaves it out.
 
     **Too many skips.** More than `max_consecutive_skips` skipped steps in
     a row, or more than `max_skipped_steps` in all, stop `fit` with a
@@ -71,7 +71,9 @@ class SkipNonFinite(CustomModel):
             with the weights intact), or `None` for no limit.
         max_skipped_steps: The most steps skipped in all (the count of the
             `skipped_steps` variable, over all `fit` calls), or `None`.
-        log_name: The History column of the cumulative count, or `None`.
+        count_log_name: The History column of the cumulative count, or
+            `None` for none. (Not `log_name`, which the clipping recipes
+            take for their norm.)
 
     Example:
 
@@ -85,7 +87,8 @@ class SkipNonFinite(CustomModel):
 
     def __init__(self, *args: Any, max_consecutive_skips: int | None = 10,
                  max_skipped_steps: int | None = None,
-                 log_name: str | None = "skipped_steps", **kwargs: Any) -> None:
+                 count_log_name: str | None = "skipped_steps",
+                 **kwargs: Any) -> None:
         recipe = "SkipNonFinite"
         if max_consecutive_skips is not None:
             max_consecutive_skips = options.integer(
@@ -93,13 +96,17 @@ class SkipNonFinite(CustomModel):
         if max_skipped_steps is not None:
             max_skipped_steps = options.integer(
                 recipe, "max_skipped_steps", max_skipped_steps, minimum=0)
-        if log_name is not None:
-            log_name = options.log_name(recipe, log_name)
+        if count_log_name is not None and (
+                not isinstance(count_log_name, str) or not count_log_name):
+            raise ValueError(
+                f"{recipe}: count_log_name must be a non-empty string (the "
+                f"History column) or None; got {count_log_name!r}. Pass e.g. "
+                'count_log_name="skipped_steps".')
         _check_bases(type(self))
         super().__init__(*args, **kwargs)
         self.max_consecutive_skips = max_consecutive_skips
         self.max_skipped_steps = max_skipped_steps
-        self.log_name = log_name
+        self.count_log_name = count_log_name
         with tf.init_scope(), self.distribute_strategy.scope():
             state = _State()
         # Plain attributes: saved through save_own_variables, not as weights.
@@ -110,7 +117,7 @@ class SkipNonFinite(CustomModel):
         config = super().get_config()
         config.update(max_consecutive_skips=self.max_consecutive_skips,
                       max_skipped_steps=self.max_skipped_steps,
-                      log_name=self.log_name)
+                      count_log_name=self.count_log_name)
         return config
 
     @property
@@ -232,10 +239,10 @@ class SkipNonFinite(CustomModel):
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         logs = super().train_step(data)
-        if self.log_name is None:
+        if self.count_log_name is None:
             return logs
         logs = dict(logs)
-        logs[self.log_name] = tf.identity(self._skip_state.total.value)
+        logs[self.count_log_name] = tf.identity(self._skip_state.total.value)
         return logs
 
     # ---------------------------------------------------- the host's check
