@@ -303,7 +303,28 @@ def run(base, x, y, policy="float32"):
     return out
 
 
+def overflow(base):
+    # mixed_float16; float16 gradients overflow on replica 1's half only.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(0)
+    x = np.ones((64, 4), "float32")
+    y = np.zeros((64, 1), "float32")
+    y[32:] = 1000.0
+    with two.scope():
+        inputs = keras.Input((4,))
+        model = base(inputs, keras.layers.Dense(1)(inputs))
+        model.compile(keras.optimizers.SGD(1e-4), "mse")
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    keras.mixed_precision.set_global_policy("float32")
+    return {"weights": [w.tolist() for w in model.get_weights()],
+            "scale": float(model.optimizer.dynamic_scale.numpy()),
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "skipped": getattr(model, "skipped_steps", None)}
+
+
 print("RESULTS" + json.dumps({
+    "overflow_stock": overflow(keras.Model),
+    "overflow": overflow(recipes.SkipNonFinite),
     "skipping": run(recipes.SkipNonFinite, bad, y),
     "reference": run(customfit.CustomModel, x[keep], y[keep]),
     "stock": run(keras.Model, bad, y),
@@ -330,6 +351,14 @@ def test_two_replicas_skip_together_when_one_sees_nan():
     mixed = results["mixed"]
     assert mixed["skipped"] == 1 and mixed["iterations"] == 3
     assert all(np.isfinite(w).all() for w in mixed["weights"])
+    # An overflow on replica 1 only: Keras' LossScaleOptimizer looks at
+    # replica 0's gradients, applies, and the bias turns inf; with the recipe
+    # it skips the step and halves the scale, as on one device (not counted).
+    stock, ours = results["overflow_stock"], results["overflow"]
+    assert np.isinf(stock["weights"][1]).all() and stock["scale"] == 2.0**15
+    assert ours["scale"] == 2.0**14 and ours["iterations"] == 0
+    assert ours["skipped"] == 0
+    assert all(np.isfinite(w).all() for w in ours["weights"])
 
 
 XLA = """

@@ -57,13 +57,20 @@ class SkipNonFinite(CustomModel):
     (unscaled) gradients are not finite is an overflow of the loss scale:
     that step is left to the optimizer, which skips it and halves the scale
     as usual, and is not counted here. A non-finite loss is skipped here,
-    before the optimizer, so the scale does not fall for a bad batch.
+    before the optimizer, so the scale does not fall for a bad batch. Under
+    `MirroredStrategy`, an overflow on any replica is made visible on all of
+    them: Keras' `LossScaleOptimizer` checks the first replica's gradients
+    only, so an overflow on another one turns stock `fit`'s weights inf.
 
     **Composition.** The decision is taken before `transform_gradients`, so
     a skipped step never reaches the user's hooks; clipping recipes, `SAM`
     (the SAM gradient is checked) and `AdversarialTraining` compose in any
     order. With `GradientAccumulation`, list `SkipNonFinite` first (it then
-    keeps a bad micro-batch out of the accumulators).
+    keeps a bad micro-batch out of the accumulators). It works through the
+    default `train_step` (a `train_step` overridden whole that calls
+    `super().train_step` is fine; one that applies gradients itself is not
+    covered). The limits are read when the train function is made: after
+    changing them on a compiled model, call `compile()` again.
 
     Args:
         max_consecutive_skips: The most steps skipped in a row before `fit`
@@ -177,8 +184,12 @@ class SkipNonFinite(CustomModel):
         state = self._skip_state
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
-            skip = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                      tf.cast(skip, tf.int32)) > 0
+            overflow = tf.logical_not(_all_finite(gradients))
+            flags = tf.cast(tf.stack([skip, overflow]), tf.int32)
+            flags = context.all_reduce(tf.distribute.ReduceOp.SUM, flags) > 0
+            skip = flags[0]
+            if internals.loss_scale_in_use(self.optimizer) is not None:
+                gradients = _overflowed_everywhere(flags[1], gradients)
 
         def update(gradients: list) -> None:
             super(SkipNonFinite, self)._update_weights(list(gradients), variables)
@@ -325,6 +336,30 @@ def _all_finite(tensors: list) -> tf.Tensor:
             t = t.values
         checks.append(tf.reduce_all(tf.math.is_finite(t)))
     return tf.reduce_all(tf.stack(checks))
+
+
+def _overflowed_everywhere(overflow: tf.Tensor, gradients: list) -> list:
+    """Every replica's gradients made non-finite when any replica's are.
+
+    Under `MirroredStrategy`, Keras' `LossScaleOptimizer` decides from the
+    first replica's gradients alone whether to apply them; an overflow on
+    another replica would reach the weights through the all-reduce (inf
+    weights in stock `fit`). With the overflow on every replica, the
+    optimizer skips the step and lowers the scale, as on one device.
+    Finite gradients are returned unchanged (selected, not recomputed).
+    """
+
+    def poisoned(g: tf.Tensor) -> tf.Tensor:
+        return tf.where(overflow, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+
+    result = []
+    for g in gradients:
+        if isinstance(g, tf.IndexedSlices):
+            g = tf.IndexedSlices(poisoned(g.values), g.indices, g.dense_shape)
+        elif g is not None:
+            g = poisoned(g)
+        result.append(g)
+    return result
 
 
 def _check_bases(cls: type) -> None:
