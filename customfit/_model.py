@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _saving
+from customfit import _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -323,7 +323,9 @@ class CustomModel(keras.Model):
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         self._require_compiled("fit")
-        with self._step_logs.in_phase("train"):
+        # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
+        args, kwargs, resume = _resume.prepare_fit(self, args, kwargs)
+        with self._step_logs.in_phase("train"), resume:
             return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
@@ -347,6 +349,7 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        _resume.saw_epoch_iterator(self, iterator)
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
     def _flatten_metrics_in_order(self, logs: dict) -> Any:
