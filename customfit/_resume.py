@@ -6,13 +6,16 @@ When a `CustomModel` is fitted with a `BackupAndRestore` among its callbacks,
 the epoch iterator `fit` builds. When the callback restores a backup taken
 after `batch` batches of epoch `epoch`:
 
-- the data is put where the interrupted run had it: the dataset makes one
-  iterator per epoch (each `iter()` draws new seeds for a `shuffle` with
-  `reshuffle_each_iteration=True`), so one iterator is made and dropped for
-  each epoch the interrupted process had trained; then, in the resumed epoch,
-  the first `batch` batches are read and dropped without training (the
-  train function is wrapped for that epoch, and the callbacks do not see those
-  batches, so every callback sees the real batch numbers);
+- the data is put where the interrupted run had it. `fit` makes iterators
+  of one dataset (Keras makes one when an epoch starts and one after each
+  full epoch), and each `iter()` draws new seeds for a `tf.data` `shuffle`
+  with `reshuffle_each_iteration=True`. The dataset is wrapped to count
+  them, each backup records the count, and a resumed `fit` makes and drops
+  iterators until the resumed epoch's iterator is the one it had (NumPy
+  input: Keras' permutation is the same for every iterator, so this changes
+  nothing). Then, in the resumed epoch, the first `batch` batches are read
+  and dropped without training: the train function is wrapped, and the
+  callbacks do not hear of those batches, so they see the real numbers;
 - the metric variables (the running means in the per-batch logs), saved per
   replica, are restored before the first trained batch, after tracing the
   step so that metrics created while tracing exist;
@@ -254,8 +257,14 @@ def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
     problems = []
     if isinstance(x, keras.utils.PyDataset) or inspect.isgenerator(x) or (
             x is not None and not _is_replayable(x)):
+        if isinstance(x, keras.utils.PyDataset):
+            kind = f"keras.utils.PyDataset ({type(x).__name__})"
+        elif inspect.isgenerator(x):
+            kind = "Python generator"
+        else:
+            kind = type(x).__name__
         problems.append(
-            f"the input is a {type(x).__name__}, whose own state (position, "
+            f"the input is a {kind}, whose own state (position, "
             "shuffling) is not saved: the resumed epoch starts from its "
             "beginning after skipping the trained batches, which only equals "
             "the interrupted run if each epoch yields the same batches")

@@ -83,3 +83,152 @@ def test_sigkilled_mid_epoch_resumes_at_the_next_batch_bit_for_bit(tmp_path):
             np.testing.assert_array_equal(final[key], reference_final[key],
                                           err_msg=f"{case}: {key}")
         assert not (crashed_out / case / "backup").exists()
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stands for a crash: raises at the end of one batch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt
+
+
+class Batches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen, self.epoch = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append((self.epoch, batch, {k: float(v) for k, v in logs.items()}))
+
+
+class Logged(customfit.CustomModel):
+    def transform_gradients(self, gradients, variables):
+        self.log("grad_norm", tf.linalg.global_norm(gradients))
+        return gradients
+
+
+def train(base, backup, digits, interrupt=None, **fit_kwargs):
+    """3 epochs of 8 batches; returns (state, history, batches) or None when
+    interrupted. Each call starts from the same seed, like a new process."""
+    keras.utils.set_random_seed(2)
+    model = models.mlp(base, dropout=0.3)
+    model.compile(keras.optimizers.SGD(0.3, momentum=0.9),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=fit_kwargs.pop("steps_per_execution", 1))
+    batches = Batches()
+    callbacks = [backup, batches] + ([Interrupt(*interrupt)] if interrupt else [])
+    x, y = digits[0][:256], digits[1][:256]
+    try:
+        history = model.fit(x, y, batch_size=32, epochs=3, shuffle=True, verbose=0,
+                             callbacks=callbacks, **fit_kwargs)
+    except KeyboardInterrupt:
+        return None
+    state = [v.numpy() for v in model.variables + model.optimizer.variables]
+    return state, history.history, batches.seen
+
+
+def assert_same_state(state, expected):
+    assert len(state) == len(expected)
+    for value, reference in zip(state, expected):
+        np.testing.assert_array_equal(value, reference)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_interrupted_fit_resumes_at_the_next_batch_exactly(tmp_path, digits,
+                                                           steps_per_execution):
+    """In one process (an exception stands for the crash; the SIGKILL test
+    above covers real kills): weights, optimizer state, History and every
+    per-batch log equal the uninterrupted run's."""
+    kwargs = dict(steps_per_execution=steps_per_execution)
+    expected, expected_history, expected_batches = train(
+        Logged, BackupAndRestore(tmp_path / "a", save_freq=3), digits, **kwargs)
+    assert train(Logged, BackupAndRestore(tmp_path / "b", save_freq=3), digits,
+                 interrupt=(1, 5), **kwargs) is None
+    saved = json.loads((tmp_path / "b" / "backup.json").read_text())
+    # Backups at execution boundaries: after 3 batches, or 4 with 2 per call.
+    assert (saved["epoch"], saved["batch"]) == (1, 3 if steps_per_execution == 1 else 4)
+    state, history, batches = train(
+        Logged, BackupAndRestore(tmp_path / "b", save_freq=3), digits, **kwargs)
+    assert_same_state(state, expected)
+    assert history == {k: v[1:] for k, v in expected_history.items()}
+    # The real batch numbers (Keras reports an execution by its last batch).
+    assert batches[0][:2] == (1, saved["batch"] + steps_per_execution - 1)
+    reference = {(e, b): logs for e, b, logs in expected_batches}
+    assert len(batches) == len(expected_batches) - len(
+        [1 for e, b, _ in expected_batches if (e, b) < (1, saved["batch"])])
+    for epoch, batch, logs in batches:
+        assert logs == reference[epoch, batch], (epoch, batch)
+
+
+def test_stock_keras_backup_retrains_the_first_batches_of_the_resumed_epoch(
+        tmp_path, digits):
+    """Keras' own callback with save_freq records the batch but starts the
+    epoch again: batches trained twice, metrics restarted, other weights."""
+    expected, expected_history, _ = train(
+        keras.Model, keras.callbacks.BackupAndRestore(tmp_path / "a", save_freq=3), digits)
+    assert train(keras.Model, keras.callbacks.BackupAndRestore(tmp_path / "b", save_freq=3),
+                 digits, interrupt=(1, 5)) is None
+    state, history, batches = train(
+        keras.Model, keras.callbacks.BackupAndRestore(tmp_path / "b", save_freq=3), digits)
+    assert batches[0][:2] == (1, 0)  # the resumed epoch starts from its first batch
+    iterations = model_iterations(state, expected)
+    assert iterations > 3 * 8  # more steps than three epochs of 8 batches
+    assert history["loss"] != expected_history["loss"][1:]
+    assert any(not np.array_equal(a, b) for a, b in zip(state, expected))
+
+
+def model_iterations(state, expected):
+    """The optimizer's step count: the scalar int variable in the state."""
+    counters = [v for v in state if v.shape == () and v.dtype.kind == "i"]
+    assert counters and int(counters[0]) != 0
+    return int(counters[0])
+
+
+def test_generator_input_warns_that_it_cannot_be_resumed_exactly(tmp_path, digits):
+    def batches():
+        while True:
+            for start in range(0, 64, 32):
+                yield digits[0][start:start + 32], digits[1][start:start + 32]
+
+    model = models.mlp(customfit.CustomModel, dropout=0)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.warns(ResumeWarning, match="generator.*steps_per_epoch"):
+        model.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[BackupAndRestore(tmp_path / "b", save_freq=1)])
+    with pytest.warns(ResumeWarning, match="PyDataset"):
+        model.fit(Sequence(digits), epochs=1, verbose=0, shuffle=False,
+                  callbacks=[BackupAndRestore(tmp_path / "c", save_freq=1)])
+
+
+class Sequence(keras.utils.PyDataset):
+    def __init__(self, digits):
+        super().__init__()
+        self.x, self.y = digits[0][:64], digits[1][:64]
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return self.x[32 * index:32 * index + 32], self.y[32 * index:32 * index + 32]
+
+
+def test_batch_backups_need_a_custom_model_and_a_valid_frequency(tmp_path, digits):
+    model = models.mlp(keras.Model, dropout=0)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="customfit.CustomModel"):
+        model.fit(digits[0][:32], digits[1][:32], epochs=1, verbose=0,
+                  callbacks=[BackupAndRestore(tmp_path / "b", save_freq=2)])
+    for bad in (0, -1, 1.5, True, "batch"):
+        with pytest.raises(ValueError, match="save_freq"):
+            BackupAndRestore(tmp_path / "b", save_freq=bad)

@@ -99,7 +99,8 @@ def run_case(case, out, pause_at, then):
         inputs = dict(x=x, y=y, batch_size=32, shuffle=True)
     else:
         dataset = tf.data.Dataset.from_tensor_slices((x, y))
-        inputs = dict(x=dataset.shuffle(256, seed=11, reshuffle_each_iteration=True).batch(32))
+        inputs = dict(x=dataset.shuffle(256, seed=11, reshuffle_each_iteration=True).batch(32),
+                      shuffle=False)
     strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
                 if case.endswith("replicas") else tf.distribute.get_strategy())
     with strategy.scope():
