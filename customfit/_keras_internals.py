@@ -212,7 +212,9 @@ def trace_step_function(function: Callable, iterator: Any) -> bool:
     Relies on Keras' `_make_function` returning a closure over the
     `tf.function` `multi_step_on_iterator` that each call runs.
     """
-    names = function.__code__.co_freevars
+    names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+    if "multi_step_on_iterator" not in names:
+        return False  # not made by make_step_function
     inner = function.__closure__[names.index("multi_step_on_iterator")].cell_contents
     if not hasattr(inner, "get_concrete_function"):
         return False

@@ -43,7 +43,11 @@ _SEED_KEY = "keras_global_seed_generator"
 
 
 class ResumeWarning(UserWarning):
-    """A `fit` that `BackupAndRestore` cannot resume exactly mid-epoch."""
+    """Warned when `fit` starts with `BackupAndRestore(save_freq=N)` and an
+    input or setting it cannot resume exactly mid-epoch (a generator,
+    `keras.utils.PyDataset`, `steps_per_epoch`, `run_eagerly=True`), or when
+    a resumed epoch's metrics cannot be restored. Training still resumes
+    from the backup's weights and optimizer state."""
 
 
 def needs_resume_support(callback: Any) -> bool:
