@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _dev_modes, _saving
+from customfit import _dev_modes, _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -361,7 +361,9 @@ class CustomModel(keras.Model):
         self._require_compiled("fit")
         modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
         arguments = _dev_modes.fit_arguments(self, args, kwargs, modes)
-        with self._step_logs.in_phase("train"):
+        # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
+        arguments, resume = _resume.prepare_fit(self, arguments)
+        with self._step_logs.in_phase("train"), resume:
             return super().fit(**arguments)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
@@ -385,6 +387,7 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        _resume.saw_epoch_iterator(self, iterator)
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
     def _flatten_metrics_in_order(self, logs: dict) -> Any:
