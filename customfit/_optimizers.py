@@ -1,0 +1,128 @@
+"""Every optimizer of a model: found by attribute, built before training,
+their learning rates in the epoch logs."""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Mapping
+
+import keras
+
+MAIN = "optimizer"
+
+
+def registered(model: keras.Model) -> Mapping[str, keras.optimizers.Optimizer]:
+    """The model's optimizers by attribute name: `model.optimizer` first (as
+    "optimizer", when set), then every other attribute holding an optimizer,
+    in the order the attributes were first assigned. An optimizer held under
+    two names is listed once, under the first. A read-only view: Keras'
+    saving walks every attribute and would save a `dict` a second time."""
+    found: dict[str, keras.optimizers.Optimizer] = {}
+    seen: set[int] = set()
+    attributes = vars(model)
+    for name, value in [(MAIN, attributes.get(MAIN)), *attributes.items()]:
+        if isinstance(value, keras.optimizers.Optimizer) and id(value) not in seen:
+            seen.add(id(value))
+            found[name] = value
+    return types.MappingProxyType(found)
+
+
+def build_unbuilt(model: keras.Model) -> None:
+    """Builds every registered optimizer that is not built yet over all the
+    model's trainable variables, as Keras builds `model.optimizer` under a
+    distribution strategy: its state then exists before the first step is
+    traced, so a loaded file restores it instead of skipping it."""
+    if not model.built:
+        return
+    for optimizer in registered(model).values():
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+
+
+def log_name(name: str) -> str:
+    """The column of an optimizer's learning rate in the epoch logs:
+    `learning_rate` for `model.optimizer` (as Keras' callbacks and TensorBoard
+    name it), `learning_rate_<name>` for the others."""
+    return "learning_rate" if name == MAIN else f"learning_rate_{name}"
+
+
+def learning_rates(optimizers: Mapping[str, Any]) -> dict[str, float]:
+    """Each optimizer's current learning rate (a schedule evaluated at that
+    optimizer's own `iterations`), under its `log_name`."""
+    return {
+        log_name(name): float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        for name, optimizer in optimizers.items()
+    }
+
+
+def selected(
+    model: keras.Model, names: Any, caller: str
+) -> dict[str, keras.optimizers.Optimizer]:
+    """The registered optimizers named in `names` (all of them for None);
+    an unknown name is an error that lists the known ones."""
+    optimizers = dict(registered(model))
+    if names is None:
+        if not optimizers:
+            raise ValueError(
+                f"{caller} found no optimizer on the model: compile() it with "
+                "an optimizer, or assign one as an attribute "
+                "(self.head_optimizer = keras.optimizers.Adam())."
+            )
+        return optimizers
+    unknown = [name for name in names if name not in optimizers]
+    if unknown:
+        raise ValueError(
+            f"{caller} names optimizer(s) {unknown} that the model does not "
+            f"have; its optimizers are {sorted(optimizers)} (the attribute "
+            "names, 'optimizer' for model.optimizer; see model.optimizers)."
+        )
+    return {name: optimizers[name] for name in names}
+
+
+class LearningRateLogs(keras.callbacks.Callback):
+    """Adds every registered optimizer's learning rate to the epoch logs.
+
+    `CustomModel.fit` puts it first in the callback list when the model has
+    an optimizer besides `model.optimizer`, so `History`, `CSVLogger` and
+    `TensorBoard` all see the values. It runs at each epoch's end, before any
+    other callback changes a learning rate for the next epoch.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs.update(learning_rates(registered(self.model)))
+
+
+def needs_learning_rate_logs(model: keras.Model) -> bool:
+    """Whether the model has optimizers Keras does not log by itself."""
+    return any(name != MAIN for name in registered(model))
+
+
+_CALLBACKS_POSITION = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+
+
+def with_learning_rate_logs(
+    model: keras.Model, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    """`fit`'s arguments with `LearningRateLogs` first among the callbacks,
+    when the model needs it."""
+    if not needs_learning_rate_logs(model):
+        return args, kwargs
+    positional = len(args) > _CALLBACKS_POSITION
+    callbacks = args[_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        if not any(isinstance(c, LearningRateLogs) for c in callbacks.callbacks):
+            logger = LearningRateLogs()
+            logger.set_model(model)
+            callbacks.callbacks.insert(0, logger)
+    else:
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, (list, tuple)):
+            callbacks = [callbacks]
+        callbacks = [LearningRateLogs(), *callbacks]
+    if positional:
+        args = (*args[:_CALLBACKS_POSITION], callbacks, *args[_CALLBACKS_POSITION + 1:])
+    else:
+        kwargs = {**kwargs, "callbacks": callbacks}
+    return args, kwargs
