@@ -195,12 +195,12 @@ def test_intercepted_methods_are_what_keras_dispatches_to(digits):
 
 def test_monitor_improved_compares_as_keras_monitor_callbacks_do():
     """customfit.callbacks.ReduceLROnPlateau decides with Keras' own
-    `_set_monitor_op`/`_is_improvement` (mode, min_delta, inferred direction)."""
+    `_set_monitor_op`/`_is_improvement` (mode, min_delta, direction inferred from the name)."""
     lower = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=0.1)
     assert lower.monitor_op is None
     assert internals.monitor_improved(lower, 5.0, None)  # anything beats nothing
     assert internals.monitor_improved(lower, 0.85, 1.0)
     assert not internals.monitor_improved(lower, 0.95, 1.0)  # within min_delta
-    higher = keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", min_delta=0.0)
+    higher = keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", min_delta=0.0)
     assert internals.monitor_improved(higher, 0.9, 0.8)
     assert not internals.monitor_improved(higher, 0.7, 0.8)
