@@ -32,10 +32,11 @@ def build_unbuilt(model: keras.Model) -> None:
     model's trainable variables, as Keras builds `model.optimizer` under a
     distribution strategy: its state then exists before the first step is
     traced, so a loaded file restores it instead of skipping it."""
-    if not model.built:
+    unbuilt = [o for o in registered(model).values() if not o.built]
+    if not model.built or not unbuilt:
         return
-    for optimizer in registered(model).values():
-        if not optimizer.built:
+    with model.distribute_strategy.scope():
+        for optimizer in unbuilt:
             optimizer.build(model.trainable_variables)
 
 

@@ -3,6 +3,7 @@ step count and schedule, their learning rates in the logs and TensorBoard,
 the learning-rate callbacks, and resuming all of them from a backup."""
 
 import csv
+import json
 
 import h5py
 import keras
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import customfit
 from customfit.callbacks import BackupAndRestore, LearningRateScheduler, ReduceLROnPlateau
 from customfit.recipes import GAN
+from tests.subproc import run_python
 
 BATCH, BATCHES = 32, 4
 SECOND = "second_optimizer"  # sorts after "optimizers", see the layout test
@@ -298,3 +300,32 @@ def tiny_gan():
     gan = GAN(generator, discriminator, latent_dim=8)
     gan.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
     return gan
+
+
+@pytest.mark.multiprocess
+def test_unbuilt_second_optimizer_trains_under_mirrored_strategy():
+    # Built lazily inside the replicated step, Keras fails with a graph
+    # execution error; fit builds it in the strategy's scope beforehand.
+    out = run_python(two_cpus=True, code="""
+        import json
+        import keras, numpy as np
+        from sklearn.datasets import load_digits
+        import customfit
+        from tests.test_optimizers import split
+
+        keras.utils.set_random_seed(0)
+        d = load_digits()
+        x, y = (d.data[:128] / 16).astype("float32"), d.target[:128].astype("int32")
+        with tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]).scope():
+            model = split(customfit.CustomModel, keras.optimizers.Adam(1e-2), build_second=False)
+        history = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+        print("RESULTS" + json.dumps({
+            "history": history,
+            "iterations": [int(o.iterations.numpy()) for o in model.optimizers.values()],
+            "slots": len(model.second_optimizer.variables),
+        }))
+    """)
+    results = json.loads(out.split("RESULTS", 1)[1])
+    assert results["iterations"] == [4, 8]
+    assert results["slots"] == 2 + 2 * 4  # iterations, rate, Adam's m and v of 4 weights
+    assert results["history"]["learning_rate_second_optimizer"] == [value(np.float32(1e-2))]
