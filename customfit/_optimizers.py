@@ -80,6 +80,20 @@ def selected(
     return {name: optimizers[name] for name in names}
 
 
+def settable(optimizers: Mapping[str, Any], caller: str) -> None:
+    """Raises, naming them, if some optimizers' learning rate is a schedule
+    (which Keras does not let a callback set)."""
+    fixed = [name for name, optimizer in optimizers.items()
+             if not isinstance(optimizer.learning_rate, keras.Variable)]
+    if fixed:
+        raise ValueError(
+            f"{caller} cannot change the learning rate of {fixed}: it is a "
+            "LearningRateSchedule (or a function), which sets it at every step. "
+            "Name only the other optimizers in the callback, or give these a "
+            "float learning rate."
+        )
+
+
 class LearningRateLogs(keras.callbacks.Callback):
     """Adds every registered optimizer's learning rate to the epoch logs.
 

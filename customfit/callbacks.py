@@ -454,7 +454,7 @@ class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Runs when `fit` starts: checks the names before any training."""
-        self._optimizers()
+        _optimizers.settable(self._optimizers(), "LearningRateScheduler")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch: sets each optimizer's learning rate."""
@@ -529,7 +529,7 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Runs when `fit` starts: resets the wait, checks the names."""
         super().on_train_begin(logs)
-        self._optimizers()
+        _optimizers.settable(self._optimizers(), "ReduceLROnPlateau")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Runs after each epoch: logs the learning rates, and reduces them

@@ -210,7 +210,7 @@ def test_reduce_on_plateau_reduces_all_or_the_named_optimizers(digits):
     assert value(named.second_optimizer.learning_rate) == pytest.approx(2e-2 / 4)
 
 
-def test_unknown_optimizer_name_is_an_error_before_training(digits):
+def test_unknown_names_and_scheduled_rates_are_errors_before_training(digits):
     model = split(customfit.CustomModel)
     before = [w.copy() for w in model.get_weights()]
     for callback in (LearningRateScheduler({"head_optimizer": halve_each_epoch}),
@@ -218,7 +218,14 @@ def test_unknown_optimizer_name_is_an_error_before_training(digits):
         with pytest.raises(ValueError, match=r"\['head_optimizer'\].*\['optimizer', "
                                              r"'second_optimizer'\]"):
             fit(model, digits, callbacks=[callback])
-    for a, b in zip(before, model.get_weights()):
+    scheduled = split(customfit.CustomModel, keras.optimizers.Adam(
+        keras.optimizers.schedules.ExponentialDecay(0.1, 3, 0.5)))
+    before += [w.copy() for w in scheduled.get_weights()]
+    for callback in (LearningRateScheduler(halve_each_epoch), ReduceLROnPlateau()):
+        with pytest.raises(ValueError, match=r"of \['second_optimizer'\]: it is a "
+                                             "LearningRateSchedule.*Name only the other"):
+            fit(scheduled, digits, callbacks=[callback])
+    for a, b in zip(before, model.get_weights() + scheduled.get_weights()):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="must be a function"):
         LearningRateScheduler(0.1)
