@@ -268,9 +268,9 @@ class CustomModel(keras.Model):
         attribute that holds a `keras.optimizers.Optimizer` (such as
         `self.head_optimizer`, or a GAN's `generator_optimizer` and
         `discriminator_optimizer`), by attribute name, in the order the
-        attributes were first assigned. These are the optimizers `save` and
-        `save_weights` store; an optimizer kept inside a list or dict is not
-        listed.
+        attributes were first assigned. An optimizer kept inside a list or
+        dict is not listed (`save` stores it all the same): give it an
+        attribute of its own.
 
         What the model does for each of them:
 
