@@ -242,3 +242,12 @@ def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
         yield
     finally:
         vars(obj).pop(method, None)
+
+
+def monitor_improved(callback: Any, current: float, best: float | None) -> bool:
+    """Whether `current` improves on `best` for a Keras monitor callback
+    (`ReduceLROnPlateau`, `EarlyStopping`): its `mode`, `min_delta` and the
+    direction inferred from the monitored name, as Keras compares them."""
+    if callback.monitor_op is None:
+        callback._set_monitor_op()
+    return bool(callback._is_improvement(current, best))

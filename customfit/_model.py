@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _dev_modes, _resume, _saving
+from customfit import _dev_modes, _optimizers, _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -258,6 +258,53 @@ class CustomModel(keras.Model):
         metrics.extend(self._step_logs.metrics)
         return metrics
 
+    # ------------------------------------------------------------ optimizers
+
+    @property
+    def optimizers(self) -> Mapping[str, keras.optimizers.Optimizer]:
+        """Every optimizer of the model, by name; read-only.
+
+        `"optimizer"` for `self.optimizer` first (when set), then each other
+        attribute that holds a `keras.optimizers.Optimizer` (such as
+        `self.head_optimizer`, or a GAN's `generator_optimizer` and
+        `discriminator_optimizer`), by attribute name, in the order the
+        attributes were first assigned. An optimizer kept inside a list or
+        dict is not listed (`save` stores it all the same): give it an
+        attribute of its own.
+
+        What the model does for each of them:
+
+        - one not yet built when training starts is built over all
+          `trainable_variables` before the first step is traced, as Keras
+          builds `self.optimizer`, so its state is saved and a loaded file
+          (also `customfit.callbacks.BackupAndRestore`) restores it. Build it
+          yourself over the variables it updates (e.g.
+          `self.head_optimizer.build(self.head.trainable_variables)` in
+          `__init__`) to keep slots for those only;
+        - when the model has any optimizer besides `self.optimizer`, `fit`
+          adds each one's learning rate to the epoch logs (`History`,
+          `CSVLogger`, `TensorBoard`): `learning_rate` for `self.optimizer`,
+          as Keras names it, `learning_rate_<name>` for the others;
+        - `customfit.callbacks.LearningRateScheduler` and `ReduceLROnPlateau`
+          change all of them, or the ones they name.
+
+        Each optimizer counts its own updates in `optimizer.iterations`: one
+        applied twice per batch counts two per batch, and a
+        `LearningRateSchedule` is evaluated at that optimizer's own count.
+        Callbacks' `batch` and `epoch` arguments count batches and epochs,
+        whatever the number of optimizers.
+        """
+        return _optimizers.registered(self)
+
+    @optimizers.setter
+    def optimizers(self, value: Any) -> None:
+        raise AttributeError(
+            "CustomModel.optimizers lists the model's optimizers and cannot be "
+            "assigned. Assign each optimizer to an attribute of its own "
+            "(self.head_optimizer = keras.optimizers.Adam()), and it is listed "
+            "under that name; keep a collection under another name."
+        )
+
     # ---------------------------------------------------------------- saving
 
     def save_own_variables(self, store: Any) -> None:
@@ -308,6 +355,7 @@ class CustomModel(keras.Model):
             # that gives it only some variables would save a state that no
             # loaded model can take back.
             self.optimizer.build(self.trainable_variables)
+        _optimizers.build_unbuilt(self)  # the other optimizers, likewise
         if self.train_function is None or force:
             self.train_function = internals.make_step_function(
                 self, self._checked_step(self.train_step, "train")
@@ -361,6 +409,7 @@ class CustomModel(keras.Model):
         self._require_compiled("fit")
         modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
         arguments = _dev_modes.fit_arguments(self, args, kwargs, modes)
+        arguments = _optimizers.with_learning_rate_logs(self, arguments)
         # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
         arguments, resume = _resume.prepare_fit(self, arguments)
         with self._step_logs.in_phase("train"), resume:

@@ -62,10 +62,15 @@ class ResumeCallbackList(keras.callbacks.CallbackList):
     no callback hears of them. Later batches reach the callbacks with their
     real numbers. `step` is the batch (or first batch of the execution,
     with `steps_per_execution > 1`) the train function is about to run.
+
+    The backup callbacks go first, so a backup taken when an epoch or batch
+    begins holds the state before any other callback acts on that epoch or
+    batch (a relative learning-rate schedule is not applied twice on resume).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.callbacks.sort(key=lambda callback: not needs_resume_support(callback))
         self.step: int | None = None
         self.skip_below = 0
         self.resume_at: tuple[int, int] | None = None

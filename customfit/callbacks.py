@@ -7,6 +7,8 @@
   replaced atomically, checked against the model, and saved after every
   other callback has seen the epoch (or batch). `ResumeWarning` flags input
   it cannot resume exactly mid-epoch.
+- `LearningRateScheduler`, `ReduceLROnPlateau`: Keras' callbacks, for every
+  optimizer of the model (`CustomModel.optimizers`) or the ones named.
 - `TrainingPlot`: draws the per-batch loss of each epoch and the `History`
   curves to PNG/PDF with matplotlib (`pip install "customfit[plot]"`).
 """
@@ -16,16 +18,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
 
 from customfit import _keras_internals as internals
-from customfit import _resume
+from customfit import _optimizers, _resume
 from customfit._saving import atomic_destination, write_text_atomically
 
-__all__ = ["BackupAndRestore", "ModelCheckpoint", "ResumeWarning", "TrainingPlot"]
+__all__ = [
+    "BackupAndRestore",
+    "LearningRateScheduler",
+    "ModelCheckpoint",
+    "ReduceLROnPlateau",
+    "ResumeWarning",
+    "TrainingPlot",
+]
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -485,3 +495,181 @@ def _require_matplotlib() -> tuple[Any, Any]:
             'not installed. Install it with: pip install "customfit[plot]"'
         ) from error
     return Figure, FigureCanvasAgg
+
+
+# ----------------------------------------------- learning rates of several optimizers
+
+
+class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
+    """`keras.callbacks.LearningRateScheduler` for every optimizer of the model.
+
+    Keras' callback sets only `model.optimizer`'s learning rate. This one sets
+    each optimizer in `model.optimizers` (`CustomModel.optimizers`: the
+    compiled one as "optimizer", and every optimizer held as an attribute,
+    by attribute name), at the start of each epoch, and adds their learning
+    rates to the epoch logs (`learning_rate` for `model.optimizer`,
+    `learning_rate_<name>` for the others). With only `model.optimizer` it
+    behaves as Keras' callback.
+
+    Args:
+        schedule: `schedule(epoch, lr) -> float`, called with the epoch index
+            (from 0) and that optimizer's current learning rate, for every
+            optimizer; or a mapping `{name: schedule}` that sets only the
+            optimizers it names, each with its own schedule. `schedule(epoch)`
+            is accepted too, as in Keras.
+        verbose: 1 prints each change.
+
+    Example:
+
+    ```python
+    customfit.callbacks.LearningRateScheduler({
+        "generator_optimizer": lambda epoch, lr: 2e-4 * 0.9 ** epoch,
+        "discriminator_optimizer": lambda epoch, lr: 1e-4 * 0.9 ** epoch,
+    })
+    ```
+    """
+
+    def __init__(
+        self,
+        schedule: Callable[..., float] | Mapping[str, Callable[..., float]],
+        verbose: int = 0,
+    ) -> None:
+        if isinstance(schedule, Mapping):
+            bad = [name for name, f in schedule.items() if not callable(f)]
+            if not schedule or bad:
+                raise TypeError(
+                    "LearningRateScheduler takes one schedule, or a non-empty "
+                    "mapping {optimizer name: schedule(epoch, lr)}; "
+                    f"{'got an empty mapping' if not schedule else f'{bad} are not callable'}."
+                )
+        elif not callable(schedule):
+            raise TypeError(
+                "LearningRateScheduler's schedule must be a function "
+                f"schedule(epoch, lr) -> float, or a mapping of them; got "
+                f"{type(schedule).__name__}."
+            )
+        super().__init__(schedule, verbose=verbose)
+
+    def _optimizers(self) -> dict[str, Any]:
+        names = list(self.schedule) if isinstance(self.schedule, Mapping) else None
+        return _optimizers.selected(self.model, names, "LearningRateScheduler")
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: checks the names before any training."""
+        _optimizers.settable(self._optimizers(), "LearningRateScheduler")
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs before each epoch: sets each optimizer's learning rate."""
+        for name, optimizer in self._optimizers().items():
+            schedule = (self.schedule[name] if isinstance(self.schedule, Mapping)
+                        else self.schedule)
+            current = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            try:
+                learning_rate = schedule(epoch, current)
+            except TypeError:  # schedule(epoch), as Keras accepts
+                learning_rate = schedule(epoch)
+            if not isinstance(learning_rate, (float, np.floating)):
+                raise ValueError(
+                    f"The schedule for '{name}' must return a float; got "
+                    f"{learning_rate!r}. Return e.g. float(lr * 0.5)."
+                )
+            optimizer.learning_rate = float(learning_rate)
+            if self.verbose > 0:
+                print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting "
+                      f"{name} learning rate to {float(learning_rate)}.")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch: adds the learning rates to the logs."""
+        if logs is not None:
+            logs.update(_optimizers.learning_rates(self._optimizers()))
+
+
+class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """`keras.callbacks.ReduceLROnPlateau` for every optimizer of the model.
+
+    Same arguments and decision as Keras' callback (monitored value, `mode`,
+    `min_delta`, `patience`, `cooldown`, `min_lr`), but when the monitored
+    value stops improving it multiplies the learning rate of each optimizer in
+    `model.optimizers` by `factor` (each stays at least `min_lr`), or of the
+    ones named in `optimizers`, instead of `model.optimizer`'s only. It adds
+    their learning rates (before the reduction) to the epoch logs, as Keras'
+    callback does for `model.optimizer`.
+
+    Args:
+        optimizers: Names from `model.optimizers` to reduce; None for all.
+        **kwargs: As for `keras.callbacks.ReduceLROnPlateau`.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        optimizers: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(optimizers, str):
+            optimizers = [optimizers]
+        if optimizers is not None and not optimizers:
+            raise ValueError(
+                "ReduceLROnPlateau got optimizers=[]: name at least one, or "
+                "pass None to reduce all of the model's optimizers."
+            )
+        super().__init__(monitor=monitor, factor=factor, patience=patience,
+                         verbose=verbose, mode=mode, min_delta=min_delta,
+                         cooldown=cooldown, min_lr=min_lr, **kwargs)
+        self.optimizers = None if optimizers is None else list(optimizers)
+
+    def _optimizers(self) -> dict[str, Any]:
+        return _optimizers.selected(self.model, self.optimizers, "ReduceLROnPlateau")
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: resets the wait, checks the names."""
+        super().on_train_begin(logs)
+        _optimizers.settable(self._optimizers(), "ReduceLROnPlateau")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch: logs the learning rates, and reduces them
+        after `patience` epochs without improvement."""
+        logs = logs if logs is not None else {}
+        optimizers = self._optimizers()
+        logs.update(_optimizers.learning_rates(optimizers))
+        current = logs.get(self.monitor)
+        if current is None:
+            warnings.warn(
+                f"Learning rate reduction is conditioned on metric "
+                f"`{self.monitor}` which is not available. Available metrics "
+                f"are: {','.join(list(logs.keys()))}.",
+                stacklevel=2,
+            )
+            return
+        if self.in_cooldown():
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if internals.monitor_improved(self, current, self.best):
+            self.best = current
+            self.wait = 0
+        elif not self.in_cooldown():
+            self.wait += 1
+            if self.wait >= self.patience:
+                reduced = [self._reduce(name, optimizer, epoch)
+                           for name, optimizer in optimizers.items()]
+                if any(reduced):
+                    self.cooldown_counter = self.cooldown
+                    self.wait = 0
+
+    def _reduce(self, name: str, optimizer: Any, epoch: int) -> bool:
+        old = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if old <= np.float32(self.min_lr):
+            return False
+        new = max(old * self.factor, self.min_lr)
+        optimizer.learning_rate = new
+        if self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing {name} "
+                  f"learning rate to {new}.")
+        return True

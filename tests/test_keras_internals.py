@@ -257,3 +257,16 @@ def test_global_seed_generator_is_keras_unseeded_random_source():
     state = generator.state.numpy()
     keras.random.uniform((1,))
     assert not np.array_equal(state, generator.state.numpy())
+
+
+def test_monitor_improved_compares_as_keras_monitor_callbacks_do():
+    """customfit.callbacks.ReduceLROnPlateau decides with Keras' own
+    `_set_monitor_op`/`_is_improvement` (mode, min_delta, direction inferred from the name)."""
+    lower = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=0.1)
+    assert lower.monitor_op is None
+    assert internals.monitor_improved(lower, 5.0, None)  # anything beats nothing
+    assert internals.monitor_improved(lower, 0.85, 1.0)
+    assert not internals.monitor_improved(lower, 0.95, 1.0)  # within min_delta
+    higher = keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", min_delta=0.0)
+    assert internals.monitor_improved(higher, 0.9, 0.8)
+    assert not internals.monitor_improved(higher, 0.7, 0.8)
