@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _dev_modes, _optimizers, _resume, _saving
+from customfit import _dev_modes, _guards, _optimizers, _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -53,7 +53,17 @@ class CustomModel(keras.Model):
             self.log("grad_norm", norm)
             return clipped
     ```
+
+    The first training step is checked for two mistakes that train silently
+    wrong in Keras, and raises `ValueError` naming the fix: gradients applied
+    by a `LossScaleOptimizer` (mixed precision) without `scale_loss` on the
+    loss, and, under `tf.distribute`, a loss not divided by the number of
+    replicas. Set `training_guards = False` (on the class or the model) if
+    such a step is intended.
     """
+
+    training_guards: bool = True
+    """Whether the first training step is checked (see the class docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if internals.is_functional_call(args, kwargs) and not isinstance(
@@ -134,6 +144,7 @@ class CustomModel(keras.Model):
         scale = internals.loss_scale_in_use(self.optimizer)
         if scale is not None:
             gradients = [_multiply(g, scale) for g in gradients]
+            _guards.gradients_rescaled(self.optimizer)
         self.optimizer.apply(list(gradients), list(variables))
 
     def log(self, name: str, value: Any) -> None:
@@ -487,10 +498,14 @@ class CustomModel(keras.Model):
 
     def _checked_step(self, step: Callable, phase: str) -> Callable:
         step_name = f"{phase}_step"
+        guards = _guards.StepGuards(self) if phase == "train" else None
 
         def checked_step(data):
             with self._step_logs.in_phase(phase):
-                return checked_logs(step(data))
+                if guards is None:
+                    return checked_logs(step(data))
+                with guards.watching():
+                    return checked_logs(step(data))
 
         def checked_logs(logs):
             if not isinstance(logs, Mapping):

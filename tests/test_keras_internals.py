@@ -270,3 +270,22 @@ def test_monitor_improved_compares_as_keras_monitor_callbacks_do():
     higher = keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", min_delta=0.0)
     assert internals.monitor_improved(higher, 0.9, 0.8)
     assert not internals.monitor_improved(higher, 0.7, 0.8)
+
+
+def test_loss_scale_optimizer_apply_gradients_dispatches_to_apply():
+    """customfit's first-step guard intercepts a LossScaleOptimizer's
+    `apply` and `scale_loss` on the instance; `apply_gradients` must reach it."""
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    applies = []
+    original_apply = optimizer.apply
+
+    def apply(grads, variables=None):
+        applies.append(list(variables))
+        return original_apply(grads, variables)
+
+    with internals.intercepted(optimizer, "apply", apply):
+        optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])
+    assert applies == [[variable]]
+    assert "apply" not in vars(optimizer)

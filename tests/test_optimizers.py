@@ -50,7 +50,7 @@ def split(base, second_optimizer=None, build_second=True):
 
         def _step(self, optimizer, part, x, y):
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                loss = tf.nn.compute_average_loss(keras.losses.sparse_categorical_crossentropy(
                     y, self(x), from_logits=True))
             optimizer.apply(tape.gradient(loss, part.trainable_variables),
                             part.trainable_variables)
