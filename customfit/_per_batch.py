@@ -239,6 +239,10 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         self._list_kwargs = list_kwargs
         self._inner: keras.callbacks.CallbackList | None = None
         self._first_batch: dict[str, int] = {}
+        # The batch after a short execution: data of unknown length ended
+        # there; Keras still begins one more execution, `steps_per_execution`
+        # batches on, that stops at once.
+        self._after_short: dict[str, int] = {}
 
     def build(self, steps: int | None) -> None:
         """Makes the Keras `CallbackList` with `steps` batches per epoch."""
@@ -286,6 +290,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         self._end("test", batch, logs)
 
     def _begin(self, phase: str, batch: int, logs: dict | None) -> None:
+        batch = self._after_short.pop(phase, batch)
         getattr(self.inner, f"on_{phase}_batch_begin")(batch, logs)
         self._first_batch[phase] = batch
         self._channel.summary = self._summary_config(phase)
@@ -300,10 +305,13 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         names, stacked = rows
         begin = getattr(self.inner, f"on_{phase}_batch_begin")
         first = self._first_batch[phase]
-        for offset, row in enumerate(stacked.numpy().tolist()):
+        rows = stacked.numpy().tolist()
+        for offset, row in enumerate(rows):
             if offset:
                 begin(first + offset)
             end(first + offset, dict(zip(names, row)))
+        if len(rows) < self.inner.model.steps_per_execution:
+            self._after_short[phase] = first + len(rows)
 
     def _tensorboard(self) -> keras.callbacks.TensorBoard | None:
         """The TensorBoard callback whose writer is the default during a
@@ -330,6 +338,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
             self.inner.on_epoch_end(epoch, logs)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._after_short.pop("train", None)
         self.inner.on_epoch_begin(epoch, logs)
 
     def on_batch_begin(self, batch: int, logs: dict | None = None) -> None:
@@ -351,6 +360,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         self.inner.on_train_end(logs)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
+        self._after_short.pop("test", None)
         self.inner.on_test_begin(logs)
 
     def on_test_end(self, logs: dict | None = None) -> None:
