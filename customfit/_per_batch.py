@@ -10,7 +10,8 @@ the moment the step was traced (step 1, for every later batch too).
 Two pieces fix that:
 
 - `make_function` is Keras' `_make_function` (distribution, `tf.function`,
-  XLA, the multi-step `tf.while_loop`) with the logs of each step of an
+  XLA, the multi-step `tf.while_loop`, laid out so that it also runs under
+  `MirroredStrategy`) with the logs of each step of an
   execution stacked into one `[steps, logs]` float64 tensor, handed over
   through a `Channel`. When a `keras.callbacks.TensorBoard` with an integer
   `update_freq` is in `fit`'s callbacks, each step also runs with the real
@@ -69,8 +70,14 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
     """Keras' `_make_function(step_function)`, with per-step logs and the
     real batch step for summaries (see the module docstring).
 
-    The loop is Keras 3.15's, line for line where it computes; the additions
-    only read the step's outputs and set `tf.summary` state around the call.
+    The single step (`strategy.run`, Keras' reduction of the logs,
+    `tf.function`/XLA) is Keras 3.15's as it is. The multi-step loop fetches
+    and runs the same batches in the same order, but runs the step in the
+    `tf.while_loop` body itself, where Keras runs it inside a `tf.cond`: under
+    `MirroredStrategy` that `tf.cond` makes stock `fit` with
+    `steps_per_execution > 1` fail on TensorFlow 2.21 ("You must feed a value
+    for placeholder tensor"). `unrolled_steps_per_execution` is not used (it
+    only changes how the loop is laid out, not what it computes).
     """
 
     @tf.autograph.experimental.do_not_convert
@@ -119,51 +126,31 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
                 next_optional_inputs.has_value(),
             )
 
-        def inner_body(execution_step, optional_outputs, next_optional_inputs, rows):
-            def has_next():
-                outputs = step_at(next_optional_inputs.get_value(), summary, execution_step)
-                next_optional_outputs = tf.experimental.Optional.from_value(outputs)
-                empty_outputs._element_spec = next_optional_outputs.element_spec
-                row = _flat_row(outputs)
-                width[:] = [row.shape[0]]
-                return next_optional_outputs, rows.write(execution_step, row)
-
-            def no_has_next():
-                optional_outputs._element_spec = empty_outputs._element_spec
-                return optional_outputs, rows
-
-            next_optional_outputs, rows = tf.cond(
-                tf.logical_and(
-                    tf.less(execution_step, steps_per_execution),
-                    next_optional_inputs.has_value(),
-                ),
-                has_next,
-                no_has_next,
-            )
+        def body(execution_step, optional_outputs, next_optional_inputs, rows):
+            # Keras wraps this step in a `tf.cond` on the loop condition,
+            # which `cond` already guarantees; see the docstring.
+            outputs = step_at(next_optional_inputs.get_value(), summary, execution_step)
+            next_optional_outputs = tf.experimental.Optional.from_value(outputs)
+            empty_outputs._element_spec = next_optional_outputs.element_spec
+            row = _flat_row(outputs)
+            width[:] = [row.shape[0]]
             return (
                 execution_step + 1,
                 next_optional_outputs,
-                # Do not iterate past `steps_per_execution` steps.
                 tf.cond(
                     tf.less(execution_step + 1, steps_per_execution),
                     lambda: iterator.get_next_as_optional(),
                     lambda: next_optional_inputs,
                 ),
-                rows,
+                rows.write(execution_step, row),
             )
-
-        def body(*loop_vars):
-            for _ in range(min(model.unrolled_steps_per_execution, steps_per_execution)):
-                loop_vars = inner_body(*loop_vars)
-            return loop_vars
 
         rows = tf.TensorArray(
             tf.float64, size=0, dynamic_size=True, infer_shape=False,
             element_shape=tf.TensorShape([None]),
         )
         _, final_optional_outputs, _, rows = tf.while_loop(
-            cond,
-            body,
+            cond, body,
             loop_vars=[tf.constant(0), empty_outputs, iterator.get_next_as_optional(), rows],
         )
         final_optional_outputs._element_spec = empty_outputs.element_spec
