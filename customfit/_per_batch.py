@@ -110,7 +110,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
             tf.summary.experimental.set_step(previous)
 
     @tf.autograph.experimental.do_not_convert
-    def multi_step_on_iterator(iterator, summary):
+    def multi_step_on_iterator(iterator, summary=None):
         steps_per_execution = model.steps_per_execution
         if steps_per_execution == 1:
             outputs = step_at(iterator.get_next(), summary, 0)

@@ -5,7 +5,6 @@ stock keras.Model's see one batch per execution."""
 import json
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
