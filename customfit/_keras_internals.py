@@ -14,10 +14,12 @@ from typing import Any, Callable, Iterator
 import keras
 import tensorflow as tf
 from keras import tree
+from keras.src.backend.common import global_state as _global_state
 from keras.src.backend.tensorflow import trainer as _tf_trainer
 from keras.src.losses import loss as _loss_module
 from keras.src.models import functional as _functional
 from keras.src.models import model as _model
+from keras.src.random import seed_generator as _seed_generator
 from keras.src.saving import object_registration as _object_registration
 from keras.src.trainers import compile_utils as _compile_utils
 
@@ -217,6 +219,44 @@ def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     model._initial_epoch = epoch
 
 
+def wrap_epoch_iterator_dataset(epoch_iterator: Any, wrapper: Callable) -> Any:
+    """Replaces the (distributed) dataset `fit`'s `TFEpochIterator` makes
+    each epoch's iterator from (by `iter()`, in `_get_iterator`) with
+    `wrapper(dataset)`; returns the dataset."""
+    dataset = epoch_iterator._distributed_dataset
+    epoch_iterator._distributed_dataset = wrapper(dataset)
+    return dataset
+
+
+def trace_step_function(function: Callable, iterator: Any) -> bool:
+    """Traces a function made by `make_step_function` for `iterator` without
+    running it, so that the variables its step creates while tracing (metrics
+    built on first use, `CustomModel.log` columns) exist before the first call,
+    which then reuses the trace. False when there is nothing to trace
+    (`run_eagerly=True`).
+
+    Relies on Keras' `_make_function` returning a closure over the
+    `tf.function` `multi_step_on_iterator` that each call runs.
+    """
+    names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+    if "multi_step_on_iterator" not in names:
+        return False  # not made by make_step_function
+    inner = function.__closure__[names.index("multi_step_on_iterator")].cell_contents
+    if not hasattr(inner, "get_concrete_function"):
+        return False
+    inner.get_concrete_function(iterator)
+    return True
+
+
+def global_seed_generator(create: bool = False) -> Any:
+    """Keras' process-wide `SeedGenerator`, which unseeded `keras.random`
+    calls draw from; None if it does not exist yet and `create` is False."""
+    if create:
+        return _seed_generator.global_seed_generator()
+    return _global_state.get_global_attribute(
+        _seed_generator.GLOBAL_SEED_GENERATOR)
+
+
 @contextlib.contextmanager
 def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
     """Shadows `obj.<method>` with `wrapper` on this instance only, bypassing
@@ -228,3 +268,12 @@ def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
         yield
     finally:
         vars(obj).pop(method, None)
+
+
+def monitor_improved(callback: Any, current: float, best: float | None) -> bool:
+    """Whether `current` improves on `best` for a Keras monitor callback
+    (`ReduceLROnPlateau`, `EarlyStopping`): its `mode`, `min_delta` and the
+    direction inferred from the monitored name, as Keras compares them."""
+    if callback.monitor_op is None:
+        callback._set_monitor_op()
+    return bool(callback._is_improvement(current, best))

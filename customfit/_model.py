@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _per_batch, _saving
+from customfit import _dev_modes, _guards, _optimizers, _per_batch, _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -53,7 +53,17 @@ class CustomModel(keras.Model):
             self.log("grad_norm", norm)
             return clipped
     ```
+
+    The first training step is checked for two mistakes that train silently
+    wrong in Keras, and raises `ValueError` naming the fix: gradients applied
+    by a `LossScaleOptimizer` (mixed precision) without `scale_loss` on the
+    loss, and, under `tf.distribute`, a loss not divided by the number of
+    replicas. Set `training_guards = False` (on the class or the model) if
+    such a step is intended.
     """
+
+    training_guards: bool = True
+    """Whether the first training step is checked (see the class docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if internals.is_functional_call(args, kwargs) and not isinstance(
@@ -135,6 +145,7 @@ class CustomModel(keras.Model):
         scale = internals.loss_scale_in_use(self.optimizer)
         if scale is not None:
             gradients = [_multiply(g, scale) for g in gradients]
+            _guards.gradients_rescaled(self.optimizer)
         self.optimizer.apply(list(gradients), list(variables))
 
     def log(self, name: str, value: Any) -> None:
@@ -259,6 +270,53 @@ class CustomModel(keras.Model):
         metrics.extend(self._step_logs.metrics)
         return metrics
 
+    # ------------------------------------------------------------ optimizers
+
+    @property
+    def optimizers(self) -> Mapping[str, keras.optimizers.Optimizer]:
+        """Every optimizer of the model, by name; read-only.
+
+        `"optimizer"` for `self.optimizer` first (when set), then each other
+        attribute that holds a `keras.optimizers.Optimizer` (such as
+        `self.head_optimizer`, or a GAN's `generator_optimizer` and
+        `discriminator_optimizer`), by attribute name, in the order the
+        attributes were first assigned. An optimizer kept inside a list or
+        dict is not listed (`save` stores it all the same): give it an
+        attribute of its own.
+
+        What the model does for each of them:
+
+        - one not yet built when training starts is built over all
+          `trainable_variables` before the first step is traced, as Keras
+          builds `self.optimizer`, so its state is saved and a loaded file
+          (also `customfit.callbacks.BackupAndRestore`) restores it. Build it
+          yourself over the variables it updates (e.g.
+          `self.head_optimizer.build(self.head.trainable_variables)` in
+          `__init__`) to keep slots for those only;
+        - when the model has any optimizer besides `self.optimizer`, `fit`
+          adds each one's learning rate to the epoch logs (`History`,
+          `CSVLogger`, `TensorBoard`): `learning_rate` for `self.optimizer`,
+          as Keras names it, `learning_rate_<name>` for the others;
+        - `customfit.callbacks.LearningRateScheduler` and `ReduceLROnPlateau`
+          change all of them, or the ones they name.
+
+        Each optimizer counts its own updates in `optimizer.iterations`: one
+        applied twice per batch counts two per batch, and a
+        `LearningRateSchedule` is evaluated at that optimizer's own count.
+        Callbacks' `batch` and `epoch` arguments count batches and epochs,
+        whatever the number of optimizers.
+        """
+        return _optimizers.registered(self)
+
+    @optimizers.setter
+    def optimizers(self, value: Any) -> None:
+        raise AttributeError(
+            "CustomModel.optimizers lists the model's optimizers and cannot be "
+            "assigned. Assign each optimizer to an attribute of its own "
+            "(self.head_optimizer = keras.optimizers.Adam()), and it is listed "
+            "under that name; keep a collection under another name."
+        )
+
     # ---------------------------------------------------------------- saving
 
     def save_own_variables(self, store: Any) -> None:
@@ -309,6 +367,7 @@ class CustomModel(keras.Model):
             # that gives it only some variables would save a state that no
             # loaded model can take back.
             self.optimizer.build(self.trainable_variables)
+        _optimizers.build_unbuilt(self)  # the other optimizers, likewise
         if self.train_function is None or force:
             self.train_function = _per_batch.make_function(
                 self, self._checked_step(self.train_step, "train"),
@@ -324,12 +383,54 @@ class CustomModel(keras.Model):
             )
         return self.test_function
 
-    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """Keras' `fit`; callbacks see every batch, also with
-        `steps_per_execution > 1` (see `_per_batch_callbacks`)."""
+    def fit(
+        self,
+        *args: Any,
+        quick_run: int | None = None,
+        overfit_batches: int | None = None,
+        validate_every_n_batches: int | None = None,
+        **kwargs: Any,
+    ) -> keras.callbacks.History:
+        """Keras' `fit`, plus three run modes for developing a model.
+
+        Every Keras argument works as in `keras.Model.fit`. The run modes are
+        off by default:
+
+        Args:
+            quick_run: Train one epoch of at most this many batches, then
+                validate on at most this many; a smoke test of the whole loop
+                (callbacks included) that takes seconds.
+            overfit_batches: Train every epoch on the same first
+                `overfit_batches` batches, unshuffled (a shuffling `tf.data`
+                pipeline is cached after its first pass), and validate on at
+                most as many. A model that cannot drive this loss towards zero
+                has a bug.
+            validate_every_n_batches: Also validate after every this many
+                training batches (a multiple of `steps_per_execution`). The
+                results reach the callbacks after it in that batch's logs as
+                `val_<name>`; the training metrics keep running, so the
+                epoch's training logs are unchanged. Needs `validation_data`
+                or `validation_split`.
+
+        Example:
+
+        ```python
+        model.fit(x, y, validation_split=0.2, quick_run=2)
+        model.fit(x, y, epochs=200, overfit_batches=1)
+        model.fit(x, y, validation_data=(xv, yv), validate_every_n_batches=50)
+        ```
+        """
         self._require_compiled("fit")
-        with self._step_logs.in_phase("train"), \
-                self._per_batch_callbacks("fit", args, kwargs) as (args, kwargs):
+        modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
+        arguments = _dev_modes.fit_arguments(self, args, kwargs, modes)
+        arguments = _optimizers.with_learning_rate_logs(self, arguments)
+        # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
+        arguments, resume = _resume.prepare_fit(self, arguments)
+        # Callbacks see every batch, also with steps_per_execution > 1.
+        with self._step_logs.in_phase("train"), resume, \
+                self._per_batch_callbacks(
+                    "fit", (), arguments, made_here=getattr(resume, "callbacks", None)
+                ) as (args, kwargs):
             return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
@@ -340,7 +441,10 @@ class CustomModel(keras.Model):
                 self._per_batch_callbacks("evaluate", args, kwargs) as (args, kwargs):
             return super().evaluate(*args, **kwargs)
 
-    def _per_batch_callbacks(self, method: str, args: tuple, kwargs: dict) -> Any:
+    def _per_batch_callbacks(
+        self, method: str, args: tuple, kwargs: dict,
+        made_here: keras.callbacks.CallbackList | None = None,
+    ) -> Any:
         """`fit`'s/`evaluate`'s arguments with the callbacks in a
         `_per_batch.PerBatchCallbacks`: with `steps_per_execution=k`, each
         execution's k batches reach callbacks as k `on_*_batch_begin/end`
@@ -348,7 +452,7 @@ class CustomModel(keras.Model):
         the step get the real batch number under `keras.callbacks.TensorBoard`.
         """
         return _per_batch.per_batch_callbacks(
-            self, self._per_batch_channel, method, args, kwargs)
+            self, self._per_batch_channel, method, args, kwargs, made_here)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
@@ -366,6 +470,7 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        _resume.saw_epoch_iterator(self, iterator)
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
         # Keras makes its CallbackList right after this call; so does fit's.
         _per_batch.batches_known(self._per_batch_channel, iterator)
@@ -418,10 +523,14 @@ class CustomModel(keras.Model):
 
     def _checked_step(self, step: Callable, phase: str) -> Callable:
         step_name = f"{phase}_step"
+        guards = _guards.StepGuards(self) if phase == "train" else None
 
         def checked_step(data):
             with self._step_logs.in_phase(phase):
-                return checked_logs(step(data))
+                if guards is None:
+                    return checked_logs(step(data))
+                with guards.watching():
+                    return checked_logs(step(data))
 
         def checked_logs(logs):
             if not isinstance(logs, Mapping):

@@ -219,12 +219,19 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
     number was a multiple of N.
     """
 
-    def __init__(self, channel: Channel, callbacks: Any = None, **list_kwargs: Any) -> None:
-        # Deliberately not CallbackList.__init__: see `build`.
+    def __init__(
+        self,
+        channel: Channel,
+        callbacks: Any = None,
+        inner: keras.callbacks.CallbackList | None = None,
+        **list_kwargs: Any,
+    ) -> None:
+        # Deliberately not CallbackList.__init__: see `build`. `inner`, a
+        # CallbackList made already (customfit's resume list), is used as it is.
         self._channel = channel
         self._raw_callbacks = callbacks
         self._list_kwargs = list_kwargs
-        self._inner: keras.callbacks.CallbackList | None = None
+        self._inner: keras.callbacks.CallbackList | None = inner
         self._first_batch: dict[str, int] = {}
         # The batch after a short execution: data of unknown length ended
         # there; Keras still begins one more execution, `steps_per_execution`
@@ -368,17 +375,23 @@ _EVALUATE = inspect.signature(keras.Model.evaluate)
 
 @contextlib.contextmanager
 def per_batch_callbacks(
-    model: keras.Model, channel: Channel, method: str, args: tuple, kwargs: dict
+    model: keras.Model, channel: Channel, method: str, args: tuple, kwargs: dict,
+    made_here: keras.callbacks.CallbackList | None = None,
 ) -> Iterator[tuple[tuple, dict]]:
     """`fit`'s or `evaluate`'s arguments with `callbacks` replaced by a
     `PerBatchCallbacks` holding what Keras would build its `CallbackList`
-    from; a `CallbackList` passed in (as `fit` passes its own to the
-    validation `evaluate`) is used as it is."""
+    from. A `CallbackList` passed in (by the user, or by `fit` to its
+    validation `evaluate`) is used as it is, except `made_here`, one that
+    customfit made for this call, which the `PerBatchCallbacks` wraps."""
     bound = (_FIT if method == "fit" else _EVALUATE).bind(model, *args, **kwargs)
     arguments = bound.arguments
     callbacks = arguments.get("callbacks")
     if isinstance(callbacks, keras.callbacks.CallbackList):
-        yield args, kwargs
+        if callbacks is not made_here:
+            yield args, kwargs
+            return
+        arguments["callbacks"] = PerBatchCallbacks(channel, inner=callbacks)
+        yield bound.args[1:], bound.kwargs
         return
     verbose = arguments.get("verbose", "auto")
     if method == "fit":

@@ -15,6 +15,8 @@ import h5py
 import keras
 import numpy as np
 
+from customfit import _optimizers
+
 RNG_KEY_PREFIX = "customfit_rng_"
 
 
@@ -90,6 +92,7 @@ def checked_load(
     if optimizer is not None and not optimizer.built and model.built:
         # Otherwise Keras skips the optimizer's saved state with a warning.
         optimizer.build(model.trainable_variables)
+    _optimizers.build_unbuilt(model)  # the others too, as before training
     state = all_state(model)
     before = [v.numpy() for v in state]
     try:

@@ -136,6 +136,9 @@ def run_setting(
     kwargs.update(run_eagerly=run_eagerly, steps_per_execution=steps_per_execution)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build()
+        # check_step reports what the step does (its findings name the fix);
+        # CustomModel's first-step guards would stop the run instead.
+        model.training_guards = False
         model.compile(**kwargs)
         if not model.built:
             # Creates the weights now (inference mode: no update, no dropout

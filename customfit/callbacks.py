@@ -2,9 +2,13 @@
 
 - `ModelCheckpoint`: Keras' `ModelCheckpoint` that replaces its file
   atomically and keeps `save_best_only`'s best value across a restart.
-- `BackupAndRestore`: resumes a killed `fit` from the last finished epoch;
-  its backup is replaced atomically, checked against the model, and saved
-  after every other callback has seen the epoch.
+- `BackupAndRestore`: resumes a killed `fit` from the last finished epoch,
+  or with `save_freq=N` from the next untrained batch, exactly; its backup is
+  replaced atomically, checked against the model, and saved after every
+  other callback has seen the epoch (or batch). `ResumeWarning` flags input
+  it cannot resume exactly mid-epoch.
+- `LearningRateScheduler`, `ReduceLROnPlateau`: Keras' callbacks, for every
+  optimizer of the model (`CustomModel.optimizers`) or the ones named.
 - `TrainingPlot`: draws the per-batch loss of each epoch and the `History`
   curves to PNG/PDF with matplotlib (`pip install "customfit[plot]"`).
 """
@@ -14,14 +18,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
+import numpy as np
 
 from customfit import _keras_internals as internals
+from customfit import _optimizers, _resume
 from customfit._saving import atomic_destination, write_text_atomically
 
-__all__ = ["BackupAndRestore", "ModelCheckpoint", "TrainingPlot"]
+__all__ = [
+    "BackupAndRestore",
+    "LearningRateScheduler",
+    "ModelCheckpoint",
+    "ReduceLROnPlateau",
+    "ResumeWarning",
+    "TrainingPlot",
+]
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -97,27 +111,59 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 _STATE_FILE = "backup.json"
-_FORMAT = "customfit.BackupAndRestore/1"
+_FORMAT = "customfit.BackupAndRestore/2"
+_READABLE_FORMATS = ("customfit.BackupAndRestore/1", _FORMAT)
+
+ResumeWarning = _resume.ResumeWarning
 
 
 class BackupAndRestore(keras.callbacks.Callback):
-    """Resumes a killed training run from its last finished epoch.
+    """Resumes a killed training run where it stopped: from the last
+    finished epoch, or from the last saved batch with `save_freq=N`.
 
     Put it in `fit`'s callbacks and run the same script again after a crash:
     `fit` restores the weights, optimizer state and random-layer state saved
-    after the last finished epoch, and continues with the next one. On CPU with
-    fixed seeds and op determinism, the resumed run ends with the same weights,
-    bit for bit, as one that never stopped (for a `CustomModel`, which also
-    saves the state of Dropout's random generator; for a `tf.data` pipeline
-    the order of each epoch's batches must not depend on how many epochs this
-    process has run, see the README). An epoch interrupted midway is run again
-    from its start.
+    by the interrupted run and continues from there. On CPU with fixed seeds
+    and op determinism, the resumed run ends with the same weights, optimizer
+    state and `History`, bit for bit, as one that never stopped (for a
+    `CustomModel`, which also saves the state of Dropout's random generator).
+
+    With `save_freq=N` (a `CustomModel` only), a backup is also taken every N
+    batches, and a resumed `fit` continues with the next batch the
+    interrupted run had not trained:
+
+    - the data position: each epoch's data is made as in the interrupted run
+      (a `tf.data` `shuffle(..., reshuffle_each_iteration=True)` draws the
+      same order as in that epoch), and the batches it had trained in the
+      resumed epoch are read and dropped without training;
+    - the running means of the epoch (`loss`, metrics, `CustomModel.log`
+      columns; per replica under `tf.distribute`), so the per-batch logs, the
+      epoch's logs and `History` are those of the uninterrupted run;
+    - Keras' global `SeedGenerator` (unseeded `keras.random` calls);
+    - callbacks see the real batch numbers; the dropped batches reach no
+      callback (the progress bar starts at the first trained batch,
+      `ModelCheckpoint(save_freq=...)` counts from there).
+
+    Exact for NumPy arrays (also with `shuffle=True`) and `tf.data`
+    datasets whose order depends only on their seeds. Not exact, with a
+    `ResumeWarning` at the start of `fit`: a Python generator,
+    `keras.utils.PyDataset` or other input whose own state (position,
+    shuffling) is not saved; `steps_per_epoch` (epochs share one iterator);
+    `run_eagerly=True` (metrics created in the first step start from zero).
+    Not saved: TensorFlow's stateful random ops without a seed
+    (`tf.random.uniform` in a step) and the global NumPy/Python generators.
+    With `steps_per_execution=K`, backups are taken at execution boundaries
+    only (the first batch of an execution at or past each multiple of N).
+    A kill during validation repeats the batches since the last backup and
+    the validation, which gives the same result.
 
     Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
 
-    - the backup is saved when the next epoch begins, after every callback
-      (e.g. `ModelCheckpoint`) has handled the finished one, whatever their
-      order in the list;
+    - with `save_freq=N`, Keras records the batch but retrains the resumed
+      epoch's first batches, with the epoch's metrics restarted;
+    - each backup is saved when the next epoch (or batch) begins, after
+      every callback (e.g. `ModelCheckpoint`) has handled the finished one,
+      whatever their order in the list;
     - the weights go to a new file and `backup.json`, which names it, is
       replaced atomically afterwards: a kill at any moment leaves the previous
       or the new backup, never a mix or a truncated file;
@@ -128,33 +174,71 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     Args:
         backup_dir: A directory used only by this callback.
+        save_freq: `"epoch"` to back up after each epoch, or an integer N to
+            also back up every N batches within an epoch (`CustomModel` only).
         delete_checkpoint: Delete the directory when `fit` finishes.
     """
 
-    def __init__(self, backup_dir: str | os.PathLike, delete_checkpoint: bool = True) -> None:
+    _customfit_resumes_fit = True  # CustomModel.fit prepares the resume
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike,
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+    ) -> None:
         super().__init__()
         if not backup_dir:
             raise ValueError("BackupAndRestore needs a backup_dir, got an empty one.")
+        if save_freq != "epoch" and (
+                isinstance(save_freq, bool) or not isinstance(save_freq, int)
+                or save_freq < 1):
+            raise ValueError(
+                f'save_freq must be "epoch" or a number of batches (1 or '
+                f"more), got {save_freq!r}.")
         self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
         self.state_path = os.path.join(self.backup_dir, _STATE_FILE)
         self._epochs_done: int | None = None
+        self._epoch = 0
+        self._last_backup_batch = 0
+        self._resumed_at: tuple[int, int] | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Runs when `fit` starts: restores the backup, if there is one."""
         self._epochs_done = None
+        self._resumed_at = None
+        if self.save_freq != "epoch" and _resume.active(self.model) is None:
+            raise ValueError(
+                f"BackupAndRestore(save_freq={self.save_freq}) resumes "
+                "mid-epoch through CustomModel.fit; this model is a "
+                f"{type(self.model).__name__}. Build it as a "
+                'customfit.CustomModel, or use save_freq="epoch".')
         state = self._read_state()
         if state is None:
             return
         weights = os.path.join(self.backup_dir, state["weights"])
         try:
             self.model.load_weights(weights)
+            saved = self._read_saved_state(state)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"Cannot restore the backup in {self.backup_dir}: {error}\n"
                 f"Delete {self.backup_dir} to train from scratch."
             ) from error
-        internals.set_initial_epoch(self.model, state["epoch"])
+        epoch, batch = state["epoch"], state.get("batch", 0)
+        internals.set_initial_epoch(self.model, epoch)
+        _resume.restore_global_state(saved)
+        resume = _resume.active(self.model)
+        if resume is not None:
+            resume.restore(epoch, batch, saved)
+        elif batch:
+            raise ValueError(
+                f"The backup in {self.backup_dir} was taken after batch {batch} "
+                f"of epoch {epoch}; resuming mid-epoch needs a "
+                f"customfit.CustomModel, this model is a {type(self.model).__name__}.")
+        self._resumed_at = (epoch, batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Runs after each epoch; the backup follows when the next one begins."""
@@ -164,6 +248,19 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Runs before each epoch: saves the state after the previous one."""
         if self._epochs_done is not None:
             self._save(self._epochs_done)
+        self._epoch = epoch
+        self._last_backup_batch = 0
+        if self._resumed_at is not None and self._resumed_at[0] == epoch:
+            self._last_backup_batch = self._resumed_at[1]
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        """Runs before each batch: with `save_freq=N`, saves the state after
+        the previous batches once N more have run since the last backup."""
+        if self.save_freq == "epoch":
+            return
+        if batch // self.save_freq > self._last_backup_batch // self.save_freq:
+            self._save(self._epoch, batch)
+            self._last_backup_batch = batch
 
     def on_train_end(self, logs: dict | None = None) -> None:
         """Runs when `fit` ends: deletes the backup, or saves the final state."""
@@ -176,19 +273,35 @@ class BackupAndRestore(keras.callbacks.Callback):
         elif self._epochs_done is not None:
             self._save(self._epochs_done)
 
-    def _save(self, epochs_done: int) -> None:
-        weights_name = f"epoch-{epochs_done}.weights.h5"
+    def _save(self, epoch: int, batch: int = 0) -> None:
+        """Saves the state after `epoch` epochs and `batch` more batches."""
+        stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
+        weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
         with atomic_destination(os.path.join(self.backup_dir, weights_name)) as temporary:
             self.model.save_weights(temporary)
+        saved = _resume.capture_state(self.model, batch)
+        with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
+            with open(temporary, "wb") as f:
+                np.savez(f, **saved)
         write_text_atomically(self.state_path, json.dumps({
             "format": _FORMAT,
-            "epoch": epochs_done,
+            "epoch": epoch,
+            "batch": batch,
             "weights": weights_name,
+            "state": state_name,
             "model": _fingerprint(self.model),
         }))
         for name in os.listdir(self.backup_dir):
-            if name.endswith(".weights.h5") and name != weights_name:
+            if _is_backup_leftover(name) and name not in (weights_name, state_name) \
+                    and not name.startswith(".tmp-"):
                 os.remove(os.path.join(self.backup_dir, name))
+
+    def _read_saved_state(self, state: dict) -> dict:
+        name = state.get("state")
+        if name is None:  # written by format 1: weights only
+            return {}
+        with np.load(os.path.join(self.backup_dir, name)) as saved:
+            return {key: saved[key] for key in saved.files}
 
     def _read_state(self) -> dict | None:
         if not os.path.isdir(self.backup_dir):
@@ -206,7 +319,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         try:
             with open(self.state_path) as f:
                 state = json.load(f)
-            if state.get("format") != _FORMAT:
+            if state.get("format") not in _READABLE_FORMATS:
                 raise ValueError(f"unknown format {state.get('format')!r}")
             state["epoch"], state["weights"], state["model"]  # noqa: B018
         except (OSError, ValueError, KeyError, AttributeError) as error:
@@ -227,8 +340,8 @@ class BackupAndRestore(keras.callbacks.Callback):
 
 def _is_backup_leftover(name: str) -> bool:
     """Files a kill can leave behind without a committed `backup.json`."""
-    return name.startswith(".tmp-") or (
-        name.startswith("epoch-") and name.endswith(".weights.h5"))
+    return name.startswith(".tmp-") or (name.startswith("epoch-") and (
+        name.endswith(".weights.h5") or name.endswith(".state.npz")))
 
 
 def _fingerprint(model: keras.Model) -> dict:
@@ -382,3 +495,181 @@ def _require_matplotlib() -> tuple[Any, Any]:
             'not installed. Install it with: pip install "customfit[plot]"'
         ) from error
     return Figure, FigureCanvasAgg
+
+
+# ----------------------------------------------- learning rates of several optimizers
+
+
+class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
+    """`keras.callbacks.LearningRateScheduler` for every optimizer of the model.
+
+    Keras' callback sets only `model.optimizer`'s learning rate. This one sets
+    each optimizer in `model.optimizers` (`CustomModel.optimizers`: the
+    compiled one as "optimizer", and every optimizer held as an attribute,
+    by attribute name), at the start of each epoch, and adds their learning
+    rates to the epoch logs (`learning_rate` for `model.optimizer`,
+    `learning_rate_<name>` for the others). With only `model.optimizer` it
+    behaves as Keras' callback.
+
+    Args:
+        schedule: `schedule(epoch, lr) -> float`, called with the epoch index
+            (from 0) and that optimizer's current learning rate, for every
+            optimizer; or a mapping `{name: schedule}` that sets only the
+            optimizers it names, each with its own schedule. `schedule(epoch)`
+            is accepted too, as in Keras.
+        verbose: 1 prints each change.
+
+    Example:
+
+    ```python
+    customfit.callbacks.LearningRateScheduler({
+        "generator_optimizer": lambda epoch, lr: 2e-4 * 0.9 ** epoch,
+        "discriminator_optimizer": lambda epoch, lr: 1e-4 * 0.9 ** epoch,
+    })
+    ```
+    """
+
+    def __init__(
+        self,
+        schedule: Callable[..., float] | Mapping[str, Callable[..., float]],
+        verbose: int = 0,
+    ) -> None:
+        if isinstance(schedule, Mapping):
+            bad = [name for name, f in schedule.items() if not callable(f)]
+            if not schedule or bad:
+                raise TypeError(
+                    "LearningRateScheduler takes one schedule, or a non-empty "
+                    "mapping {optimizer name: schedule(epoch, lr)}; "
+                    f"{'got an empty mapping' if not schedule else f'{bad} are not callable'}."
+                )
+        elif not callable(schedule):
+            raise TypeError(
+                "LearningRateScheduler's schedule must be a function "
+                f"schedule(epoch, lr) -> float, or a mapping of them; got "
+                f"{type(schedule).__name__}."
+            )
+        super().__init__(schedule, verbose=verbose)
+
+    def _optimizers(self) -> dict[str, Any]:
+        names = list(self.schedule) if isinstance(self.schedule, Mapping) else None
+        return _optimizers.selected(self.model, names, "LearningRateScheduler")
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: checks the names before any training."""
+        _optimizers.settable(self._optimizers(), "LearningRateScheduler")
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs before each epoch: sets each optimizer's learning rate."""
+        for name, optimizer in self._optimizers().items():
+            schedule = (self.schedule[name] if isinstance(self.schedule, Mapping)
+                        else self.schedule)
+            current = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            try:
+                learning_rate = schedule(epoch, current)
+            except TypeError:  # schedule(epoch), as Keras accepts
+                learning_rate = schedule(epoch)
+            if not isinstance(learning_rate, (float, np.floating)):
+                raise ValueError(
+                    f"The schedule for '{name}' must return a float; got "
+                    f"{learning_rate!r}. Return e.g. float(lr * 0.5)."
+                )
+            optimizer.learning_rate = float(learning_rate)
+            if self.verbose > 0:
+                print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting "
+                      f"{name} learning rate to {float(learning_rate)}.")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch: adds the learning rates to the logs."""
+        if logs is not None:
+            logs.update(_optimizers.learning_rates(self._optimizers()))
+
+
+class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """`keras.callbacks.ReduceLROnPlateau` for every optimizer of the model.
+
+    Same arguments and decision as Keras' callback (monitored value, `mode`,
+    `min_delta`, `patience`, `cooldown`, `min_lr`), but when the monitored
+    value stops improving it multiplies the learning rate of each optimizer in
+    `model.optimizers` by `factor` (each stays at least `min_lr`), or of the
+    ones named in `optimizers`, instead of `model.optimizer`'s only. It adds
+    their learning rates (before the reduction) to the epoch logs, as Keras'
+    callback does for `model.optimizer`.
+
+    Args:
+        optimizers: Names from `model.optimizers` to reduce; None for all.
+        **kwargs: As for `keras.callbacks.ReduceLROnPlateau`.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        optimizers: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(optimizers, str):
+            optimizers = [optimizers]
+        if optimizers is not None and not optimizers:
+            raise ValueError(
+                "ReduceLROnPlateau got optimizers=[]: name at least one, or "
+                "pass None to reduce all of the model's optimizers."
+            )
+        super().__init__(monitor=monitor, factor=factor, patience=patience,
+                         verbose=verbose, mode=mode, min_delta=min_delta,
+                         cooldown=cooldown, min_lr=min_lr, **kwargs)
+        self.optimizers = None if optimizers is None else list(optimizers)
+
+    def _optimizers(self) -> dict[str, Any]:
+        return _optimizers.selected(self.model, self.optimizers, "ReduceLROnPlateau")
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts: resets the wait, checks the names."""
+        super().on_train_begin(logs)
+        _optimizers.settable(self._optimizers(), "ReduceLROnPlateau")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs after each epoch: logs the learning rates, and reduces them
+        after `patience` epochs without improvement."""
+        logs = logs if logs is not None else {}
+        optimizers = self._optimizers()
+        logs.update(_optimizers.learning_rates(optimizers))
+        current = logs.get(self.monitor)
+        if current is None:
+            warnings.warn(
+                f"Learning rate reduction is conditioned on metric "
+                f"`{self.monitor}` which is not available. Available metrics "
+                f"are: {','.join(list(logs.keys()))}.",
+                stacklevel=2,
+            )
+            return
+        if self.in_cooldown():
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if internals.monitor_improved(self, current, self.best):
+            self.best = current
+            self.wait = 0
+        elif not self.in_cooldown():
+            self.wait += 1
+            if self.wait >= self.patience:
+                reduced = [self._reduce(name, optimizer, epoch)
+                           for name, optimizer in optimizers.items()]
+                if any(reduced):
+                    self.cooldown_counter = self.cooldown
+                    self.wait = 0
+
+    def _reduce(self, name: str, optimizer: Any, epoch: int) -> bool:
+        old = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if old <= np.float32(self.min_lr):
+            return False
+        new = max(old * self.factor, self.min_lr)
+        optimizer.learning_rate = new
+        if self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing {name} "
+                  f"learning rate to {new}.")
+        return True

@@ -194,6 +194,104 @@ def test_intercepted_methods_are_what_keras_dispatches_to(digits):
     assert "call" not in vars(model) and "apply" not in vars(model.optimizer)
 
 
+def test_fit_makes_each_epochs_iterator_from_the_wrapped_dataset(digits):
+    """BackupAndRestore counts the iterators fit makes of its data (each one
+    draws new tf.data shuffle seeds) through this dataset."""
+    made = []
+
+    class Counting:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __iter__(self):
+            made.append(1)
+            return iter(self.dataset)
+
+    class Wrap(customfit.CustomModel):
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            if iterator is not None and not made:
+                original = internals.wrap_epoch_iterator_dataset(iterator, Counting)
+                assert isinstance(original, tf.data.Dataset)
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    model = models.mlp(Wrap, dropout=0)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(digits[0][:64], digits[1][:64], batch_size=32, epochs=2, verbose=0)
+    # One at each epoch's start and one after each full epoch (Keras' count).
+    assert len(made) == 4
+
+
+def test_step_function_traced_ahead_creates_lazy_variables_and_is_reused(digits):
+    """BackupAndRestore traces the step before the resumed epoch's first batch,
+    so that metrics created while tracing exist when their values are restored."""
+    traces = []
+
+    class Logged(customfit.CustomModel):
+        def transform_gradients(self, gradients, variables):
+            traces.append(1)
+            self.log("norm", tf.linalg.global_norm(gradients))
+            return gradients
+
+    model = models.mlp(Logged, dropout=0)
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    function = model.make_train_function()
+    dataset = tf.data.Dataset.from_tensor_slices(digits).batch(16)
+    iterator = iter(dataset)
+    before = [w.numpy() for w in model.weights]
+    assert internals.trace_step_function(function, iterator)
+    assert [m.name for m in model._step_logs.metrics] == ["norm"]
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    assert int(model.optimizer.iterations) == 0
+    traced = len(traces)
+    function(iterator)
+    assert len(traces) == traced  # the call ran the traced step: no new trace
+    assert int(model.optimizer.iterations) == 1
+    eager = models.mlp(customfit.CustomModel, dropout=0)
+    eager.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True)
+    assert not internals.trace_step_function(eager.make_train_function(), iter(dataset))
+
+
+def test_global_seed_generator_is_keras_unseeded_random_source():
+    internals.global_seed_generator(create=True)
+    generator = internals.global_seed_generator()
+    assert generator is keras.src.random.seed_generator.global_seed_generator()
+    state = generator.state.numpy()
+    keras.random.uniform((1,))
+    assert not np.array_equal(state, generator.state.numpy())
+
+
+def test_monitor_improved_compares_as_keras_monitor_callbacks_do():
+    """customfit.callbacks.ReduceLROnPlateau decides with Keras' own
+    `_set_monitor_op`/`_is_improvement` (mode, min_delta, direction inferred from the name)."""
+    lower = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=0.1)
+    assert lower.monitor_op is None
+    assert internals.monitor_improved(lower, 5.0, None)  # anything beats nothing
+    assert internals.monitor_improved(lower, 0.85, 1.0)
+    assert not internals.monitor_improved(lower, 0.95, 1.0)  # within min_delta
+    higher = keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", min_delta=0.0)
+    assert internals.monitor_improved(higher, 0.9, 0.8)
+    assert not internals.monitor_improved(higher, 0.7, 0.8)
+
+
+def test_loss_scale_optimizer_apply_gradients_dispatches_to_apply():
+    """customfit's first-step guard intercepts a LossScaleOptimizer's
+    `apply` and `scale_loss` on the instance; `apply_gradients` must reach it."""
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    applies = []
+    original_apply = optimizer.apply
+
+    def apply(grads, variables=None):
+        applies.append(list(variables))
+        return original_apply(grads, variables)
+
+    with internals.intercepted(optimizer, "apply", apply):
+        optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])
+    assert applies == [[variable]]
+    assert "apply" not in vars(optimizer)
+
+
 def test_per_batch_function_copies_keras_multi_step_loop():
     """customfit/_per_batch.make_function is Keras 3.15.1's `_make_function`
     plus per-step logs and summary steps. When this fails, Keras changed its

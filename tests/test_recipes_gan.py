@@ -12,6 +12,9 @@ from examples.gan_digits import build_gan, frechet_distance
 from tests.subproc import run_python
 
 LATENT = 16
+# fit's epoch logs: both losses and each optimizer's learning rate.
+EPOCH_LOGS = {"d_loss", "g_loss", "learning_rate_generator_optimizer",
+              "learning_rate_discriminator_optimizer"}
 
 
 def tiny_gan(seed=0, units=16):
@@ -45,7 +48,7 @@ def test_generator_samples_move_toward_the_digits(images):
     after = frechet_distance(images, gan.predict(z, verbose=0))
     # Observed: 40.7 -> 11.4 (two halves of the real data: 0.28).
     assert after < 0.5 * before, (before, after)
-    assert set(history) == {"d_loss", "g_loss"}
+    assert set(history) == EPOCH_LOGS
     steps = 5 * int(np.ceil(len(images) / 64))
     assert int(gan.steps) == steps
     assert int(gan.generator_optimizer.iterations) == steps
@@ -160,7 +163,7 @@ def test_callbacks_and_weights_checkpoint_hold_both_optimizers(images, tmp_path)
         keras.callbacks.TensorBoard(tmp_path / "tb"),
         keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: epochs_seen.append(logs)),
     ])
-    assert set(epochs_seen[0]) == {"d_loss", "g_loss"}
+    assert set(epochs_seen[0]) == EPOCH_LOGS
     assert list((tmp_path / "tb" / "train").iterdir())
     fresh = compiled(tiny_gan(seed=0))
     assert int(fresh.generator_optimizer.iterations) == 0
@@ -264,7 +267,7 @@ def test_two_replicas_match_one_for_gan_and_distiller():
     results = json.loads(out.split("RESULTS", 1)[1])
     one, two = results["one"], results["two"]
     assert one["iterations"] == two["iterations"] == [4, 4]
-    assert set(one["gan"]) == {"d_loss", "g_loss"}
+    assert set(one["gan"]) == EPOCH_LOGS
     assert set(one["distiller"]) == {"loss", "accuracy", "student_loss", "distillation_loss"}
     # Same data (and, for the GAN, the same noise) on either layout; only the
     # order of float32 sums differs (per-replica means, gradients summed over

@@ -11,6 +11,7 @@ from customfit.recipes._clipping import AdaptiveGradientClipping, GlobalNormClip
 from customfit.recipes._distillation import Distiller
 from customfit.recipes._gan import GAN
 from customfit.recipes._sam import SAM
+from customfit.recipes._skipping import SkipNonFinite
 
 __all__ = [
     "AdaptiveGradientClipping",
@@ -20,5 +21,6 @@ __all__ = [
     "GlobalNormClipping",
     "GradientAccumulation",
     "SAM",
+    "SkipNonFinite",
     "adversarial_examples",
 ]

@@ -129,9 +129,13 @@ class GAN(CustomModel):
         Under the `mixed_float16` policy each optimizer is wrapped in a
         `keras.optimizers.LossScaleOptimizer` (unless it already is one). Both
         are built here, so their `iterations` and slot variables exist before
-        training and are saved with the model. `model.optimizer` stays `None`:
-        callbacks that change `model.optimizer` (e.g. `LearningRateScheduler`)
-        do not apply; give each optimizer a learning-rate schedule instead.
+        training and are saved with the model. Both are in `model.optimizers`
+        (as "generator_optimizer" and "discriminator_optimizer"): `fit` logs
+        their learning rates (`learning_rate_generator_optimizer`, ...) and
+        `customfit.callbacks.LearningRateScheduler` and `ReduceLROnPlateau`
+        change them. `model.optimizer` stays `None`, so Keras' own
+        learning-rate callbacks, which change only `model.optimizer`, do not
+        apply. Each optimizer's `iterations` counts its own updates.
 
         Args:
             generator_optimizer: Optimizer (or its name) for the generator.

@@ -1,0 +1,132 @@
+"""Every optimizer of a model: found by attribute, built before training,
+their learning rates in the epoch logs."""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Mapping
+
+import keras
+
+MAIN = "optimizer"
+
+
+def registered(model: keras.Model) -> Mapping[str, keras.optimizers.Optimizer]:
+    """The model's optimizers by attribute name: `model.optimizer` first (as
+    "optimizer", when set), then every other attribute holding an optimizer,
+    in the order the attributes were first assigned. An optimizer held under
+    two names is listed once, under the first. A read-only view: Keras'
+    saving walks every attribute and would save a `dict` a second time."""
+    found: dict[str, keras.optimizers.Optimizer] = {}
+    seen: set[int] = set()
+    attributes = vars(model)
+    for name, value in [(MAIN, attributes.get(MAIN)), *attributes.items()]:
+        if isinstance(value, keras.optimizers.Optimizer) and id(value) not in seen:
+            seen.add(id(value))
+            found[name] = value
+    return types.MappingProxyType(found)
+
+
+def build_unbuilt(model: keras.Model) -> None:
+    """Builds every registered optimizer that is not built yet over all the
+    model's trainable variables, as Keras builds `model.optimizer` under a
+    distribution strategy: its state then exists before the first step is
+    traced, so a loaded file restores it instead of skipping it."""
+    unbuilt = [o for o in registered(model).values() if not o.built]
+    if not model.built or not unbuilt:
+        return
+    with model.distribute_strategy.scope():
+        for optimizer in unbuilt:
+            optimizer.build(model.trainable_variables)
+
+
+def log_name(name: str) -> str:
+    """The column of an optimizer's learning rate in the epoch logs:
+    `learning_rate` for `model.optimizer` (as Keras' callbacks and TensorBoard
+    name it), `learning_rate_<name>` for the others."""
+    return "learning_rate" if name == MAIN else f"learning_rate_{name}"
+
+
+def learning_rates(optimizers: Mapping[str, Any]) -> dict[str, float]:
+    """Each optimizer's current learning rate (a schedule evaluated at that
+    optimizer's own `iterations`), under its `log_name`."""
+    return {
+        log_name(name): float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        for name, optimizer in optimizers.items()
+    }
+
+
+def selected(
+    model: keras.Model, names: Any, caller: str
+) -> dict[str, keras.optimizers.Optimizer]:
+    """The registered optimizers named in `names` (all of them for None);
+    an unknown name is an error that lists the known ones."""
+    optimizers = dict(registered(model))
+    if names is None:
+        if not optimizers:
+            raise ValueError(
+                f"{caller} found no optimizer on the model: compile() it with "
+                "an optimizer, or assign one as an attribute "
+                "(self.head_optimizer = keras.optimizers.Adam())."
+            )
+        return optimizers
+    unknown = [name for name in names if name not in optimizers]
+    if unknown:
+        raise ValueError(
+            f"{caller} names optimizer(s) {unknown} that the model does not "
+            f"have; its optimizers are {sorted(optimizers)} (the attribute "
+            "names, 'optimizer' for model.optimizer; see model.optimizers)."
+        )
+    return {name: optimizers[name] for name in names}
+
+
+def settable(optimizers: Mapping[str, Any], caller: str) -> None:
+    """Raises, naming them, if some optimizers' learning rate is a schedule
+    (which Keras does not let a callback set)."""
+    fixed = [name for name, optimizer in optimizers.items()
+             if not isinstance(optimizer.learning_rate, keras.Variable)]
+    if fixed:
+        raise ValueError(
+            f"{caller} cannot change the learning rate of {fixed}: it is a "
+            "LearningRateSchedule (or a function), which sets it at every step. "
+            "Name only the other optimizers in the callback, or give these a "
+            "float learning rate."
+        )
+
+
+class LearningRateLogs(keras.callbacks.Callback):
+    """Adds every registered optimizer's learning rate to the epoch logs.
+
+    `CustomModel.fit` puts it first in the callback list when the model has
+    an optimizer besides `model.optimizer`, so `History`, `CSVLogger` and
+    `TensorBoard` all see the values. It runs at each epoch's end, before any
+    other callback changes a learning rate for the next epoch.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs.update(learning_rates(registered(self.model)))
+
+
+def needs_learning_rate_logs(model: keras.Model) -> bool:
+    """Whether the model has optimizers Keras does not log by itself."""
+    return any(name != MAIN for name in registered(model))
+
+
+def with_learning_rate_logs(model: keras.Model, arguments: dict) -> dict:
+    """`fit`'s arguments (Keras', by name) with `LearningRateLogs` first among
+    the callbacks, when the model needs it."""
+    if not needs_learning_rate_logs(model):
+        return arguments
+    callbacks = arguments.get("callbacks")
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        if not any(isinstance(c, LearningRateLogs) for c in callbacks.callbacks):
+            logger = LearningRateLogs()
+            logger.set_model(model)
+            callbacks.callbacks.insert(0, logger)
+        return arguments
+    if callbacks is None:
+        callbacks = []
+    elif not isinstance(callbacks, (list, tuple)):
+        callbacks = [callbacks]
+    return {**arguments, "callbacks": [LearningRateLogs(), *callbacks]}

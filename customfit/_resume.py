@@ -1,0 +1,361 @@
+"""Exact mid-epoch resume for `customfit.callbacks.BackupAndRestore`.
+
+When a `CustomModel` is fitted with a `BackupAndRestore` among its callbacks,
+`CustomModel.fit` opens a `FitResume` for the call. It hands Keras a
+`ResumeCallbackList` (Keras' `fit` uses a `CallbackList` as given) and learns
+the epoch iterator `fit` builds. When the callback restores a backup taken
+after `batch` batches of epoch `epoch`:
+
+- the data is put where the interrupted run had it. `fit` makes iterators
+  of one dataset (Keras makes one when an epoch starts and one after each
+  full epoch), and each `iter()` draws new seeds for a `tf.data` `shuffle`
+  with `reshuffle_each_iteration=True`. The dataset is wrapped to count
+  them, each backup records the count, and a resumed `fit` makes and drops
+  iterators until the resumed epoch's iterator is the one it had (NumPy
+  input: Keras' permutation is the same for every iterator, so this changes
+  nothing). Then, in the resumed epoch, the first `batch` batches are read
+  and dropped without training: the train function is wrapped, and the
+  callbacks do not hear of those batches, so they see the real numbers;
+- the metric variables (the running means in the per-batch logs), saved per
+  replica, are restored before the first trained batch, after tracing the
+  step so that metrics created while tracing exist;
+- Keras' process-wide `SeedGenerator` (unseeded `keras.random` calls) gets its
+  saved state back.
+
+Everything else the step depends on (weights, optimizer state, the
+`SeedGenerator`s of Dropout and other random layers) is in the weights file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from customfit import _keras_internals as internals
+
+_ACTIVE = "_customfit_fit_resume"
+_SEED_KEY = "keras_global_seed_generator"
+
+
+class ResumeWarning(UserWarning):
+    """Warned when `fit` starts with `BackupAndRestore(save_freq=N)` and an
+    input or setting it cannot resume exactly mid-epoch (a generator,
+    `keras.utils.PyDataset`, `steps_per_epoch`, `run_eagerly=True`), or when
+    a resumed epoch's metrics cannot be restored. Training still resumes
+    from the backup's weights and optimizer state."""
+
+
+def needs_resume_support(callback: Any) -> bool:
+    return getattr(callback, "_customfit_resumes_fit", False)
+
+
+class ResumeCallbackList(keras.callbacks.CallbackList):
+    """Keras' `CallbackList`, silent for the batches a resumed epoch skips.
+
+    In the resumed epoch, batches `0 .. skip_below - 1` were trained before
+    the interruption: the train function reads them without training, and
+    no callback hears of them. Later batches reach the callbacks with their
+    real numbers. `step` is the batch (or first batch of the execution,
+    with `steps_per_execution > 1`) the train function is about to run.
+
+    The backup callbacks go first, so a backup taken when an epoch or batch
+    begins holds the state before any other callback acts on that epoch or
+    batch (a relative learning-rate schedule is not applied twice on resume).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callbacks.sort(key=lambda callback: not needs_resume_support(callback))
+        self.step: int | None = None
+        self.skip_below = 0
+        self.resume_at: tuple[int, int] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.step = None
+        self.skip_below = 0
+        if self.resume_at is not None and self.resume_at[0] == epoch:
+            self.skip_below = self.resume_at[1]
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.step = batch
+        if batch >= self.skip_below:
+            super().on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.step is None or self.step >= self.skip_below:
+            super().on_train_batch_end(batch, logs)
+
+
+class FitResume:
+    """What one `CustomModel.fit` call needs to resume exactly (see module)."""
+
+    def __init__(self, model: keras.Model, arguments: dict,
+                 callbacks: ResumeCallbackList | None) -> None:
+        self.model = model
+        self.arguments = arguments
+        self.callbacks = callbacks
+        self.epoch_iterator: Any = None
+        self._dataset: _CountingDataset | None = None
+        self._original_train_function: Callable | None = None
+        self._metric_values: dict | None = None
+
+    # Entered around Keras' `fit`.
+    def __enter__(self) -> "FitResume":
+        object.__setattr__(self.model, _ACTIVE, self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.__dict__.pop(_ACTIVE, None)
+        if self._original_train_function is not None:
+            self.model.train_function = self._original_train_function
+            self._original_train_function = None
+
+    def restore(self, epoch: int, batch: int, state: dict) -> None:
+        """Puts data, metrics and random state where the backup was taken."""
+        number = state.get("data_iterator")
+        self._advance_data(None if number is None else int(number))
+        if batch == 0:
+            return
+        if self.callbacks is None:
+            raise ValueError(
+                f"The backup was taken after batch {batch} of epoch {epoch}, "
+                "and resuming mid-epoch needs `callbacks=` as a list, not a "
+                "keras.callbacks.CallbackList. Pass the callbacks as a list.")
+        num_batches = getattr(self.epoch_iterator, "num_batches", None)
+        if num_batches is not None and batch >= num_batches:
+            raise ValueError(
+                f"The backup was taken after batch {batch} of epoch {epoch}, "
+                f"but an epoch now has {num_batches} batches: fit() was "
+                "called with other data or batch size than the interrupted "
+                "run. Call it as before, or delete the backup directory.")
+        self.callbacks.resume_at = (epoch, batch)
+        self._metric_values = state
+        self._original_train_function = self.model.train_function
+        self.model.train_function = self._train_function
+
+    def data_iterator_number(self, batch: int) -> int | None:
+        """How many iterators `fit` will have made of its data when the
+        epoch that a backup taken now resumes gets its iterator (that one
+        included): the current epoch's after `batch` > 0 batches, the next
+        one's at an epoch's start."""
+        if self._dataset is None:
+            return None
+        return self._dataset.iterators_made + (0 if batch else 1)
+
+    def _advance_data(self, number: int | None) -> None:
+        if number is None or self._dataset is None:
+            return
+        if self.arguments.get("steps_per_epoch") is not None:
+            return  # Keras reuses one iterator across epochs: see the warning.
+        # Each iterator draws new seeds (tf.data `shuffle` with
+        # `reshuffle_each_iteration=True`): make and drop as many as the
+        # interrupted process had made before the resumed epoch's.
+        while self._dataset.iterators_made < number - 1:
+            iter(self._dataset)
+
+    def _count_iterators(self, dataset: Any) -> "_CountingDataset":
+        self._dataset = _CountingDataset(dataset)
+        return self._dataset
+
+    def _train_function(self, iterator: Any) -> Any:
+        callbacks = self.callbacks
+        if callbacks.step is not None and callbacks.step < callbacks.skip_below:
+            self._skip(iterator, callbacks.step, callbacks.skip_below)
+            return {}
+        if self._metric_values is not None:
+            internals.trace_step_function(self._original_train_function, iterator)
+            restore_metrics(self.model, self._metric_values)
+            self._metric_values = None
+        return self._original_train_function(iterator)
+
+    def _skip(self, iterator: Any, step: int, skip_below: int) -> None:
+        for _ in range(self.model.steps_per_execution):
+            try:
+                next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise ValueError(
+                    f"The data ran out after {step} batches while skipping the "
+                    f"{skip_below} batches the interrupted run had trained in "
+                    "this epoch: fit() was called with other data than that "
+                    "run. Call it as before, or delete the backup directory."
+                ) from None
+
+
+def prepare_fit(model: keras.Model, arguments: dict) -> tuple[dict, Any]:
+    """For `CustomModel.fit`: the arguments (Keras `fit`'s, by name) to give
+    Keras' `fit` and the context to run it in (a `FitResume` when a callback
+    resumes training)."""
+    callbacks = arguments.get("callbacks")
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        listed = callbacks.callbacks
+    else:
+        listed = tree_flatten(callbacks)
+    resuming = [c for c in listed if needs_resume_support(c)]
+    if not resuming:
+        return arguments, _Nothing()
+    if any(getattr(c, "save_freq", "epoch") != "epoch" for c in resuming):
+        _warn_if_inexact(model, arguments)
+    callback_list = None
+    if not isinstance(callbacks, keras.callbacks.CallbackList):
+        verbose = arguments.get("verbose", "auto")
+        callback_list = ResumeCallbackList(
+            listed, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+            epochs=arguments.get("epochs", 1), steps=None, model=model)
+        arguments["callbacks"] = callback_list
+    return arguments, FitResume(model, arguments, callback_list)
+
+
+def tree_flatten(callbacks: Any) -> list:
+    return list(keras.tree.flatten(callbacks)) if callbacks else []
+
+
+def saw_epoch_iterator(model: keras.Model, iterator: Any) -> None:
+    """For `CustomModel._maybe_symbolic_build`: `fit` passes its epoch
+    iterator there before it builds the callbacks' parameters."""
+    resume = model.__dict__.get(_ACTIVE)
+    if resume is None or resume.epoch_iterator is not None or iterator is None:
+        return
+    resume.epoch_iterator = iterator
+    internals.wrap_epoch_iterator_dataset(iterator, resume._count_iterators)
+    if resume.callbacks is not None:
+        resume.callbacks.set_params({**resume.callbacks.params,
+                                     "steps": iterator.num_batches})
+
+
+def active(model: keras.Model) -> FitResume | None:
+    return model.__dict__.get(_ACTIVE)
+
+
+class _CountingDataset:
+    """A dataset that counts the iterators made of it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.iterators_made = 0
+
+    def __iter__(self) -> Any:
+        self.iterators_made += 1
+        return iter(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
+    x = arguments.get("x")
+    problems = []
+    if isinstance(x, keras.utils.PyDataset) or inspect.isgenerator(x) or (
+            x is not None and not _is_replayable(x)):
+        if isinstance(x, keras.utils.PyDataset):
+            kind = f"keras.utils.PyDataset ({type(x).__name__})"
+        elif inspect.isgenerator(x):
+            kind = "Python generator"
+        else:
+            kind = type(x).__name__
+        problems.append(
+            f"the input is a {kind}, whose own state (position, "
+            "shuffling) is not saved: the resumed epoch starts from its "
+            "beginning after skipping the trained batches, which only equals "
+            "the interrupted run if each epoch yields the same batches")
+    if arguments.get("steps_per_epoch") is not None:
+        problems.append(
+            "steps_per_epoch is set, so epochs share one iterator and a "
+            "resumed run reads the data from another position")
+    if model.run_eagerly:
+        problems.append(
+            "run_eagerly=True creates metrics in the first step, after the "
+            "saved metric values are restored, so the resumed epoch's logs "
+            "can differ")
+    if problems:
+        warnings.warn(
+            "BackupAndRestore(save_freq=...) cannot resume this fit() exactly "
+            f"mid-epoch: {'; '.join(problems)}. Weights and optimizer state "
+            "are restored; use NumPy arrays or a tf.data.Dataset for an "
+            "exact resume.", ResumeWarning, stacklevel=4)
+
+
+def _is_replayable(x: Any) -> bool:
+    if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset,
+                      np.ndarray, tf.Tensor)):
+        return True
+    if isinstance(x, dict):
+        return all(_is_replayable(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_is_replayable(v) for v in x)
+    return hasattr(x, "__array__") and hasattr(x, "shape")  # pandas, JAX, ...
+
+
+# ------------------------------------------------------ the saved state
+
+
+def metric_variables(model: keras.Model) -> list[tuple[str, Any]]:
+    """Every variable behind the training logs, named by metric."""
+    return [(f"{metric.name}/{i}", variable)
+            for metric in model.metrics
+            for i, variable in enumerate(metric.variables)]
+
+
+def capture_state(model: keras.Model, batch: int) -> dict[str, np.ndarray]:
+    """The state the weights file lacks after `batch` batches of an epoch:
+    metric variables (one row per replica, mid-epoch only), Keras' global
+    seed generator and the number of data iterators made (see `FitResume`)."""
+    state: dict[str, np.ndarray] = {}
+    resume = active(model)
+    number = None if resume is None else resume.data_iterator_number(batch)
+    if number is not None:
+        state["data_iterator"] = np.asarray(number)
+    with_metrics = batch > 0
+    generator = internals.global_seed_generator()
+    if generator is not None:
+        state[_SEED_KEY] = np.asarray(generator.state.numpy())
+    if with_metrics:
+        strategy = model.distribute_strategy
+        variables = metric_variables(model)
+        state["metric_names"] = np.array([name for name, _ in variables], dtype=str)
+        for i, (_, variable) in enumerate(variables):
+            parts = strategy.experimental_local_results(variable.value)
+            state[f"metric_{i}"] = np.stack([np.asarray(p.numpy()) for p in parts])
+    return state
+
+
+def restore_global_state(state: dict) -> None:
+    if _SEED_KEY in state:
+        internals.global_seed_generator(create=True).state.assign(state[_SEED_KEY])
+
+
+def restore_metrics(model: keras.Model, state: dict) -> None:
+    names = [str(n) for n in state.get("metric_names", [])]
+    variables = metric_variables(model)
+    if names != [name for name, _ in variables]:
+        warnings.warn(
+            "The resumed epoch's metrics differ from the saved ones "
+            f"({', '.join(names)} saved; the model has "
+            f"{', '.join(name for name, _ in variables)}); they restart from "
+            "zero, so this epoch's logs are not those of the interrupted run.",
+            ResumeWarning, stacklevel=2)
+        return
+    strategy = model.distribute_strategy
+    for i, (name, variable) in enumerate(variables):
+        parts = strategy.experimental_local_results(variable.value)
+        saved = state[f"metric_{i}"]
+        if len(saved) != len(parts):
+            raise ValueError(
+                f"The backup holds metric '{name}' for {len(saved)} replicas; "
+                f"this run has {len(parts)}. Resume with the same number of "
+                "replicas, or delete the backup directory.")
+        for part, value in zip(parts, saved):
+            part.assign(value)

@@ -1,0 +1,373 @@
+"""`SkipNonFinite`: a step whose loss or gradients are not finite updates nothing."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from customfit import _keras_internals as internals
+from customfit._model import CustomModel
+from customfit.recipes import _options as options
+from customfit.recipes._accumulation import GradientAccumulation
+
+_TOTAL_KEY = "skipped_steps_total"
+_CONSECUTIVE_KEY = "skipped_steps_consecutive"
+_CHECKED = "_customfit_skip_checked"
+
+
+@keras.saving.register_keras_serializable(package="customfit")
+class SkipNonFinite(CustomModel):
+    """Skips the weight update of a training step whose loss or gradients are
+    not finite (NaN or inf), or that `should_skip_update` rejects.
+
+    A skipped step changes no weight and no optimizer state:
+    `optimizer.iterations` (and so learning-rate schedules and Adam's bias
+    correction) does not advance, so the weights after the run are exactly
+    those of a run whose data lacked that batch (for models without
+    dropout or batch statistics, whose forward pass changes no state). The
+    forward pass still runs: BatchNormalization moving statistics and the
+    compiled metrics see the batch, and the epoch's `loss` column is NaN if
+    the batch's loss was.
+
+    **Counting.** Skipped steps are counted in a non-trainable int64
+    variable, `skipped_steps` (a property), created with the model, saved and
+    loaded with it (`.keras`, `.weights.h5`, `BackupAndRestore`), so the
+    count survives a restart. The column `count_log_name` (default
+    `"skipped_steps"`) reports that cumulative count at the end of each
+    epoch (and batch), not an epoch average: its growth between epochs is
+    the number skipped in the epoch. `count_log_name=None` leaves it out.
+
+    **Too many skips.** More than `max_consecutive_skips` skipped steps in
+    a row, or more than `max_skipped_steps` in all, stop `fit` with a
+    `RuntimeError` that says so. The limits are checked in the step; once
+    one is exceeded, the remaining steps of that execution
+    (`steps_per_execution > 1`) update nothing, and the error is raised on
+    the host when the execution returns, so the weights are those
+    `steps_per_execution=1` would leave. (An in-graph assert would vanish
+    under XLA.)
+
+    **`tf.distribute`.** Each replica decides on its own share of the batch;
+    the decisions are all-reduced, so if any replica skips, all skip, the
+    mirrored variables stay equal, and the step counts once.
+
+    **Mixed precision.** With a `LossScaleOptimizer`, a finite loss whose
+    (unscaled) gradients are not finite is an overflow of the loss scale:
+    that step is left to the optimizer, which skips it and halves the scale
+    as usual, and is not counted here. A non-finite loss is skipped here,
+    before the optimizer, so the scale does not fall for a bad batch. Under
+    `MirroredStrategy`, an overflow on any replica is made visible on all of
+    them: Keras' `LossScaleOptimizer` checks the first replica's gradients
+    only, so an overflow on another one turns stock `fit`'s weights inf.
+
+    **Composition.** The decision is taken before `transform_gradients`, so
+    a skipped step never reaches the user's hooks; clipping recipes, `SAM`
+    (the SAM gradient is checked) and `AdversarialTraining` compose in any
+    order. With `GradientAccumulation`, list `SkipNonFinite` first (it then
+    keeps a bad micro-batch out of the accumulators). It works through the
+    default `train_step` (a `train_step` overridden whole that calls
+    `super().train_step` is fine; one that applies gradients itself is not
+    covered). The limits are read when the train function is made: after
+    changing them on a compiled model, call `compile()` again.
+
+    Args:
+        max_consecutive_skips: The most steps skipped in a row before `fit`
+            stops, an integer `>= 0` (`0`: stop at the first skipped step,
+            with the weights intact), or `None` for no limit.
+        max_skipped_steps: The most steps skipped in all (the count of the
+            `skipped_steps` variable, over all `fit` calls), or `None`.
+        count_log_name: The History column of the cumulative count, or
+            `None` for none. (Not `log_name`, which the clipping recipes
+            take for their norm.)
+
+    Example:
+
+    ```python
+    model = customfit.recipes.SkipNonFinite(inputs, outputs,
+                                            max_consecutive_skips=5)
+    history = model.fit(x, y)
+    history.history["skipped_steps"], model.skipped_steps
+    ```
+    """
+
+    def __init__(self, *args: Any, max_consecutive_skips: int | None = 10,
+                 max_skipped_steps: int | None = None,
+                 count_log_name: str | None = "skipped_steps",
+                 **kwargs: Any) -> None:
+        recipe = "SkipNonFinite"
+        if max_consecutive_skips is not None:
+            max_consecutive_skips = options.integer(
+                recipe, "max_consecutive_skips", max_consecutive_skips, minimum=0)
+        if max_skipped_steps is not None:
+            max_skipped_steps = options.integer(
+                recipe, "max_skipped_steps", max_skipped_steps, minimum=0)
+        if count_log_name is not None and (
+                not isinstance(count_log_name, str) or not count_log_name):
+            raise ValueError(
+                f"{recipe}: count_log_name must be a non-empty string (the "
+                f"History column) or None; got {count_log_name!r}. Pass e.g. "
+                'count_log_name="skipped_steps".')
+        _check_bases(type(self))
+        super().__init__(*args, **kwargs)
+        self.max_consecutive_skips = max_consecutive_skips
+        self.max_skipped_steps = max_skipped_steps
+        self.count_log_name = count_log_name
+        with tf.init_scope(), self.distribute_strategy.scope():
+            state = _State()
+        # Plain attributes: saved through save_own_variables, not as weights.
+        object.__setattr__(self, "_skip_state", state)
+        object.__setattr__(self, "_skip_losses", threading.local())
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(max_consecutive_skips=self.max_consecutive_skips,
+                      max_skipped_steps=self.max_skipped_steps,
+                      count_log_name=self.count_log_name)
+        return config
+
+    @property
+    def skipped_steps(self) -> int:
+        """Training steps skipped so far (saved and loaded with the model)."""
+        return int(self._skip_state.total.numpy())
+
+    def should_skip_update(self, loss: tf.Tensor, gradients: list) -> tf.Tensor:
+        """Whether to skip this step's update besides non-finite values.
+        Default: never.
+
+        Runs once per training step, in the default `train_step`, after the
+        gradients are computed and before `transform_gradients`; the
+        non-finite checks are made apart from it (it need not repeat them).
+        Under `tf.distribute` it runs on every replica with that replica's
+        values, and the step is skipped on all replicas if it returns `True`
+        on any. A skipped step is counted and limited like a non-finite one.
+
+        Args:
+            loss: This replica's loss as `compute_loss` returned it (unscaled;
+                under `tf.distribute` divided by the number of replicas).
+            gradients: This replica's unscaled gradients, one per trainable
+                variable (`None` for a variable the loss does not reach);
+                with `SAM`, the SAM gradients.
+
+        Returns:
+            A boolean scalar (tensor or Python bool).
+
+        Example:
+
+        ```python
+        def should_skip_update(self, loss, gradients):
+            return tf.linalg.global_norm(gradients) > 1e3   # a spike
+        ```
+        """
+        return tf.constant(False)
+
+    # ------------------------------------------------------------ the step
+
+    def _tracked_loss(self, x: Any, y: Any, y_pred: Any, sample_weight: Any,
+                      training: bool) -> tf.Tensor:
+        loss = super()._tracked_loss(x, y, y_pred, sample_weight, training)
+        if training:
+            # Per thread: MirroredStrategy traces each replica in its own.
+            self._skip_losses.loss = loss
+        return loss
+
+    def _update_weights(self, gradients: list, variables: list) -> None:
+        loss = getattr(self._skip_losses, "loss", None)
+        self._skip_losses.loss = None
+        if loss is None:
+            raise RuntimeError(
+                "SkipNonFinite found no loss for this step: the training step "
+                "must compute it with the default train_step (or "
+                "super().train_step) before the update.")
+        skip = self._replica_skips(loss, gradients)
+        state = self._skip_state
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            overflow = tf.logical_not(_all_finite(gradients))
+            flags = tf.cast(tf.stack([skip, overflow]), tf.int32)
+            flags = context.all_reduce(tf.distribute.ReduceOp.SUM, flags) > 0
+            skip = flags[0]
+            if internals.loss_scale_in_use(self.optimizer) is not None:
+                gradients = _overflowed_everywhere(flags[1], gradients)
+
+        def update(gradients: list) -> None:
+            super(SkipNonFinite, self)._update_weights(list(gradients), variables)
+
+        if tf.distribute.has_strategy() and context is not None:
+            # The optimizer synchronizes replicas (merge_call), which is not
+            # allowed inside a tf.cond taken per replica (as in Keras'
+            # LossScaleOptimizer): decide once in cross-replica context, on
+            # the all-reduced flag, then update on every replica.
+            def decide(strategy: tf.distribute.Strategy, skip: Any,
+                       gradients: list) -> None:
+                skip = strategy.experimental_local_results(skip)[0]
+                tf.cond(
+                    state.halted.value | skip,
+                    self._count_skip,
+                    lambda: self._updated(lambda: strategy.extended.call_for_each_replica(
+                        update, args=(gradients,))),
+                )
+
+            context.merge_call(decide, args=(skip, list(gradients)))
+        else:
+            tf.cond(state.halted.value | skip, self._count_skip,
+                    lambda: self._updated(lambda: update(gradients)))
+
+    def _replica_skips(self, loss: tf.Tensor, gradients: list) -> tf.Tensor:
+        """This replica's decision: non-finite loss or gradients (gradients
+        left to a LossScaleOptimizer), or `should_skip_update`."""
+        skip = tf.logical_not(_all_finite([loss]))
+        if internals.loss_scale_in_use(self.optimizer) is None:
+            skip = skip | tf.logical_not(_all_finite(gradients))
+        wanted = tf.convert_to_tensor(self.should_skip_update(loss, gradients))
+        if wanted.dtype != tf.bool or wanted.shape.num_elements() != 1:
+            raise TypeError(
+                "should_skip_update() must return a boolean scalar; got "
+                f"{wanted.dtype.name} of shape {wanted.shape}. Return e.g. "
+                "tf.linalg.global_norm(gradients) > 1e3.")
+        return skip | tf.reshape(wanted, ())
+
+    def _count_skip(self) -> None:
+        """A skipped step: counted unless a limit already stopped the run."""
+        state = self._skip_state
+
+        def count() -> None:
+            state.total.assign_add(1)
+            state.consecutive.assign_add(1)
+            over = tf.constant(False)
+            if self.max_consecutive_skips is not None:
+                over |= state.consecutive.value > self.max_consecutive_skips
+            if self.max_skipped_steps is not None:
+                over |= state.total.value > self.max_skipped_steps
+            state.halted.assign(over)
+
+        tf.cond(state.halted, lambda: None, count)
+
+    def _updated(self, update: Callable[[], Any]) -> None:
+        update()
+        self._skip_state.consecutive.assign(0)
+
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+        logs = super().train_step(data)
+        if self.count_log_name is None:
+            return logs
+        logs = dict(logs)
+        logs[self.count_log_name] = tf.identity(self._skip_state.total.value)
+        return logs
+
+    # ---------------------------------------------------- the host's check
+
+    def make_train_function(self, force: bool = False) -> Callable:
+        function = super().make_train_function(force)
+        if getattr(function, _CHECKED, False):
+            return function
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            logs = function(*args, **kwargs)
+            if bool(self._skip_state.halted.numpy()):
+                self._raise_too_many_skips()
+            return logs
+
+        setattr(checked, _CHECKED, True)
+        self.train_function = checked
+        return checked
+
+    def _raise_too_many_skips(self) -> None:
+        state = self._skip_state
+        total = int(state.total.numpy())
+        consecutive = int(state.consecutive.numpy())
+        state.halted.assign(False)
+        if (self.max_consecutive_skips is not None
+                and consecutive > self.max_consecutive_skips):
+            what = (f"{consecutive} training steps in a row were skipped "
+                    f"(max_consecutive_skips={self.max_consecutive_skips}; "
+                    f"{total} skipped in all)")
+            limit = "max_consecutive_skips"
+        else:
+            what = (f"{total} training steps were skipped in all "
+                    f"(max_skipped_steps={self.max_skipped_steps})")
+            limit = "max_skipped_steps"
+        raise RuntimeError(
+            f"SkipNonFinite stopped training: {what}, because their loss or "
+            "gradients were not finite (NaN or inf) or should_skip_update() "
+            "returned True. Their updates were not applied: the weights are "
+            "finite. Lower the learning rate (or clip the gradients), check "
+            "the data for NaN/inf (e.g. np.isfinite(x).all()), or raise "
+            f"{limit} (None for no limit).")
+
+    # ---------------------------------------------------------------- saving
+
+    def save_own_variables(self, store: Any) -> None:
+        super().save_own_variables(store)
+        store[_TOTAL_KEY] = self._skip_state.total
+        store[_CONSECUTIVE_KEY] = self._skip_state.consecutive
+
+    def load_own_variables(self, store: Any) -> None:
+        keys = list(store.keys())
+        ours = {_TOTAL_KEY, _CONSECUTIVE_KEY}
+        super().load_own_variables({k: store[k] for k in keys if k not in ours})
+        if _TOTAL_KEY in keys:
+            self._skip_state.total.assign(store[_TOTAL_KEY])
+        if _CONSECUTIVE_KEY in keys:
+            self._skip_state.consecutive.assign(store[_CONSECUTIVE_KEY])
+
+
+class _State:
+    """The skip counters (the same on every replica, updated in cross-replica
+    context) and the flag a limit sets for the host's check."""
+
+    def __init__(self) -> None:
+        def counter(name: str, dtype: str = "int64") -> keras.Variable:
+            return keras.Variable(0, dtype=dtype, trainable=False,
+                                  aggregation="only_first_replica", name=name)
+
+        self.total = counter("skipped_steps")
+        self.consecutive = counter("consecutive_skipped_steps")
+        self.halted = counter("skipping_halted", dtype="bool")
+
+
+def _all_finite(tensors: list) -> tf.Tensor:
+    checks = [tf.constant(True)]
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, tf.IndexedSlices):
+            t = t.values
+        checks.append(tf.reduce_all(tf.math.is_finite(t)))
+    return tf.reduce_all(tf.stack(checks))
+
+
+def _overflowed_everywhere(overflow: tf.Tensor, gradients: list) -> list:
+    """Every replica's gradients made non-finite when any replica's are.
+
+    Under `MirroredStrategy`, Keras' `LossScaleOptimizer` decides from the
+    first replica's gradients alone whether to apply them; an overflow on
+    another replica would reach the weights through the all-reduce (inf
+    weights in stock `fit`). With the overflow on every replica, the
+    optimizer skips the step and lowers the scale, as on one device.
+    Finite gradients are returned unchanged (selected, not recomputed).
+    """
+
+    def poisoned(g: tf.Tensor) -> tf.Tensor:
+        return tf.where(overflow, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+
+    result = []
+    for g in gradients:
+        if isinstance(g, tf.IndexedSlices):
+            g = tf.IndexedSlices(poisoned(g.values), g.indices, g.dense_shape)
+        elif g is not None:
+            g = poisoned(g)
+        result.append(g)
+    return result
+
+
+def _check_bases(cls: type) -> None:
+    mro = cls.__mro__
+    if GradientAccumulation in mro and mro.index(GradientAccumulation) < mro.index(
+            SkipNonFinite):
+        raise TypeError(
+            f"{cls.__name__} lists GradientAccumulation before SkipNonFinite; "
+            "list SkipNonFinite first, e.g. class Net(SkipNonFinite, "
+            "GradientAccumulation), so a bad micro-batch is skipped before it "
+            "reaches the accumulators.")
