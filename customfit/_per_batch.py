@@ -57,6 +57,7 @@ class Channel:
         self.summary: tuple[int, int] | None = None
         self.rows: tuple[list[str], tf.Tensor] | None = None
         self.pending: PerBatchCallbacks | None = None
+        self.replaying = False
 
     def take_rows(self) -> tuple[list[str], tf.Tensor] | None:
         rows, self.rows = self.rows, None
@@ -186,6 +187,15 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
     return function
 
 
+def replayed_begin(model: keras.Model) -> bool:
+    """Whether the `on_train_batch_begin`/`on_test_batch_begin` now running
+    is one `PerBatchCallbacks` replays after its execution ran: the model's
+    weights are already those after the execution's last batch, not those
+    before this batch."""
+    channel = model.__dict__.get("_per_batch_channel")
+    return channel is not None and channel.replaying
+
+
 def _flat_row(outputs: Any) -> tf.Tensor:
     """The step's logs as one float64 vector, in `tree.flatten` order. Each
     value is a scalar, or a one-element vector across workers."""
@@ -302,7 +312,11 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         rows = stacked.numpy().tolist()
         for offset, row in enumerate(rows):
             if offset:
-                begin(first + offset)
+                self._channel.replaying = True
+                try:
+                    begin(first + offset)
+                finally:
+                    self._channel.replaying = False
             end(first + offset, dict(zip(names, row)))
         if len(rows) < self.inner.model.steps_per_execution:
             self._after_short[phase] = first + len(rows)
