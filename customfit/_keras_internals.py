@@ -80,6 +80,32 @@ def make_step_function(model: keras.Model, step: Callable) -> Callable:
     return model._make_function(step)
 
 
+def reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
+    """Keras' reduction of a step's per-replica outputs (`_make_function`'s)."""
+    return _tf_trainer.reduce_per_replica(values, strategy, reduction=reduction)
+
+
+def autoconvert_optionals(model: keras.Model, step: Callable) -> Callable:
+    """`step` taking batches whose `tf.experimental.Optional` parts become
+    None, as in Keras' `_make_function`."""
+    return model._autoconvert_optionals(step)
+
+
+def epoch_batches(epoch_iterator: Any) -> int | None:
+    """The batches per epoch Keras gives `CallbackList(steps=...)` in `fit`
+    and `evaluate` (None when unknown)."""
+    return epoch_iterator.num_batches
+
+
+def tensorboard_batch_count(callback: keras.callbacks.TensorBoard, phase: str) -> int:
+    """The step `TensorBoard` writes batch summaries at: its count of training
+    ("train") or evaluation ("test") batches begun, 1-based, kept in
+    `on_train_batch_begin`/`on_test_batch_begin`."""
+    if phase == "train":
+        return callback._global_train_batch
+    return callback._global_test_batch
+
+
 def symbolic_build(
     model: keras.Model, iterator: Any = None, data_batch: Any = None
 ) -> None:

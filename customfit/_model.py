@@ -17,7 +17,7 @@ from customfit._keras2 import (
     missing_targets_message,
     track_loss,
 )
-from customfit import _dev_modes, _guards, _optimizers, _resume, _saving
+from customfit import _dev_modes, _guards, _optimizers, _per_batch, _resume, _saving
 from customfit._step_logging import StepLogs
 
 
@@ -80,6 +80,7 @@ class CustomModel(keras.Model):
         object.__setattr__(self, "_stock_metrics_only", False)
         object.__setattr__(self, "_compiled_loss", CompiledLoss(self))
         object.__setattr__(self, "_compiled_metrics", CompiledMetrics(self))
+        object.__setattr__(self, "_per_batch_channel", _per_batch.Channel())
 
     # ----------------------------------------------------------------- hooks
 
@@ -368,15 +369,17 @@ class CustomModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
         _optimizers.build_unbuilt(self)  # the other optimizers, likewise
         if self.train_function is None or force:
-            self.train_function = internals.make_step_function(
-                self, self._checked_step(self.train_step, "train")
+            self.train_function = _per_batch.make_function(
+                self, self._checked_step(self.train_step, "train"),
+                self._per_batch_channel,
             )
         return self.train_function
 
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
-            self.test_function = internals.make_step_function(
-                self, self._checked_step(self.test_step, "test")
+            self.test_function = _per_batch.make_function(
+                self, self._checked_step(self.test_step, "test"),
+                self._per_batch_channel,
             )
         return self.test_function
 
@@ -423,13 +426,33 @@ class CustomModel(keras.Model):
         arguments = _optimizers.with_learning_rate_logs(self, arguments)
         # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
         arguments, resume = _resume.prepare_fit(self, arguments)
-        with self._step_logs.in_phase("train"), resume:
-            return super().fit(**arguments)
+        # Callbacks see every batch, also with steps_per_execution > 1.
+        with self._step_logs.in_phase("train"), resume, \
+                self._per_batch_callbacks(
+                    "fit", (), arguments, made_here=getattr(resume, "callbacks", None)
+                ) as (args, kwargs):
+            return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras' `evaluate`; callbacks see every batch, also with
+        `steps_per_execution > 1`."""
         self._require_compiled("evaluate")
-        with self._step_logs.in_phase("test"):
+        with self._step_logs.in_phase("test"), \
+                self._per_batch_callbacks("evaluate", args, kwargs) as (args, kwargs):
             return super().evaluate(*args, **kwargs)
+
+    def _per_batch_callbacks(
+        self, method: str, args: tuple, kwargs: dict,
+        made_here: keras.callbacks.CallbackList | None = None,
+    ) -> Any:
+        """`fit`'s/`evaluate`'s arguments with the callbacks in a
+        `_per_batch.PerBatchCallbacks`: with `steps_per_execution=k`, each
+        execution's k batches reach callbacks as k `on_*_batch_begin/end`
+        calls with their own index and logs, and `tf.summary` calls inside
+        the step get the real batch number under `keras.callbacks.TensorBoard`.
+        """
+        return _per_batch.per_batch_callbacks(
+            self, self._per_batch_channel, method, args, kwargs, made_here)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
@@ -449,6 +472,8 @@ class CustomModel(keras.Model):
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
         _resume.saw_epoch_iterator(self, iterator)
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
+        # Keras makes its CallbackList right after this call; so does fit's.
+        _per_batch.batches_known(self._per_batch_channel, iterator)
 
     def _flatten_metrics_in_order(self, logs: dict) -> Any:
         # Keras orders evaluate()'s list by its own metrics list; keep its order.

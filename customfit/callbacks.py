@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from customfit import _keras_internals as internals
-from customfit import _optimizers, _resume
+from customfit import _optimizers, _per_batch, _resume
 from customfit._saving import atomic_destination, write_text_atomically
 
 __all__ = [
@@ -256,8 +256,8 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Runs before each batch: with `save_freq=N`, saves the state after
         the previous batches once N more have run since the last backup."""
-        if self.save_freq == "epoch":
-            return
+        if self.save_freq == "epoch" or _per_batch.replayed_begin(self.model):
+            return  # replayed after its execution ran: not the state before it
         if batch // self.save_freq > self._last_backup_batch // self.save_freq:
             self._save(self._epoch, batch)
             self._last_backup_batch = batch

@@ -4,6 +4,7 @@ When one of these fails after a Keras upgrade, update
 customfit/_keras_internals.py before anything else.
 """
 
+import hashlib
 import inspect
 
 import keras
@@ -289,3 +290,54 @@ def test_loss_scale_optimizer_apply_gradients_dispatches_to_apply():
         optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])
     assert applies == [[variable]]
     assert "apply" not in vars(optimizer)
+
+
+def test_per_batch_function_copies_keras_multi_step_loop():
+    """customfit/_per_batch.make_function is Keras 3.15.1's `_make_function`
+    plus per-step logs and summary steps. When this fails, Keras changed its
+    loop: bring the copy in line, then update the hash."""
+    from keras.src.backend.tensorflow import trainer
+
+    source = inspect.getsource(trainer.TensorFlowTrainer._make_function)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "bb33b7a0da3d27406c70fac54b8e9617156ef225f452b93f6addf8cc34aca0d0")
+    for name in ("reduce_per_replica(", "self._autoconvert_optionals(",
+                 "self.unrolled_steps_per_execution"):
+        assert name in source, name
+
+
+def test_reduce_per_replica_and_autoconvert_optionals():
+    logs = {"loss": tf.constant(1.5)}
+    assert internals.reduce_per_replica(logs, tf.distribute.get_strategy(), "auto") is not None
+    model = models.mlp(customfit.CustomModel)
+    seen = []
+    wrapped = internals.autoconvert_optionals(model, lambda data: seen.append(data))
+    wrapped((tf.constant(1.0), tf.experimental.Optional.empty(None)))
+    assert seen[0][1] is None
+
+
+def test_fit_and_evaluate_make_their_callback_list_as_per_batch_callbacks_does():
+    """`_per_batch.PerBatchCallbacks` is used as given (a CallbackList), is
+    built from the batch count `_maybe_symbolic_build` sees, and is passed on
+    to the validation `evaluate`."""
+    from keras.src.backend.tensorflow import trainer
+
+    for method in (trainer.TensorFlowTrainer.fit, trainer.TensorFlowTrainer.evaluate):
+        source = inspect.getsource(method)
+        build = source.index("self._maybe_symbolic_build(iterator=epoch_iterator)")
+        check = source.index("if not isinstance(callbacks, callbacks_module.CallbackList)")
+        assert build < check
+        assert "steps=epoch_iterator.num_batches" in source[check:]
+    assert "callbacks=callbacks," in inspect.getsource(trainer.TensorFlowTrainer.fit)
+    assert "def num_batches" in inspect.getsource(trainer.TFEpochIterator.__mro__[1])
+
+
+def test_tensorboard_counts_batches_where_it_steps_its_writer(tmp_path):
+    board = keras.callbacks.TensorBoard(str(tmp_path))
+    assert internals.tensorboard_batch_count(board, "train") == 0
+    assert internals.tensorboard_batch_count(board, "test") == 0
+    source = inspect.getsource(keras.callbacks.TensorBoard)
+    assert "self._push_writer(self._train_writer, self._global_train_batch)" in source
+    assert "self._push_writer(self._val_writer, self._global_test_batch)" in source
+    assert "self._global_train_batch += 1" in source
+    assert "self._global_test_batch += 1" in source
