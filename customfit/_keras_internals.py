@@ -74,12 +74,6 @@ def aggregate_additional_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
     return model._aggregate_additional_loss(loss)
 
 
-def make_step_function(model: keras.Model, step: Callable) -> Callable:
-    """Wraps `step` in Keras' own loop: distribution, tf.function, XLA and
-    `steps_per_execution`, exactly as `make_train_function` does."""
-    return model._make_function(step)
-
-
 def reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
     """Keras' reduction of a step's per-replica outputs (`_make_function`'s)."""
     return _tf_trainer.reduce_per_replica(values, strategy, reduction=reduction)
@@ -226,26 +220,6 @@ def wrap_epoch_iterator_dataset(epoch_iterator: Any, wrapper: Callable) -> Any:
     dataset = epoch_iterator._distributed_dataset
     epoch_iterator._distributed_dataset = wrapper(dataset)
     return dataset
-
-
-def trace_step_function(function: Callable, iterator: Any) -> bool:
-    """Traces a function made by `make_step_function` for `iterator` without
-    running it, so that the variables its step creates while tracing (metrics
-    built on first use, `CustomModel.log` columns) exist before the first call,
-    which then reuses the trace. False when there is nothing to trace
-    (`run_eagerly=True`).
-
-    Relies on Keras' `_make_function` returning a closure over the
-    `tf.function` `multi_step_on_iterator` that each call runs.
-    """
-    names = getattr(getattr(function, "__code__", None), "co_freevars", ())
-    if "multi_step_on_iterator" not in names:
-        return False  # not made by make_step_function
-    inner = function.__closure__[names.index("multi_step_on_iterator")].cell_contents
-    if not hasattr(inner, "get_concrete_function"):
-        return False
-    inner.get_concrete_function(iterator)
-    return True
 
 
 def global_seed_generator(create: bool = False) -> Any:

@@ -184,6 +184,17 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
             outputs = one_step_on_data(data)
         return outputs
 
+    def trace_ahead(iterator: Any) -> bool:
+        """Traces the step for `iterator` without running it, so that the
+        variables it creates while tracing (metrics built on first use,
+        `CustomModel.log` columns) exist before the first call. False when
+        there is nothing to trace (`run_eagerly=True`)."""
+        if model.run_eagerly:
+            return False
+        multi_step_on_iterator.get_concrete_function(iterator)
+        return True
+
+    function.trace_ahead = trace_ahead
     return function
 
 

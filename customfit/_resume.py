@@ -169,7 +169,9 @@ class FitResume:
             self._skip(iterator, callbacks.step, callbacks.skip_below)
             return {}
         if self._metric_values is not None:
-            internals.trace_step_function(self._original_train_function, iterator)
+            trace_ahead = getattr(self._original_train_function, "trace_ahead", None)
+            if trace_ahead is not None:
+                trace_ahead(iterator)
             restore_metrics(self.model, self._metric_values)
             self._metric_values = None
         return self._original_train_function(iterator)

@@ -37,6 +37,40 @@ def finish(process, timeout=240):
     assert code == 0, f"training process failed ({code}):\n{output(process)}"
 
 
+def kill_and_restart(script, tmp_path, kill_at, check_killed):
+    """Runs `script` twice side by side: into `tmp_path/reference`, and into
+    `tmp_path/crashed` with `--pause-once-at epoch:batch`. Kills the second
+    with SIGKILL once it pauses there, calls `check_killed(crashed_out)`,
+    starts the same command again and waits for both runs to end. Returns
+    `(reference_out, crashed_out)`."""
+    reference_out, crashed_out = tmp_path / "reference", tmp_path / "crashed"
+    command = [sys.executable, str(script), str(crashed_out),
+               "--pause-once-at", "{}:{}".format(*kill_at)]
+    reference = start([sys.executable, str(script), str(reference_out)],
+                      tmp_path / "reference.log")
+    crashed = start(command, tmp_path / "crashed.log")
+    processes = [reference, crashed]
+    try:
+        deadline = time.monotonic() + 240
+        while not (crashed_out / "paused").exists():
+            assert crashed.poll() is None, output(crashed)
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        crashed.send_signal(signal.SIGKILL)
+        assert crashed.wait(timeout=30) == -signal.SIGKILL
+        check_killed(crashed_out)
+        restarted = start(command, tmp_path / "restarted.log")  # the same command
+        processes.append(restarted)
+        finish(restarted)
+        finish(reference)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return reference_out, crashed_out
+
+
 def h5_arrays(path):
     arrays = {}
     with h5py.File(path, "r") as f:
@@ -54,35 +88,12 @@ def runs(out):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigkilled_training_restarted_with_the_same_command_ends_identical(tmp_path):
-    reference_out, crashed_out = tmp_path / "reference", tmp_path / "crashed"
-    script = [sys.executable, str(SCRIPT)]
-    command = [*script, str(crashed_out), "--pause-once-at", "{}:{}".format(*KILL_AT)]
-    reference = start([*script, str(reference_out)], tmp_path / "reference.log")
-    crashed = start(command, tmp_path / "crashed.log")
-    processes = [reference, crashed]
-    try:
-        marker = crashed_out / "paused"
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert crashed.poll() is None, output(crashed)
-            assert time.monotonic() < deadline, "the run never reached the kill point"
-            time.sleep(0.1)
-        crashed.send_signal(signal.SIGKILL)
-        assert crashed.wait(timeout=30) == -signal.SIGKILL
+    def check_killed(crashed_out):
         assert not (crashed_out / "final.npz").exists()
         backup = json.loads((crashed_out / "backup" / "backup.json").read_text())
         assert backup["epoch"] == KILL_AT[0]  # the epochs finished before the kill
 
-        restarted = start(command, tmp_path / "restarted.log")  # the same command
-        processes.append(restarted)
-        finish(restarted)
-        finish(reference)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
+    reference_out, crashed_out = kill_and_restart(SCRIPT, tmp_path, KILL_AT, check_killed)
     (reference_run,) = runs(reference_out)
     (resumed_run,) = runs(crashed_out)  # the killed process wrote none
     assert sorted(resumed_run) == [2, 3, 4]

@@ -35,14 +35,19 @@ def stepped(base, scale_loss=False, via_hook=False):
     return Step
 
 
-def fit_once(base, data, run_eagerly=False):
-    """One epoch of two batches; returns the model and its first kernel before."""
-    x, y = data
+def compiled(base, run_eagerly=False):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((64,))
     model = base(inputs, keras.layers.Dense(10, activation="softmax")(inputs))
     model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy",
                   run_eagerly=run_eagerly)
+    return model
+
+
+def fit_once(base, data, run_eagerly=False):
+    """One epoch of two batches; returns the model and its first kernel before."""
+    x, y = data
+    model = compiled(base, run_eagerly)
     start = np.array(model.get_weights()[0], copy=True)
     model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
     return model, start
@@ -66,11 +71,7 @@ def test_forgotten_scale_loss_raises_in_the_first_step(data, mixed_float16, run_
     base = (stepped(customfit.CustomModel) if step == "forgotten"
             else keras2_model(customfit.CustomModel))
     x, y = data
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((64,))
-    model = base(inputs, keras.layers.Dense(10, activation="softmax")(inputs))
-    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy",
-                  run_eagerly=run_eagerly)
+    model = compiled(base, run_eagerly)
     before = [np.array(w, copy=True) for w in model.get_weights()]
     with pytest.raises(ValueError, match=r"never passed the loss to its scale_loss\(\)"
                        r"[\s\S]*self\.optimizer\.scale_loss\(loss\)[\s\S]*"

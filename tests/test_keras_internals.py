@@ -221,36 +221,6 @@ def test_fit_makes_each_epochs_iterator_from_the_wrapped_dataset(digits):
     assert len(made) == 4
 
 
-def test_step_function_traced_ahead_creates_lazy_variables_and_is_reused(digits):
-    """BackupAndRestore traces the step before the resumed epoch's first batch,
-    so that metrics created while tracing exist when their values are restored."""
-    traces = []
-
-    class Logged(customfit.CustomModel):
-        def transform_gradients(self, gradients, variables):
-            traces.append(1)
-            self.log("norm", tf.linalg.global_norm(gradients))
-            return gradients
-
-    model = models.mlp(Logged, dropout=0)
-    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    function = model.make_train_function()
-    dataset = tf.data.Dataset.from_tensor_slices(digits).batch(16)
-    iterator = iter(dataset)
-    before = [w.numpy() for w in model.weights]
-    assert internals.trace_step_function(function, iterator)
-    assert [m.name for m in model._step_logs.metrics] == ["norm"]
-    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
-    assert int(model.optimizer.iterations) == 0
-    traced = len(traces)
-    function(iterator)
-    assert len(traces) == traced  # the call ran the traced step: no new trace
-    assert int(model.optimizer.iterations) == 1
-    eager = models.mlp(customfit.CustomModel, dropout=0)
-    eager.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True)
-    assert not internals.trace_step_function(eager.make_train_function(), iter(dataset))
-
-
 def test_global_seed_generator_is_keras_unseeded_random_source():
     internals.global_seed_generator(create=True)
     generator = internals.global_seed_generator()

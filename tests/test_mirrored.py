@@ -47,9 +47,9 @@ def test_two_replicas_report_and_train_like_stock_fit():
     for policy in ["float32", "mixed_float16"]:
         stock = results.pop(f"{policy}/stock")
         assert stock["history"]["loss"][0] > 1.5  # the full loss, not half of it
-        # The tutorial's Keras-2 step never calls optimizer.scale_loss, so under
-        # mixed_float16 the LossScaleOptimizer divides unscaled gradients by
-        # the loss scale: it matches stock fit in float32 only.
+        # The tutorial's Keras-2 step never calls optimizer.scale_loss: under
+        # mixed_float16 its first step raises (tests/test_guards.py), so it is
+        # compared in float32 only.
         names = ["default", "keras2", "every_hook"] if policy == "float32" else [
             "default", "every_hook"]
         for name in names:

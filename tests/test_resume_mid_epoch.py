@@ -3,9 +3,6 @@ again continues with the next untrained batch, and ends exactly like a fit
 that was never interrupted."""
 
 import json
-import signal
-import sys
-import time
 
 import keras
 import numpy as np
@@ -16,10 +13,10 @@ import customfit
 from customfit.callbacks import BackupAndRestore, ResumeWarning
 from tests import models
 from tests.subproc import ROOT
-from tests.test_crash_resume import finish, output, start
+from tests.test_crash_resume import kill_and_restart
 
 SCRIPT = ROOT / "tests" / "scripts" / "resumable_mid_epoch.py"
-CASES = ["arrays", "dataset", "arrays-2-replicas", "dataset-2-replicas"]
+CASES = ["arrays", "dataset", "dataset-2-replicas"]
 KILL_AFTER = (1, 4)  # epoch, batch (of 8): the last backup is after batch 2
 BACKED_UP = 3  # batches of epoch 1 in that backup (save_freq=3)
 
@@ -33,35 +30,13 @@ def case_runs(directory):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigkilled_mid_epoch_resumes_at_the_next_batch_bit_for_bit(tmp_path):
-    reference_out, crashed_out = tmp_path / "reference", tmp_path / "crashed"
-    script = [sys.executable, str(SCRIPT)]
-    command = [*script, str(crashed_out), "--pause-once-at", "{}:{}".format(*KILL_AFTER)]
-    reference = start([*script, str(reference_out)], tmp_path / "reference.log")
-    crashed = start(command, tmp_path / "crashed.log")
-    processes = [reference, crashed]
-    try:
-        deadline = time.monotonic() + 240
-        while not (crashed_out / "paused").exists():
-            assert crashed.poll() is None, output(crashed)
-            assert time.monotonic() < deadline, "the run never reached the kill point"
-            time.sleep(0.1)
-        crashed.send_signal(signal.SIGKILL)
-        assert crashed.wait(timeout=30) == -signal.SIGKILL
+    def check_killed(crashed_out):
         for case in CASES:  # every case was killed mid-epoch, backed up mid-epoch
             backup = json.loads((crashed_out / case / "backup" / "backup.json").read_text())
             assert (backup["epoch"], backup["batch"]) == (KILL_AFTER[0], BACKED_UP), case
             assert not (crashed_out / case / "final.npz").exists()
 
-        restarted = start(command, tmp_path / "restarted.log")  # the same command
-        processes.append(restarted)
-        finish(restarted)
-        finish(reference)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
+    reference_out, crashed_out = kill_and_restart(SCRIPT, tmp_path, KILL_AFTER, check_killed)
     for case in CASES:
         (expected,) = case_runs(reference_out / case)
         (resumed,) = case_runs(crashed_out / case)  # the killed process wrote none
@@ -262,3 +237,33 @@ def test_epoch_backup_resumes_a_reshuffling_dataset_in_its_epochs_order(
         assert any(not np.array_equal(a, b) for a, b in zip(resumed, expected))
     else:
         assert_same_state(resumed, expected)
+
+
+def test_step_function_traced_ahead_creates_lazy_variables_and_is_reused(digits):
+    """BackupAndRestore traces the step before the resumed epoch's first batch,
+    so that metrics created while tracing exist when their values are restored."""
+    traces = []
+
+    class Logged(customfit.CustomModel):
+        def transform_gradients(self, gradients, variables):
+            traces.append(1)
+            self.log("norm", tf.linalg.global_norm(gradients))
+            return gradients
+
+    model = models.mlp(Logged, dropout=0)
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    function = model.make_train_function()
+    dataset = tf.data.Dataset.from_tensor_slices(digits).batch(16)
+    iterator = iter(dataset)
+    before = [w.numpy() for w in model.weights]
+    assert function.trace_ahead(iterator)
+    assert [m.name for m in model._step_logs.metrics] == ["norm"]
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    assert int(model.optimizer.iterations) == 0
+    traced = len(traces)
+    function(iterator)
+    assert len(traces) == traced  # the call ran the traced step: no new trace
+    assert int(model.optimizer.iterations) == 1
+    eager = models.mlp(customfit.CustomModel, dropout=0)
+    eager.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True)
+    assert not eager.make_train_function().trace_ahead(iter(dataset))

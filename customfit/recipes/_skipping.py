@@ -270,6 +270,7 @@ class SkipNonFinite(CustomModel):
             return logs
 
         setattr(checked, _CHECKED, True)
+        checked.trace_ahead = function.trace_ahead
         self.train_function = checked
         return checked
 
