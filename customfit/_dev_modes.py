@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from customfit import _resume
+
 _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 
@@ -148,17 +150,11 @@ class MidEpochValidation(keras.callbacks.Callback):
 def kept_metric_state(model: keras.Model) -> Iterator[None]:
     """Puts every metric variable of `model` back as it was on entry, replica
     by replica (`evaluate` resets them all, training metrics included)."""
-    strategy = model.distribute_strategy
-    saved = [
-        (component, component.read_value())
-        for variable in model.metrics_variables
-        for component in strategy.experimental_local_results(variable.value)
-    ]
+    saved = _resume.metric_values(model)
     try:
         yield
     finally:
-        for component, value in saved:
-            component.assign(value)
+        _resume.assign_metric_values(model, saved)
 
 
 def _split_validation_here(arguments: dict[str, Any]) -> None:

@@ -325,13 +325,36 @@ def capture_state(model: keras.Model, batch: int) -> dict[str, np.ndarray]:
     if generator is not None:
         state[_SEED_KEY] = np.asarray(generator.state.numpy())
     if with_metrics:
-        strategy = model.distribute_strategy
         variables = metric_variables(model)
         state["metric_names"] = np.array([name for name, _ in variables], dtype=str)
-        for i, (_, variable) in enumerate(variables):
-            parts = strategy.experimental_local_results(variable.value)
-            state[f"metric_{i}"] = np.stack([np.asarray(p.numpy()) for p in parts])
+        for i, values in enumerate(metric_values(model)):
+            state[f"metric_{i}"] = values
     return state
+
+
+def metric_values(model: keras.Model) -> list[np.ndarray]:
+    """The value of each of `metric_variables(model)`, one row per replica
+    (under `tf.distribute` each replica holds its own part of a metric)."""
+    strategy = model.distribute_strategy
+    return [
+        np.stack([np.asarray(part.numpy())
+                  for part in strategy.experimental_local_results(variable.value)])
+        for _, variable in metric_variables(model)
+    ]
+
+
+def assign_metric_values(model: keras.Model, values: list[np.ndarray]) -> None:
+    """Puts back what `metric_values` returned, replica by replica."""
+    strategy = model.distribute_strategy
+    for (name, variable), saved in zip(metric_variables(model), values):
+        parts = strategy.experimental_local_results(variable.value)
+        if len(saved) != len(parts):
+            raise ValueError(
+                f"The backup holds metric '{name}' for {len(saved)} replicas; "
+                f"this run has {len(parts)}. Resume with the same number of "
+                "replicas, or delete the backup directory.")
+        for part, value in zip(parts, saved):
+            part.assign(value)
 
 
 def restore_global_state(state: dict) -> None:
@@ -350,14 +373,4 @@ def restore_metrics(model: keras.Model, state: dict) -> None:
             "zero, so this epoch's logs are not those of the interrupted run.",
             ResumeWarning, stacklevel=2)
         return
-    strategy = model.distribute_strategy
-    for i, (name, variable) in enumerate(variables):
-        parts = strategy.experimental_local_results(variable.value)
-        saved = state[f"metric_{i}"]
-        if len(saved) != len(parts):
-            raise ValueError(
-                f"The backup holds metric '{name}' for {len(saved)} replicas; "
-                f"this run has {len(parts)}. Resume with the same number of "
-                "replicas, or delete the backup directory.")
-        for part, value in zip(parts, saved):
-            part.assign(value)
+    assign_metric_values(model, [state[f"metric_{i}"] for i in range(len(variables))])

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 import customfit
 from tests import models
-from tests.subproc import run_python
 
 
 class BatchRecorder(keras.callbacks.Callback):
@@ -215,35 +214,3 @@ def test_overfit_batches_refuses_a_generator_with_the_fix(digits):
 
     with pytest.raises(ValueError, match="Collect a few batches into arrays"):
         compiled(models.mlp).fit(batches(), overfit_batches=1, verbose=0)
-
-
-@pytest.mark.multiprocess
-def test_validating_mid_epoch_under_two_replicas_leaves_training_unchanged():
-    """Metric variables are per replica there; each is put back."""
-    out = run_python("""
-        import keras, numpy as np
-        from sklearn.datasets import load_digits
-        import customfit
-        from tests import models
-        data = load_digits()
-        x, y = (data.data / 16.0).astype("float32")[:256], data.target[:256]
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-        def run(**modes):
-            keras.utils.set_random_seed(1)
-            with strategy.scope():
-                model = models.mlp(customfit.CustomModel)
-                model.compile("adam", "sparse_categorical_crossentropy",
-                              metrics=["accuracy"])
-            history = model.fit(x, y, batch_size=32, epochs=2, verbose=0,
-                                validation_split=0.25, **modes).history
-            return history, [w.numpy() for w in model.weights]
-
-        plain, plain_weights = run()
-        checked, checked_weights = run(validate_every_n_batches=2)
-        assert checked == plain, (checked, plain)
-        for a, b in zip(checked_weights, plain_weights):
-            np.testing.assert_array_equal(a, b)
-        print("ok", plain["loss"])
-    """, two_cpus=True)
-    assert out.startswith("ok")
