@@ -427,32 +427,22 @@ class CustomModel(keras.Model):
         # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
         arguments, resume = _resume.prepare_fit(self, arguments)
         # Callbacks see every batch, also with steps_per_execution > 1.
-        with self._step_logs.in_phase("train"), resume, \
-                self._per_batch_callbacks(
-                    "fit", (), arguments, made_here=getattr(resume, "callbacks", None)
-                ) as (args, kwargs):
+        per_batch = _per_batch.per_batch_callbacks(
+            self, self._per_batch_channel, "fit", (), arguments,
+            made_here=getattr(resume, "callbacks", None),
+        )
+        with self._step_logs.in_phase("train"), resume, per_batch as (args, kwargs):
             return super().fit(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Keras' `evaluate`; callbacks see every batch, also with
         `steps_per_execution > 1`."""
         self._require_compiled("evaluate")
-        with self._step_logs.in_phase("test"), \
-                self._per_batch_callbacks("evaluate", args, kwargs) as (args, kwargs):
+        per_batch = _per_batch.per_batch_callbacks(
+            self, self._per_batch_channel, "evaluate", args, kwargs
+        )
+        with self._step_logs.in_phase("test"), per_batch as (args, kwargs):
             return super().evaluate(*args, **kwargs)
-
-    def _per_batch_callbacks(
-        self, method: str, args: tuple, kwargs: dict,
-        made_here: keras.callbacks.CallbackList | None = None,
-    ) -> Any:
-        """`fit`'s/`evaluate`'s arguments with the callbacks in a
-        `_per_batch.PerBatchCallbacks`: with `steps_per_execution=k`, each
-        execution's k batches reach callbacks as k `on_*_batch_begin/end`
-        calls with their own index and logs, and `tf.summary` calls inside
-        the step get the real batch number under `keras.callbacks.TensorBoard`.
-        """
-        return _per_batch.per_batch_callbacks(
-            self, self._per_batch_channel, method, args, kwargs, made_here)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
