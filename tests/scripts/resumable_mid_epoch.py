@@ -34,18 +34,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-import customfit  # noqa: E402
 from customfit.callbacks import BackupAndRestore  # noqa: E402
+from tests.scripts.resumable_training import Noisy  # noqa: E402
 
 CASES = ["arrays", "dataset", "dataset-2-replicas"]
 EPOCHS = 3
 SAVE_FREQ = 3
-
-
-class Noisy(customfit.CustomModel):
-    def transform_gradients(self, gradients, variables):
-        self.log("grad_norm", tf.linalg.global_norm(gradients))
-        return gradients
 
 
 class Record(keras.callbacks.Callback):
