@@ -74,11 +74,16 @@ def test_nan_batch_is_left_out_of_the_update_exactly(digits, compile_kwargs):
     assert history["skipped_steps"] == [1, 2]  # cumulative, not an average
 
 
-def test_stock_fit_turns_the_weights_nan(digits):
+def test_stock_fit_writes_nan_into_the_weights(digits):
+    """Only what every CPU does: the NaN pixel's row of the first kernel gets a
+    NaN gradient (NaN times anything is NaN in a matrix product), and Adam
+    writes it into the weights. How far it spreads, and whether the loss
+    shows it, depends on the kernels (`relu(NaN)` is NaN on some CPUs, 0 on
+    others), so that is not asserted."""
     x, y = data(digits, bad_batches=[1])
-    model, history = fit(keras.Model, x, y)
-    assert all(np.isnan(w).all() for w in model.get_weights())
-    assert np.isnan(history["loss"][0])
+    model, _ = fit(keras.Model, x, y)
+    first_kernel = model.get_weights()[0]
+    assert np.isnan(first_kernel[10]).all()
 
 
 def test_without_non_finite_values_it_trains_like_stock_fit(digits):
@@ -346,8 +351,10 @@ def test_two_replicas_skip_together_when_one_sees_nan():
     # The same strategy on the data without the batch: equal bit for bit.
     for a, b in zip(skipping["weights"], reference["weights"], strict=True):
         np.testing.assert_array_equal(a, b)
-    # Stock fit: replica 1's NaN reaches both replicas through the all-reduce.
-    assert all(np.isnan(w).all() for w in results["stock"]["weights"])
+    # Stock fit: replica 1's NaN reaches both replicas through the all-reduce
+    # (the NaN pixel's row of the first kernel; see the one-device test).
+    first_kernel_copies = results["stock"]["replicas"][0]
+    assert all(np.isnan(np.asarray(copy)[10]).all() for copy in first_kernel_copies)
     mixed = results["mixed"]
     assert mixed["skipped"] == 1 and mixed["iterations"] == 3
     assert all(np.isfinite(w).all() for w in mixed["weights"])
