@@ -33,6 +33,11 @@ def is_functional_call(args: tuple, kwargs: dict) -> bool:
     return _model.functional_init_arguments(args, kwargs)
 
 
+def all_layers(model: keras.Model) -> list:
+    """The model and every layer inside it, at any depth."""
+    return list(model._flatten_layers(include_self=True))
+
+
 def share_registered_name(twin: type, original: type) -> None:
     """Saves `twin` under the name `original` was registered with, if any."""
     names = _object_registration.GLOBAL_CUSTOM_NAMES
@@ -235,8 +240,9 @@ def global_seed_generator(create: bool = False) -> Any:
 def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
     """Shadows `obj.<method>` with `wrapper` on this instance only, bypassing
     Keras' attribute tracking. Relies on Keras dispatching through the
-    instance: `Layer.__call__` calls `self.call`, and
-    `Optimizer.apply_gradients` calls `self.apply`."""
+    instance: `Layer.__call__` calls `self.call`,
+    `Optimizer.apply_gradients` calls `self.apply`, and `Optimizer.apply`
+    calls `self.build` on an unbuilt optimizer."""
     vars(obj)[method] = wrapper
     try:
         yield

@@ -3,10 +3,13 @@ their learning rates in the epoch logs."""
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import keras
+
+from customfit import _keras_internals as internals
 
 MAIN = "optimizer"
 
@@ -27,17 +30,50 @@ def registered(model: keras.Model) -> Mapping[str, keras.optimizers.Optimizer]:
     return types.MappingProxyType(found)
 
 
-def build_unbuilt(model: keras.Model) -> None:
-    """Builds every registered optimizer that is not built yet over all the
-    model's trainable variables, as Keras builds `model.optimizer` under a
-    distribution strategy: its state then exists before the first step is
-    traced, so a loaded file restores it instead of skipping it."""
-    unbuilt = [o for o in registered(model).values() if not o.built]
-    if not model.built or not unbuilt:
+def build_over_all(model: keras.Model, optimizers: list) -> None:
+    """Builds `optimizers` over all the model's trainable variables, in the
+    model's distribution strategy, as Keras builds `model.optimizer` under a
+    strategy and when loading."""
+    if not optimizers:
         return
     with model.distribute_strategy.scope():
-        for optimizer in unbuilt:
+        for optimizer in optimizers:
             optimizer.build(model.trainable_variables)
+
+
+def build_unbuilt(model: keras.Model) -> None:
+    """Before training: builds every registered optimizer that is not built
+    yet, when the model is built, so that its state exists before the first
+    step is traced (a loaded file restores it; under `MirroredStrategy` an
+    optimizer cannot be built inside the replicated step)."""
+    unbuilt = [o for o in registered(model).values() if not o.built]
+    if model.built:
+        build_over_all(model, unbuilt)
+
+
+@contextlib.contextmanager
+def built_over_all_when_first_applied(model: keras.Model) -> Iterator[None]:
+    """While a training step is traced: an optimizer still unbuilt (the model
+    was not built when `fit` started, so `build_unbuilt` could not build it)
+    is built over all the model's trainable variables when first applied,
+    instead of over the variables of that first `apply`, so that `fit` and
+    `load_weights` give it the same variables."""
+    unbuilt = [o for o in registered(model).values() if not o.built]
+    with contextlib.ExitStack() as stack:
+        for optimizer in unbuilt:
+            def build(variables, optimizer=optimizer):
+                type(optimizer).build(optimizer, model.trainable_variables)
+
+            stack.enter_context(internals.intercepted(optimizer, "build", build))
+        yield
+
+
+def saved_as_built(found: dict, name: str, optimizer: Any) -> bool:
+    """Whether a weights file (`found`: entry -> shape) holds the state of a
+    built optimizer where this unbuilt one, stored under `name`, would have
+    fewer variables (its iteration count and learning rate only)."""
+    prefix = f"{name}/vars/"
+    return sum(1 for entry in found if entry.startswith(prefix)) > len(optimizer.variables)
 
 
 def log_name(name: str) -> str:
@@ -45,6 +81,13 @@ def log_name(name: str) -> str:
     `learning_rate` for `model.optimizer` (as Keras' callbacks and TensorBoard
     name it), `learning_rate_<name>` for the others."""
     return "learning_rate" if name == MAIN else f"learning_rate_{name}"
+
+
+def follows_a_schedule(optimizer: Any) -> bool:
+    """Whether the optimizer's learning rate changes by itself with every
+    update (a `LearningRateSchedule` or a function), rather than being a
+    variable that only a callback or the user changes."""
+    return not isinstance(optimizer.learning_rate, keras.Variable)
 
 
 def learning_rates(optimizers: Mapping[str, Any]) -> dict[str, float]:
@@ -84,7 +127,7 @@ def settable(optimizers: Mapping[str, Any], caller: str) -> None:
     """Raises, naming them, if some optimizers' learning rate is a schedule
     (which Keras does not let a callback set)."""
     fixed = [name for name, optimizer in optimizers.items()
-             if not isinstance(optimizer.learning_rate, keras.Variable)]
+             if follows_a_schedule(optimizer)]
     if fixed:
         raise ValueError(
             f"{caller} cannot change the learning rate of {fixed}: it is a "
@@ -95,22 +138,33 @@ def settable(optimizers: Mapping[str, Any], caller: str) -> None:
 
 
 class LearningRateLogs(keras.callbacks.Callback):
-    """Adds every registered optimizer's learning rate to the epoch logs.
+    """Adds to the epoch logs the learning rate of every registered optimizer
+    whose rate follows a schedule (`follows_a_schedule`): a constant rate
+    adds no information, and leaving it out keeps `History` as stock `fit`
+    has it.
 
     `CustomModel.fit` puts it first in the callback list when the model has
-    an optimizer besides `model.optimizer`, so `History`, `CSVLogger` and
-    `TensorBoard` all see the values. It runs at each epoch's end, before any
-    other callback changes a learning rate for the next epoch.
+    an optimizer besides `model.optimizer` and one of them follows a
+    schedule, so `History`, `CSVLogger` and `TensorBoard` all see the
+    values. It runs at each epoch's end, before any other callback changes a
+    learning rate for the next epoch.
     """
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
-            logs.update(learning_rates(registered(self.model)))
+            logs.update(learning_rates(scheduled(self.model)))
+
+
+def scheduled(model: keras.Model) -> dict[str, Any]:
+    """The registered optimizers whose learning rate follows a schedule."""
+    return {name: optimizer for name, optimizer in registered(model).items()
+            if follows_a_schedule(optimizer)}
 
 
 def needs_learning_rate_logs(model: keras.Model) -> bool:
-    """Whether the model has optimizers Keras does not log by itself."""
-    return any(name != MAIN for name in registered(model))
+    """Whether the model has optimizers Keras does not log by itself, and
+    one of its rates follows a schedule."""
+    return any(name != MAIN for name in registered(model)) and bool(scheduled(model))
 
 
 def with_learning_rate_logs(model: keras.Model, arguments: dict) -> dict:

@@ -3,6 +3,7 @@ atomic file replacement."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
@@ -15,6 +16,7 @@ import h5py
 import keras
 import numpy as np
 
+from customfit import _keras_internals as internals
 from customfit import _optimizers
 
 RNG_KEY_PREFIX = "customfit_rng_"
@@ -59,81 +61,130 @@ def all_state(model: keras.Model) -> list:
     """Every variable `load_weights` may assign: model, RNG, optimizers."""
     seen: set[int] = set()
     state = []
-    optimizers = [getattr(model, "optimizer", None)] + [
-        v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)
-    ]
-    for variable in model.variables + [
-        v for o in optimizers if o is not None for v in o.variables
-    ]:
+    optimizers = _optimizers.registered(model).values()
+    for variable in model.variables + [v for o in optimizers for v in o.variables]:
         if id(variable) not in seen:
             seen.add(id(variable))
             state.append(variable)
     return state
 
 
+class UnreadableCheckpointError(OSError, ValueError):
+    """A checkpoint file that is truncated or corrupt.
+
+    An `OSError`, as Keras and h5py raise for such files (Keras'
+    `BackupAndRestore(double_checkpoint=True)` falls back to its other backup
+    on one), and a `ValueError` for code written against earlier customfit
+    releases."""
+
+
 def checked_load(
     model: keras.Model, filepath: Any, load: Callable[[], Any], skip_mismatch: bool = False
 ) -> Any:
-    """Runs Keras' `load_weights` only on a file written by this architecture,
-    with errors that say what is wrong; leaves the model (weights, RNG and
-    optimizer state) as it was if it fails.
+    """Runs Keras' `load_weights`, leaving the model (weights, RNG and
+    optimizer state) as it was if it fails or if the file holds weights this
+    model did not take, with errors that say what is wrong.
 
-    Keras' own `load_weights` matches weights by the model's structure and is
-    lenient: a file from another architecture can load partly, with only a
-    warning about the optimizer. Here the weights in the file must be exactly
-    those this model saves (optimizer state may be absent), unless
-    `skip_mismatch` asks for Keras' partial loading.
+    Keras matches the file to the model by the model's structure and raises
+    when a layer of the model is missing from the file or has other shapes,
+    after assigning the layers it had reached. A file with more layers than
+    the model loads without a word. Here the model is put back in the first
+    case, and the second is an error too, unless `skip_mismatch` asks for
+    Keras' partial loading. Any file Keras loads completely is accepted,
+    whatever the attribute names its layers were reached by.
     """
     path = os.fspath(filepath)
     found = _structure_of_file(path)
-    if found is not None and model.built and not skip_mismatch:
-        _check_same_structure(model, path, found)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built and model.built:
-        # Otherwise Keras skips the optimizer's saved state with a warning.
-        optimizer.build(model.trainable_variables)
-    _optimizers.build_unbuilt(model)  # the others too, as before training
+    # An unbuilt optimizer would skip the saved state of a built one, with a
+    # warning: build it first, over the variables `fit` builds it over.
+    if found is None:  # sharded weights: as before training
+        _optimizers.build_unbuilt(model)
+    elif model.trainable_variables:
+        _optimizers.build_over_all(model, [
+            optimizer for name, optimizer in _optimizers.registered(model).items()
+            if not optimizer.built and _optimizers.saved_as_built(found, name, optimizer)])
     state = all_state(model)
     before = [v.numpy() for v in state]
-    try:
-        return load()
-    except Exception as error:
+
+    def put_back() -> None:
         for variable, value in zip(state, before):
             variable.assign(value)
+
+    try:
+        result = load()
+    except Exception as error:
+        put_back()
         raise ValueError(
             f"Could not load {path} into this model: {_shortened(error)}\n"
             "The model was left unchanged."
         ) from error
+    if found is not None and not skip_mismatch and model.built:
+        unread = _unread_entries(model, found, _own_structure(model))
+        if unread:
+            put_back()
+            listed = "; ".join(unread[:5]) + ("; ..." if len(unread) > 5 else "")
+            raise ValueError(
+                f"The checkpoint {path} does not fit this model: it holds "
+                "weights this model has no place for, so it was written by a "
+                "different architecture (more layers, or other units). Load "
+                "it into the model that saved it, build this model the same "
+                "way, or pass skip_mismatch=True to load what fits. The model "
+                f"was left unchanged. Weights not taken (shape): {listed}"
+            )
+    return result
 
 
-def _check_same_structure(model: keras.Model, path: str, found: dict) -> None:
+def _own_structure(model: keras.Model) -> dict:
+    """What `model.save_weights` writes now: entry -> shape."""
     with tempfile.TemporaryDirectory() as directory:
         own = os.path.join(directory, "own.weights.h5")
         model.save_weights(own)
-        expected = _structure_of_file(own)
-    optimizers = {"optimizer"} | {
-        name for name, v in vars(model).items()
-        if isinstance(v, keras.optimizers.Optimizer)
-    }
+        return _structure_of_file(own)
 
-    def compared(entry: str) -> bool:
-        return (entry.split("/", 1)[0] not in optimizers
-                and not entry.startswith(f"vars/{RNG_KEY_PREFIX}"))
 
-    differences = [
-        f"{entry}: file {found.get(entry, 'missing')}, model "
-        f"{expected.get(entry, 'missing')}"
-        for entry in sorted(set(expected) | set(found))
-        if compared(entry) and expected.get(entry) != found.get(entry)
-    ]
-    if differences:
-        listed = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
-        raise ValueError(
-            f"The checkpoint {path} does not fit this model: it was written by "
-            "a different architecture (other layers, units or order). Load it "
-            "into the model that saved it, or build this model the same way. "
-            f"Nothing was loaded. Weights that differ (shape): {listed}"
-        )
+def _unread_entries(model: keras.Model, found: dict, expected: dict) -> list[str]:
+    """The weights in the file (`found`) that have no counterpart among the
+    model's own (`expected`), matched by shape, not by name: a layer reached
+    through another attribute name is saved under another path, and Keras
+    still loads it. Optimizer state is left out (see `_is_optimizer_state`);
+    Keras restores it when the counts agree and warns otherwise."""
+    optimizer_names = _optimizer_attribute_names(model)
+    left = {entry: shape for entry, shape in expected.items()
+            if not _is_optimizer_state(entry, optimizer_names)}
+    elsewhere = []  # under a path this model does not save to
+    for entry, shape in sorted(found.items()):
+        if _is_optimizer_state(entry, optimizer_names):
+            continue
+        if left.get(entry) == shape:
+            del left[entry]
+        else:
+            elsewhere.append((entry, shape))
+    available = collections.Counter(left.values())
+    unread = []
+    for entry, shape in elsewhere:
+        if available[shape]:
+            available[shape] -= 1
+        else:
+            unread.append(f"{entry} {shape}")
+    return unread
+
+
+def _optimizer_attribute_names(model: keras.Model) -> set[str]:
+    """Attribute names that hold an optimizer, in the model and its layers."""
+    names = {"optimizer"}
+    for layer in internals.all_layers(model):
+        names.update(name for name, value in vars(layer).items()
+                     if isinstance(value, keras.optimizers.Optimizer))
+    return names
+
+
+def _is_optimizer_state(entry: str, optimizer_names: set[str]) -> bool:
+    """Whether a file entry belongs to an optimizer: a group named like one
+    of this model's optimizer attributes, or named `*optimizer` (state of an
+    optimizer the file's model had and this one lacks, e.g. a teacher that
+    was compiled before it was distilled)."""
+    groups = entry.split("/")[:-1]
+    return any(g in optimizer_names or g.endswith("optimizer") for g in groups)
 
 
 def _structure_of_file(path: str) -> dict | None:
@@ -170,19 +221,19 @@ def _check_readable(path: str) -> None:
     )
     if path.endswith(".keras"):
         if not zipfile.is_zipfile(path):
-            raise ValueError(corrupt)
+            raise UnreadableCheckpointError(corrupt)
         try:
             with zipfile.ZipFile(path) as archive:
                 if archive.testzip() is not None or "model.weights.h5" not in archive.namelist():
-                    raise ValueError(corrupt)
+                    raise UnreadableCheckpointError(corrupt)
         except zipfile.BadZipFile as error:
-            raise ValueError(corrupt) from error
+            raise UnreadableCheckpointError(corrupt) from error
     elif path.endswith(".h5"):
         try:
             with h5py.File(path, "r"):
                 pass
         except OSError as error:
-            raise ValueError(corrupt) from error
+            raise UnreadableCheckpointError(corrupt) from error
 
 
 def _shortened(message: Any, limit: int = 500) -> str:

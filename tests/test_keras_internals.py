@@ -53,9 +53,34 @@ def test_stock_keras2_shims_still_warn():
     assert "deprecated" in source
 
 
+def test_all_layers_reaches_nested_layers():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="deep")])
+    inputs = keras.Input((4,))
+    model = customfit.CustomModel(inputs, inner(inputs))
+    layers = internals.all_layers(model)
+    assert layers[0] is model and inner in layers
+    assert inner.get_layer("deep") in layers
+
+
+def test_unbuilt_optimizer_apply_dispatches_to_build():
+    """customfit builds a lazily built optimizer over all the model's
+    variables by shadowing `build` while the first step is traced."""
+    variables = [keras.Variable(np.ones((2,), "float32")), keras.Variable(np.ones((3,), "float32"))]
+    optimizer = keras.optimizers.Adam()
+    built_over = []
+
+    def build(given):
+        built_over.append(len(given))
+        type(optimizer).build(optimizer, variables)
+
+    with internals.intercepted(optimizer, "build", build):
+        optimizer.apply([tf.ones((2,))], variables[:1])
+    assert built_over == [1] and len(optimizer.variables) == 2 + 2 * 2
+    assert "build" not in vars(optimizer)
+
+
 def test_make_function_and_flatten_hooks_exist():
     assert "step_function" in inspect.signature(keras.Model._make_function).parameters
-    assert "logs" in inspect.signature(keras.Model._flatten_metrics_in_order).parameters
     assert "sample_weight" in inspect.signature(keras.Model._compute_loss).parameters
 
 

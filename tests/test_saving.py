@@ -190,7 +190,7 @@ def test_loading_another_architecture_is_a_clear_error_and_changes_nothing(tmp_p
     model = compiled(functional)
     before = state(model)
     with pytest.raises(ValueError, match="written by a different architecture.*"
-                       "Nothing was loaded.*layers/batch_normalization"):
+                       "left unchanged.*layers/batch_normalization"):
         model.load_weights(tmp_path / "other.weights.h5")
     assert_same_state(state(model), before)
     assert not model.optimizer.built
@@ -212,9 +212,106 @@ def test_corrupt_file_is_a_clear_error_and_changes_nothing(tmp_path, suffix, dam
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
     before = state(model)
-    with pytest.raises(ValueError, match="not a readable Keras checkpoint"):
+    # An OSError, as Keras' own callbacks expect of a damaged file (and as
+    # h5py raises), and a ValueError, as earlier releases raised.
+    with pytest.raises(OSError, match="not a readable Keras checkpoint") as error:
         model.load_weights(bad)
+    assert isinstance(error.value, ValueError)
     assert_same_state(state(model), before)
+
+
+def test_keras_backup_falls_back_to_its_previous_backup_on_a_corrupt_file(digits, tmp_path):
+    """Keras' BackupAndRestore(double_checkpoint=True) catches an OSError from
+    load_weights to fall back on its previous backup."""
+
+    class StopAfterOneEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", double_checkpoint=True)
+    model = compiled(functional)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, digits, epochs=3, callbacks=[backup, StopAfterOneEpoch()])
+    latest = tmp_path / "backup" / "latest.weights.h5"
+    assert (tmp_path / "backup" / "latest.weights.h5.bkp").exists()
+    latest.write_bytes(b"\x00garbage" * 64)
+    history = fit(compiled(functional), digits, epochs=3, callbacks=[backup])
+    assert len(history["loss"]) == 2  # resumed from the previous backup, after epoch 1
+
+
+def test_a_layer_reached_under_another_name_loads(tmp_path):
+    """Keras loads a file whose layer this model reaches through a property
+    alias (saved under another path): so does CustomModel."""
+
+    class Plain(customfit.CustomModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    class Aliased(customfit.CustomModel):
+        def __init__(self):
+            super().__init__()
+            self.a_dense = keras.layers.Dense(3)
+
+        @property
+        def dense(self):
+            return self.a_dense
+
+        def call(self, x):
+            return self.dense(x)
+
+    x = np.ones((2, 4), "float32")
+    plain, aliased = Plain(), Aliased()
+    plain(x), aliased(x)
+    plain.save_weights(tmp_path / "plain.weights.h5")
+    aliased.load_weights(tmp_path / "plain.weights.h5")
+    np.testing.assert_array_equal(aliased.dense.kernel.numpy(), plain.dense.kernel.numpy())
+
+
+def test_a_file_with_more_layers_is_refused_and_changes_nothing(tmp_path):
+    """Keras loads the first layers of a bigger model's file without a word;
+    CustomModel refuses it and puts back what Keras had loaded."""
+
+    def stack(*units):
+        inputs = keras.Input((4,))
+        outputs = inputs
+        for n in units:
+            outputs = keras.layers.Dense(n)(outputs)
+        return customfit.CustomModel(inputs, outputs)
+
+    stack(8, 3, 2).save_weights(tmp_path / "bigger.weights.h5")
+    model = stack(8, 3)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"weights this model has no place for.*"
+                       r"left unchanged.*layers/dense_2/vars/0 \(3, 2\)"):
+        model.load_weights(tmp_path / "bigger.weights.h5")
+    assert_same_state(state(model), before)
+    model.load_weights(tmp_path / "bigger.weights.h5", skip_mismatch=True)  # Keras' way
+
+
+def test_optimizer_state_of_a_compiled_sublayer_is_no_obstacle(digits, tmp_path):
+    """A teacher compiled and trained before it was wrapped saves its
+    optimizer inside the wrapper's file; a fresh wrapper without it loads the
+    file, as Keras does."""
+    x, y = digits[0][:64], digits[1][:64]
+
+    def wrapper(teacher):
+        inputs = keras.Input((64,))
+        return customfit.CustomModel(inputs, teacher(inputs))
+
+    keras.utils.set_random_seed(0)
+    teacher = models.mlp(keras.Model, dropout=0)
+    teacher.compile("adam", "sparse_categorical_crossentropy")
+    teacher.fit(x, y, verbose=0)
+    wrapper(teacher).save_weights(tmp_path / "wrapped.weights.h5")
+    fresh = wrapper(models.mlp(keras.Model, dropout=0))
+    fresh.load_weights(tmp_path / "wrapped.weights.h5")
+    for a, b in zip(fresh.get_weights(), teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def break_saving_midway(monkeypatch):
