@@ -13,7 +13,6 @@ from customfit import _keras_internals as internals
 from customfit._keras2 import (
     CompiledLoss,
     CompiledMetrics,
-    expand_compile_metrics,
     missing_targets_message,
     track_loss,
 )
@@ -65,6 +64,12 @@ class CustomModel(keras.Model):
     training_guards: bool = True
     """Whether the first training step is checked (see the class docstring)."""
 
+    require_all_gradients: bool = False
+    """Whether a trainable variable without a gradient (one the loss does not
+    depend on) is an error. By default it is left unchanged and the optimizer
+    warns, as in Keras; set it to True, on the class or the model, to stop
+    the first step instead, naming the variables."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if internals.is_functional_call(args, kwargs) and not isinstance(
             self, internals.Functional
@@ -77,7 +82,6 @@ class CustomModel(keras.Model):
         super().__init__(*args, **kwargs)
         # Plain attributes: not model state that Keras should track or save.
         object.__setattr__(self, "_step_logs", StepLogs())
-        object.__setattr__(self, "_stock_metrics_only", False)
         object.__setattr__(self, "_compiled_loss", CompiledLoss(self))
         object.__setattr__(self, "_compiled_metrics", CompiledMetrics(self))
         object.__setattr__(self, "_per_batch_channel", _per_batch.Channel())
@@ -104,8 +108,9 @@ class CustomModel(keras.Model):
             variables: `self.trainable_weights`.
 
         Returns:
-            One gradient per variable, in the same order. `None` is an error:
-            return `tf.zeros_like(variable)` to leave a variable unchanged.
+            One gradient per variable, in the same order. A variable whose
+            gradient is `None` is left unchanged and the optimizer warns, as
+            in Keras (an error with `require_all_gradients = True`).
 
         Example:
 
@@ -203,7 +208,7 @@ class CustomModel(keras.Model):
     def _update_weights(self, gradients: list, variables: list) -> None:
         """`transform_gradients`, the gradient checks, `apply_gradients`."""
         gradients = self.transform_gradients(gradients, variables)
-        gradients = _checked_gradients(gradients, variables)
+        gradients = _checked_gradients(gradients, variables, self.require_all_gradients)
         self.apply_gradients(gradients, variables)
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
@@ -250,26 +255,6 @@ class CustomModel(keras.Model):
         sample_weight=None)`: updates the metrics passed to `compile()`."""
         return self._compiled_metrics
 
-    @property
-    def metrics(self) -> list[keras.metrics.Metric]:
-        """Every metric reported in the logs, one object per log column.
-
-        Unlike `keras.Model.metrics`, the compiled metrics are listed one by
-        one, so `{m.name: m.result() for m in self.metrics}` gives the same
-        logs as stock `fit`. Values from `log` come last.
-        """
-        stock = super().metrics
-        if self.__dict__.get("_stock_metrics_only", True):
-            return stock
-        metrics = []
-        for metric in stock:
-            if isinstance(metric, internals.CompileMetrics):
-                metrics.extend(expand_compile_metrics(metric))
-            else:
-                metrics.append(metric)
-        metrics.extend(self._step_logs.metrics)
-        return metrics
-
     # ------------------------------------------------------------ optimizers
 
     @property
@@ -287,16 +272,20 @@ class CustomModel(keras.Model):
         What the model does for each of them:
 
         - one not yet built when training starts is built over all
-          `trainable_variables` before the first step is traced, as Keras
-          builds `self.optimizer`, so its state is saved and a loaded file
-          (also `customfit.callbacks.BackupAndRestore`) restores it. Build it
+          `trainable_variables`, as Keras builds `self.optimizer`: before the
+          first step is traced, or, if the model is built by that step, when
+          the step first applies it. `load_weights` builds it the same way
+          when the file holds its state, so a loaded file (also
+          `customfit.callbacks.BackupAndRestore`) restores it. Build it
           yourself over the variables it updates (e.g.
           `self.head_optimizer.build(self.head.trainable_variables)` in
           `__init__`) to keep slots for those only;
         - when the model has any optimizer besides `self.optimizer`, `fit`
-          adds each one's learning rate to the epoch logs (`History`,
-          `CSVLogger`, `TensorBoard`): `learning_rate` for `self.optimizer`,
-          as Keras names it, `learning_rate_<name>` for the others;
+          adds to the epoch logs (`History`, `CSVLogger`, `TensorBoard`) the
+          learning rate of each one that follows a `LearningRateSchedule`:
+          `learning_rate` for `self.optimizer`, as Keras names it,
+          `learning_rate_<name>` for the others. Constant rates are left out
+          (they add nothing, and `History` keeps stock fit's columns);
         - `customfit.callbacks.LearningRateScheduler` and `ReduceLROnPlateau`
           change all of them, or the ones they name.
 
@@ -360,14 +349,12 @@ class CustomModel(keras.Model):
     # ------------------------------------------------------------ plumbing
 
     def make_train_function(self, force: bool = False) -> Callable:
-        if self.optimizer is not None and not self.optimizer.built and self.built:
-            # Build it over all trainable weights now, as Keras does under a
-            # distribution strategy, in `compile_from_config` and in
-            # `BackupAndRestore`; built lazily, an `apply_gradients` override
-            # that gives it only some variables would save a state that no
-            # loaded model can take back.
-            self.optimizer.build(self.trainable_variables)
-        _optimizers.build_unbuilt(self)  # the other optimizers, likewise
+        # Every optimizer over all trainable weights, now, as Keras builds
+        # `self.optimizer` under a distribution strategy, in
+        # `compile_from_config` and in `BackupAndRestore`; built lazily, one
+        # applied to some variables only would save a state that no loaded
+        # model can take back.
+        _optimizers.build_unbuilt(self)
         if self.train_function is None or force:
             self.train_function = _per_batch.make_function(
                 self, self._checked_step(self.train_step, "train"),
@@ -454,6 +441,23 @@ class CustomModel(keras.Model):
         with self._step_logs.in_phase("test"):
             return super().test_on_batch(*args, **kwargs)
 
+    def get_metrics_result(self) -> dict[str, Any]:
+        """Keras' results of `metrics`, plus the values from `log`.
+
+        Keras reports an epoch with these results when their names are the
+        step's log names (otherwise with the last step's logs): the logged
+        columns are part of them, so an epoch's `History` values come from
+        the metric states, as in stock `fit`, also under `tf.distribute`."""
+        results = super().get_metrics_result()
+        for name, value in self._step_logs.results().items():
+            results.setdefault(name, value)
+        return results
+
+    def _metrics_behind_logs(self) -> list[keras.metrics.Metric]:
+        """Every metric whose state makes the current phase's logs: `metrics`
+        and the values from `log`."""
+        return [*self.metrics, *self._step_logs.metrics]
+
     def reset_metrics(self) -> None:
         super().reset_metrics()
         for metric in self._step_logs.all_metrics:
@@ -464,14 +468,6 @@ class CustomModel(keras.Model):
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
         # Keras makes its CallbackList right after this call; so does fit's.
         _per_batch.batches_known(self._per_batch_channel, iterator)
-
-    def _flatten_metrics_in_order(self, logs: dict) -> Any:
-        # Keras orders evaluate()'s list by its own metrics list; keep its order.
-        object.__setattr__(self, "_stock_metrics_only", True)
-        try:
-            return super()._flatten_metrics_in_order(logs)
-        finally:
-            object.__setattr__(self, "_stock_metrics_only", False)
 
     def _require_compiled(self, method: str) -> None:
         if not self.compiled:
@@ -508,8 +504,15 @@ class CustomModel(keras.Model):
         return [_multiply(g, 1.0 / scale) for g in gradients]
 
     def _metric_names(self) -> set[str]:
-        names = set(self.get_metrics_result()) if self.compiled else set()
-        return names - {m.name for m in self._step_logs.metrics}
+        """The log names of the model's metrics (compiled ones once built)."""
+        names = set()
+        for metric in self.metrics:
+            if isinstance(metric, internals.CompileMetrics):
+                if metric.built:
+                    names.update(internals.compiled_metric_log_names(metric))
+            else:
+                names.add(metric.name)
+        return names
 
     def _checked_step(self, step: Callable, phase: str) -> Callable:
         step_name = f"{phase}_step"
@@ -519,21 +522,19 @@ class CustomModel(keras.Model):
             with self._step_logs.in_phase(phase):
                 if guards is None:
                     return checked_logs(step(data))
-                with guards.watching():
+                with guards.watching(), _optimizers.built_over_all_when_first_applied(self):
                     return checked_logs(step(data))
 
         def checked_logs(logs):
             if not isinstance(logs, Mapping):
                 raise TypeError(_bad_logs_message(step_name, logs))
-            logs = dict(logs)
-            for name, value in logs.items():
-                if not isinstance(name, str) or not _is_scalar(value):
-                    raise TypeError(_bad_logs_message(step_name, logs))
-            for name, value in self._step_logs.results().items():
-                logs.setdefault(name, value)
+            logs = _flattened(logs, step_name)
+            # Read now, after everything the step logged (a step may log after
+            # `compute_metrics` has read the metrics).
+            logs.update(self._step_logs.results())
             if internals.logs_reduced_along_first_axis(self.distribute_strategy):
                 # Keras averages these over all workers' replicas along axis 0.
-                logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+                logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
             return logs
 
         return checked_step
@@ -545,39 +546,58 @@ def _multiply(gradient: Any, factor: Any) -> Any:
     return gradient * tf.cast(factor, gradient.dtype)
 
 
-def _checked_gradients(gradients: Any, variables: list) -> list:
+def _checked_gradients(gradients: Any, variables: list, require_all: bool) -> list:
     gradients = list(gradients)
     if len(gradients) != len(variables):
         raise ValueError(
             f"transform_gradients() returned {len(gradients)} gradients for "
             f"{len(variables)} variables. Return exactly one gradient per "
-            "variable, in the order received (tf.zeros_like(variable) to leave "
-            "one unchanged)."
+            "variable, in the order received (None or "
+            "tf.zeros_like(variable) to leave one unchanged)."
         )
     missing = [v.path for g, v in zip(gradients, variables) if g is None]
-    if missing:
+    if missing and require_all:
         raise ValueError(
             f"No gradient for {len(missing)} trainable variable(s): "
             f"{', '.join(missing)}. They do not affect the loss. Use them in "
             "call(), freeze them (layer.trainable = False, then compile() "
-            "again), or return tf.zeros_like(variable) for them from "
-            "transform_gradients()."
+            "again), or set require_all_gradients = False to leave them "
+            "unchanged, as Keras does."
         )
     return gradients
 
 
-def _is_scalar(value: Any) -> bool:
+def _flattened(logs: Mapping, step_name: str) -> dict[str, tf.Tensor]:
+    """A step's logs as one flat dict of numeric tensors, flattened as Keras
+    flattens them for callbacks (`pythonify_logs`): a nested dict, such as
+    `CompileMetrics.result()`, contributes its entries, keys taken in sorted
+    order, later ones winning."""
+    if not all(isinstance(name, str) for name in logs):
+        raise TypeError(_bad_logs_message(step_name, logs))
+    flat: dict[str, tf.Tensor] = {}
+    for name, value in sorted(logs.items()):
+        if isinstance(value, Mapping):
+            flat.update(_flattened(value, step_name))
+        elif _is_numeric(value):
+            flat[name] = tf.convert_to_tensor(value)
+        else:
+            raise TypeError(_bad_logs_message(step_name, logs))
+    return flat
+
+
+def _is_numeric(value: Any) -> bool:
+    """A number or a numeric tensor of any shape (a metric may be a vector,
+    such as `F1Score(average=None)`)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return True
-    shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape is None or dtype is None:
+    if getattr(value, "shape", None) is None or dtype is None:
         return False
     try:
         dtype = tf.as_dtype(dtype)
     except TypeError:
         return False
-    return len(shape) == 0 and (dtype.is_floating or dtype.is_integer)
+    return dtype.is_floating or dtype.is_integer or dtype.is_bool
 
 
 def _bad_logs_message(step_name: str, logs: Any) -> str:
@@ -586,8 +606,9 @@ def _bad_logs_message(step_name: str, logs: Any) -> str:
     else:
         got = type(logs).__name__
     return (
-        f"{step_name}() must return a dict mapping metric names to scalars, "
-        f"e.g. `return {{m.name: m.result() for m in self.metrics}}`; got {got}."
+        f"{step_name}() must return a dict mapping metric names to numbers or "
+        "numeric tensors (or to such dicts), e.g. "
+        f"`return {{m.name: m.result() for m in self.metrics}}`; got {got}."
     )
 
 
@@ -598,10 +619,13 @@ def _functional_twin(cls: type) -> type:
     """`cls` with keras' `Functional` mixed in, made once per class."""
     twin = cls.__dict__.get(_TWIN_ATTRIBUTE)
     if twin is None:
+        # Reachable by its qualified name (`Net._customfit_functional_twin`),
+        # so that pickle finds the class it pickles.
         twin = type(
             cls.__name__,
             (cls, internals.Functional),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            {"__module__": cls.__module__,
+             "__qualname__": f"{cls.__qualname__}.{_TWIN_ATTRIBUTE}"},
         )
         internals.share_registered_name(twin, cls)
         setattr(cls, _TWIN_ATTRIBUTE, twin)

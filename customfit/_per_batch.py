@@ -12,7 +12,7 @@ Two pieces fix that:
 - `make_function` is Keras' `_make_function` (distribution, `tf.function`,
   XLA, the multi-step `tf.while_loop`, laid out so that it also runs under
   `MirroredStrategy`) with the logs of each step of an
-  execution stacked into one `[steps, logs]` float64 tensor, handed over
+  execution stacked into one `[steps, values]` float64 tensor, handed over
   through a `Channel`. When a `keras.callbacks.TensorBoard` with an integer
   `update_freq` is in `fit`'s callbacks, each step also runs with the real
   batch number as `tf.summary`'s default step and with an in-graph
@@ -34,6 +34,7 @@ import inspect
 from typing import Any, Callable, Iterator
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import tree
 
@@ -49,17 +50,18 @@ class Channel:
             it is) or `(first_step, update_freq)`, the TensorBoard step of the
             execution's first batch and how often to record.
         rows: Set by the step function after an execution with more than one
-            step: `(names, stacked)`, `stacked[i, j]` the value of `names[j]`
-            after the execution's `i`-th batch. None otherwise.
+            step: `(layout, stacked)`, `stacked[i]` the flattened logs after
+            the execution's `i`-th batch, `layout` their names, shapes and
+            dtypes (see `_row_logs`). None otherwise.
     """
 
     def __init__(self) -> None:
         self.summary: tuple[int, int] | None = None
-        self.rows: tuple[list[str], tf.Tensor] | None = None
+        self.rows: tuple[list, tf.Tensor] | None = None
         self.pending: PerBatchCallbacks | None = None
         self.replaying = False
 
-    def take_rows(self) -> tuple[list[str], tf.Tensor] | None:
+    def take_rows(self) -> tuple[list, tf.Tensor] | None:
         rows, self.rows = self.rows, None
         return rows
 
@@ -178,7 +180,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Channel)
                 raise StopIteration
             outputs = opt_outputs.get_value()
             if stacked is not None:
-                channel.rows = (_names(outputs), stacked)
+                channel.rows = (_layout(outputs), stacked)
             return outputs
         for _, data in zip(range(model.steps_per_execution), iterator):
             outputs = one_step_on_data(data)
@@ -208,14 +210,39 @@ def replayed_begin(model: keras.Model) -> bool:
 
 
 def _flat_row(outputs: Any) -> tf.Tensor:
-    """The step's logs as one float64 vector, in `tree.flatten` order. Each
-    value is a scalar, or a one-element vector across workers."""
-    return tf.stack([tf.cast(tf.reshape(v, []), tf.float64) for v in tree.flatten(outputs)])
+    """The step's logs as one float64 vector, in `tree.flatten` order, each
+    value flattened (scalars, vectors such as `F1Score(average=None)`)."""
+    values = tree.flatten(outputs)
+    unknown = [v.shape for v in values if not v.shape.is_fully_defined()]
+    if unknown:
+        raise ValueError(
+            "With steps_per_execution > 1, every value a step returns needs a "
+            f"static shape; got shapes {unknown}. Give the metric a fixed "
+            "shape, or use steps_per_execution=1.")
+    return tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in values], 0)
 
 
-def _names(outputs: Any) -> list[str]:
-    """The log names in the order `_flat_row` stacks their values."""
-    return tree.flatten({name: name for name in outputs})
+def _layout(outputs: Any) -> list[tuple[str, tuple, Any]]:
+    """`(name, shape, dtype)` of each log, in the order `_flat_row` stacks
+    their values."""
+    return [(name, tuple(outputs[name].shape), outputs[name].dtype.as_numpy_dtype)
+            for name in tree.flatten({name: name for name in outputs})]
+
+
+def _row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str, Any]:
+    """One batch's logs back from its row: Python floats for scalars (as
+    Keras gives callbacks), arrays of the step's dtype otherwise. Exact: the
+    float64 copy of a float32 or int32 value is exact."""
+    logs: dict[str, Any] = {}
+    start = 0
+    for name, shape, dtype in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        if shape:
+            logs[name] = np.asarray(row[start:start + size]).astype(dtype).reshape(shape)
+        else:
+            logs[name] = row[start]
+        start += size
+    return logs
 
 
 # -------------------------------------------------------------- callbacks
@@ -317,7 +344,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         if rows is None:
             end(batch, logs)
             return
-        names, stacked = rows
+        layout, stacked = rows
         begin = getattr(self.inner, f"on_{phase}_batch_begin")
         first = self._first_batch[phase]
         rows = stacked.numpy().tolist()
@@ -328,7 +355,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
                     begin(first + offset)
                 finally:
                     self._channel.replaying = False
-            end(first + offset, dict(zip(names, row)))
+            end(first + offset, _row_logs(layout, row))
         if len(rows) < self.inner.model.steps_per_execution:
             self._after_short[phase] = first + len(rows)
 

@@ -305,9 +305,10 @@ def _is_replayable(x: Any) -> bool:
 
 
 def metric_variables(model: keras.Model) -> list[tuple[str, Any]]:
-    """Every variable behind the training logs, named by metric."""
+    """Every variable behind the training logs (`CustomModel.log` columns
+    included), named by metric."""
     return [(f"{metric.name}/{i}", variable)
-            for metric in model.metrics
+            for metric in model._metrics_behind_logs()
             for i, variable in enumerate(metric.variables)]
 
 

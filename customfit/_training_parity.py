@@ -16,14 +16,15 @@ class TrainingRecord:
 
     Attributes:
         model_name: The model's class name, for messages.
-        history: `History.history`: log name -> one value per epoch.
+        history: `History.history`: log name -> one value per epoch (a
+            float, or an array for a metric with one value per class).
         weights: `(variable.path, value)` for each of `model.weights`, in order.
         evaluation: `model.evaluate(x, y)` after training (None if skipped).
         predictions: `model.predict(x)` after training (None if skipped).
     """
 
     model_name: str
-    history: dict[str, list[float]]
+    history: dict[str, list[Any]]
     weights: list[tuple[str, np.ndarray]]
     evaluation: Any = None
     predictions: Any = None
@@ -70,7 +71,7 @@ def record_training(
     batch_size = fit_kwargs.get("batch_size")
     return TrainingRecord(
         model_name=type(model).__name__,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history={k: [_value(v) for v in vs] for k, vs in history.history.items()},
         weights=[(w.path, np.array(w.numpy(), copy=True)) for w in model.weights],
         evaluation=(
             model.evaluate(x, y, batch_size=batch_size, verbose=0) if evaluate else None
@@ -104,7 +105,11 @@ def differences(
             lines.append(f"History[{key!r}]: {len(got)} epochs, expected {len(want)}")
             continue
         for epoch, (w, g) in enumerate(zip(want, got)):
-            if not _close(np.float64(g), np.float64(w), rtol, atol):
+            if np.ndim(w) or np.ndim(g):
+                line = _array_difference(f"History[{key!r}] epoch {epoch}", g, w, rtol, atol)
+                if line:
+                    lines.append(line)
+            elif not _close(np.float64(g), np.float64(w), rtol, atol):
                 lines.append(
                     f"History[{key!r}] epoch {epoch}: {g!r}, expected {w!r} "
                     f"(abs diff {abs(g - w):.3g}, rel {_relative(g, w):.3g})"
@@ -120,8 +125,7 @@ def differences(
             if line:
                 lines.append(line)
     if expected.evaluation is not None and actual.evaluation is not None:
-        want = np.atleast_1d(np.asarray(expected.evaluation, dtype="float64"))
-        got = np.atleast_1d(np.asarray(actual.evaluation, dtype="float64"))
+        want, got = _flat(expected.evaluation), _flat(actual.evaluation)
         line = _array_difference("evaluate()", got, want, rtol, atol)
         if line:
             lines.append(line)
@@ -147,6 +151,18 @@ def format_differences(
         f"{actual.model_name} does not train like {expected.model_name} "
         f"({tolerance}), {len(lines)} difference(s):\n  " + "\n  ".join(lines)
     )
+
+
+def _value(value: Any) -> Any:
+    """A History value: a float, or an array for a vector metric."""
+    return float(value) if np.ndim(value) == 0 else np.asarray(value)
+
+
+def _flat(values: Any) -> np.ndarray:
+    """`evaluate()`'s result (a float, or a list that may hold arrays) as one
+    float64 vector."""
+    parts = values if isinstance(values, (list, tuple)) else [values]
+    return np.concatenate([np.ravel(np.asarray(v, dtype="float64")) for v in parts])
 
 
 def _named(predictions: Any) -> dict:

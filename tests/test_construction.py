@@ -1,8 +1,12 @@
 """CustomModel as a functional model and as a base class, in any order."""
 
+import pickle
+from copy import deepcopy
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import customfit
 from tests import models
@@ -106,3 +110,34 @@ def test_functional_model_saves_and_loads(digits, tmp_path, cls):
     np.testing.assert_array_equal(loaded.predict(digits[0][:32], verbose=0),
                                   model.predict(digits[0][:32], verbose=0))
     loaded.fit(digits[0][:64], digits[1][:64], verbose=0)  # trainable after load
+
+
+@keras.saving.register_keras_serializable(package="customfit_tests")
+class Keras2Step(customfit.CustomModel):
+    """A user subclass used functionally, with a whole step of its own
+    (registered: pickling goes through Keras' saving format)."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compiled_loss(y, self(x, training=True))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.trainable_weights),
+                                           self.trainable_weights))
+        return {"loss": self.metrics[0].result()}
+
+
+@pytest.mark.parametrize("copy", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("cls", [customfit.CustomModel, Keras2Step],
+                         ids=["CustomModel", "subclass"])
+def test_functional_model_pickles_and_deep_copies(digits, cls, copy):
+    """As keras.Model does (it pickles through its own saving format)."""
+    keras.utils.set_random_seed(1)
+    model = models.mlp(cls)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits[0][:64], digits[1][:64], verbose=0)
+    clone = pickle.loads(pickle.dumps(model)) if copy == "pickle" else deepcopy(model)
+    assert type(clone) is type(model) and isinstance(clone, cls)
+    assert type(clone).__name__ == cls.__name__
+    np.testing.assert_array_equal(clone.predict(digits[0][:32], verbose=0),
+                                  model.predict(digits[0][:32], verbose=0))
+    assert clone.fit(digits[0][:64], digits[1][:64], verbose=0).history["loss"]

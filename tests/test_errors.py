@@ -54,15 +54,15 @@ class ReturnsLoss(customfit.CustomModel):
         return tf.constant(1.0)
 
 
-class ReturnsVector(customfit.CustomModel):
+class ReturnsText(customfit.CustomModel):
     def train_step(self, data):
         logs = super().train_step(data)
-        return {**logs, "per_class": tf.ones([10])}
+        return {**logs, "note": "epoch went well"}
 
 
 @pytest.mark.parametrize("cls,got", [(ReturnsLoss, "got .*Tensor"),
-                                     (ReturnsVector, "per_class")])
-def test_step_returning_something_other_than_a_dict_of_scalars(digits, cls, got):
+                                     (ReturnsText, "note")])
+def test_step_returning_something_other_than_a_dict_of_numbers(digits, cls, got):
     model = models.mlp(cls)
     model.compile("sgd", "sparse_categorical_crossentropy")
     before = _weights(model)
@@ -85,8 +85,10 @@ def test_transform_gradients_returning_a_different_number(digits):
     _assert_unchanged(model, before)
 
 
-def test_none_gradients_name_the_variables(digits):
-    class Unused(customfit.CustomModel):
+def with_an_unused_layer(base):
+    """A model with a layer `call` never uses: its variables get no gradient."""
+
+    class Unused(base):
         def __init__(self):
             super().__init__()
             self.used = keras.layers.Dense(10, activation="softmax")
@@ -102,10 +104,33 @@ def test_none_gradients_name_the_variables(digits):
     model = Unused()
     model.compile("sgd", "sparse_categorical_crossentropy")
     model.build((None, 64))
+    return model
+
+
+def test_missing_gradients_warn_and_train_as_in_keras(digits):
+    """Keras' behaviour: the optimizer warns, leaves those variables alone
+    and updates the others, bit for bit as stock fit."""
+    x, y = digits[0][:64], digits[1][:64]
+    results = []
+    for base in (keras.Model, customfit.CustomModel):
+        keras.utils.set_random_seed(0)
+        model = with_an_unused_layer(base)
+        before = _weights(model)
+        with pytest.warns(UserWarning, match="Gradients do not exist for variables "
+                          r"\['\w+/never_called/kernel', '\w+/never_called/bias'\]"):
+            history = model.fit(x, y, verbose=0).history
+        np.testing.assert_array_equal(model.unused.kernel.numpy(), before[2])
+        results.append((history, _weights(model)))
+    (stock_history, stock_weights), (history, weights) = results
+    assert history == stock_history
+    for a, b in zip(weights, stock_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_gradients_can_be_an_error_naming_the_variables(digits):
+    model = with_an_unused_layer(customfit.CustomModel)
+    model.require_all_gradients = True
     before = _weights(model)
     with pytest.raises(ValueError, match=r"never_called/kernel, .*never_called/bias.*trainable = False"):
         model.fit(digits[0][:64], digits[1][:64], verbose=0)
     _assert_unchanged(model, before)
-    model.unused.trainable = False
-    model.compile("sgd", "sparse_categorical_crossentropy")
-    model.fit(digits[0][:64], digits[1][:64], verbose=0)

@@ -274,3 +274,40 @@ def test_xla_reports_every_batch():
     assert batch_indices(four[0], "train_end") == list(range(BATCHES))
     assert batch_indices(four[1], "test_end") == list(range(BATCHES))
     assert four == one
+
+
+def _plain(value):
+    """`value` with every array as a list, so that runs compare with ==."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def test_vector_metric_reaches_callbacks_history_and_evaluate(digits):
+    """`F1Score(average=None)` logs one value per class. On CustomModel it
+    reaches callbacks (with k=4 too), the progress bar, History and
+    evaluate as with stock fit and k=1."""
+    x, y = digits[0][:N], keras.utils.to_categorical(digits[1][:N], 10)
+    runs = []
+    for base, steps_per_execution, verbose in ((keras.Model, 1, 0),
+                                               (customfit.CustomModel, 1, 0),
+                                               (customfit.CustomModel, 4, 1)):
+        keras.utils.set_random_seed(5)
+        model = models.mlp(base)
+        model.compile(keras.optimizers.Adam(1e-2), "categorical_crossentropy",
+                      metrics=[keras.metrics.F1Score()],
+                      steps_per_execution=steps_per_execution)
+        fitting, evaluating = Record(), Record()
+        history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, verbose=verbose,
+                            validation_data=(x[:N_VAL], y[:N_VAL]), callbacks=[fitting])
+        evaluated = model.evaluate(x, y, batch_size=BATCH, verbose=0, callbacks=[evaluating],
+                                   return_dict=True)
+        batches = [[e for e in record.events if not e[0].endswith("_params")]
+                   for record in (fitting, evaluating)]  # params hold `verbose`
+        runs.append(_plain([*batches, history.history, evaluated]))
+    stock, one, four = runs
+    assert len(stock[2]["f1_score"][0]) == 10
+    assert one == stock
+    assert four == one

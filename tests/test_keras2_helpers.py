@@ -105,16 +105,28 @@ def test_same_step_on_stock_keras_reports_the_mean_prediction_as_loss(digits):
     assert loss > 2.0  # cross-entropy of an untrained 10-class model is ~2.3
 
 
-def test_metrics_lists_one_object_per_log_column(digits):
+def test_metrics_is_keras_list_and_compiled_metrics_lists_each(digits):
+    """`metrics` is stock Keras' list (the compiled metrics as one object,
+    before the first step too); `{m.name: m.result()}` over it, flattened as
+    Keras flattens logs, equals the logs; `compiled_metrics.metrics` has one
+    object per compiled column, under its log name."""
     x, y = models.multi_io_data(digits[0][:64], digits[1][:64])
     model = models.multi_io(customfit.CustomModel)
     model.compile("adam", **models.MULTI_IO_COMPILE)
+    stock = models.multi_io(keras.Model)
+    stock.compile("adam", **models.MULTI_IO_COMPILE)
+    assert [m.name for m in model.metrics] == [m.name for m in stock.metrics]
+    assert "compile_metrics" in [m.name for m in model.metrics]
+
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
-    names = [m.name for m in model.metrics]
-    assert sorted(names) == sorted(logs)
-    results = {m.name: float(m.result()) for m in model.metrics}
-    assert results == pytest.approx(logs)
-    assert len(model.compiled_metrics.metrics) == 3
+    results = {}
+    for metric in model.metrics:
+        result = metric.result()
+        results.update(result if isinstance(result, dict) else {metric.name: result})
+    assert {name: float(value) for name, value in results.items()} == pytest.approx(logs)
+    compiled = {m.name: float(m.result()) for m in model.compiled_metrics.metrics}
+    assert len(compiled) == 3 and compiled == pytest.approx(
+        {name: logs[name] for name in compiled})
     model.compiled_metrics.reset_state()
     assert all(float(m.result()) == 0.0 for m in model.compiled_metrics.metrics)
 

@@ -45,6 +45,19 @@ def test_assert_trains_like_keras_shows_where_and_by_how_much(digits):
     assert actual.model_name == "Nudged" and reference.model_name == "Functional"
 
 
+def test_assert_trains_like_keras_compares_vector_metrics(digits):
+    """A metric with one value per class (F1Score) is compared element by
+    element, in History and evaluate()."""
+    x, y = digits[0][:128], keras.utils.to_categorical(digits[1][:128], 10)
+    kwargs = dict(compile_kwargs={"optimizer": "sgd", "loss": "categorical_crossentropy",
+                                  "metrics": [keras.metrics.F1Score()]},
+                  fit_kwargs={"batch_size": 64})
+    _, actual = assert_trains_like_keras(models.mlp, x, y, **kwargs)
+    assert actual.history["f1_score"][0].shape == (10,)
+    with pytest.raises(AssertionError, match=r"evaluate\(\): \d+ of 11 element"):  # loss, 10 F1
+        assert_trains_like_keras(models.mlp, x, y, model_class=Nudged, **kwargs)
+
+
 def test_assert_trains_like_keras_reports_a_missing_history_column(digits):
     class Logged(customfit.CustomModel):
         def transform_gradients(self, gradients, variables):

@@ -321,7 +321,9 @@ class GAN(CustomModel):
         scale = internals.loss_scale_in_use(optimizer)
         if scale is not None:
             gradients = [_multiply(g, 1.0 / scale) for g in gradients]
-        gradients = _checked_gradients(self.transform_gradients(gradients, variables), variables)
+        gradients = _checked_gradients(
+            self.transform_gradients(gradients, variables), variables,
+            self.require_all_gradients)
         if scale is not None:
             # Exact (a power of two); keeps the optimizer's finite check and
             # dynamic scale update working.
