@@ -1,0 +1,92 @@
+"""Rewrites Keras' own test files so that their models are built on a base
+chosen at run time (`conformance_base.Model`, `.Sequential`, `.Trainer`).
+
+The rules are textual and few; `rewrite` reports every rule that matched and
+`leftovers` finds references to a model base that no rule covered, so a new
+Keras test file that builds models another way fails the run instead of
+silently testing stock Keras.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BASE_MODULE = "conformance_base"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: re.Pattern
+    replacement: str
+
+
+def _rule(name: str, pattern: str, replacement: str) -> Rule:
+    return Rule(name, re.compile(pattern, re.MULTILINE), replacement)
+
+
+RULES = (
+    _rule("import Model",
+          r"^from keras\.src\.models(?:\.model)? import Model$",
+          f"from {BASE_MODULE} import Model"),
+    _rule("import Sequential",
+          r"^from keras\.src\.models(?:\.sequential)? import Sequential$",
+          f"from {BASE_MODULE} import Sequential"),
+    _rule("attribute Model",
+          r"(?<![\w.])(?:keras\.models|keras|models)\.Model\b",
+          f"{BASE_MODULE}.Model"),
+    _rule("attribute Sequential",
+          r"(?<![\w.])(?:keras\.models|keras|models)\.Sequential\b",
+          f"{BASE_MODULE}.Sequential"),
+    # `class X(Trainer, layers.Dense)`: a layer mixed with a bare trainer.
+    # The model base goes after a concrete layer, so that the layer's `call`
+    # comes before `keras.Model.call` (which raises) in the method order;
+    # before `layers.Layer`, which it derives from.
+    _rule("Trainer mixin with Layer",
+          r"\(\s*Trainer,\s*layers\.Layer\s*\)",
+          f"({BASE_MODULE}.Trainer, layers.Layer)"),
+    _rule("Trainer mixin with a concrete layer",
+          r"\(\s*Trainer,\s*(layers\.\w+)\s*\)",
+          rf"(\1, {BASE_MODULE}.Trainer)"),
+    _rule("Trainer.__init__",
+          r"\bTrainer\.__init__\(self\)",
+          f"{BASE_MODULE}.Trainer.__init__(self)"),
+)
+
+# What would build a model on stock Keras if left alone.
+_LEFTOVERS = re.compile(
+    r"\b(?:keras\.models|keras|models)\.(?:Model|Sequential)\b"
+    r"|^from keras\.src\.models(?:\.\w+)? import (?:Model|Sequential)$"
+    r"|\(\s*Trainer\s*,",
+    re.MULTILINE,
+)
+
+
+def rewrite(source: str) -> tuple[str, dict[str, int]]:
+    """The rewritten source and how often each rule matched."""
+    counts = {}
+    for rule in RULES:
+        source, n = rule.pattern.subn(rule.replacement, source)
+        if n:
+            counts[rule.name] = n
+    if counts:
+        source = _with_import(source)
+    return source, counts
+
+
+def leftovers(source: str) -> list[str]:
+    """Lines that still reference a stock model base."""
+    lines = source.splitlines()
+    return sorted({lines[source.count("\n", 0, m.start())].strip()
+                   for m in _LEFTOVERS.finditer(source)})
+
+
+def _with_import(source: str) -> str:
+    """`import conformance_base` after any `from __future__` line."""
+    line = f"import {BASE_MODULE}\n"
+    future = list(re.finditer(r"^from __future__ import .*\n", source, re.MULTILINE))
+    if future:
+        end = future[-1].end()
+        return source[:end] + line + source[end:]
+    return line + source
