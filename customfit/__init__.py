@@ -1,8 +1,9 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
 from customfit._model import CustomModel
+from customfit._keras.versions import CompatibilityWarning
 from customfit import callbacks, recipes  # recipes extend CustomModel: import it first
 
 __version__ = "0.1.0"
 
-__all__ = ["CustomModel", "callbacks", "recipes", "__version__"]
+__all__ = ["CompatibilityWarning", "CustomModel", "callbacks", "recipes", "__version__"]

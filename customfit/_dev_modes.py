@@ -4,7 +4,6 @@ batches, and validation every N batches."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -14,9 +13,6 @@ import numpy as np
 import tensorflow as tf
 
 from customfit import _resume
-
-_FIT_SIGNATURE = inspect.signature(keras.Model.fit)
-
 
 @dataclass(frozen=True)
 class DevModes:
@@ -54,15 +50,11 @@ class DevModes:
         )
 
 
-def fit_arguments(
-    model: keras.Model, args: tuple, kwargs: dict, modes: DevModes
-) -> dict[str, Any]:
+def applied(model: keras.Model, arguments: dict[str, Any], modes: DevModes) -> dict[str, Any]:
     """Keras `fit`'s arguments, by name, rewritten for `modes`."""
-    bound = _FIT_SIGNATURE.bind(model, *args, **kwargs)
-    arguments = dict(bound.arguments)
-    del arguments["self"]
     if not modes.any:
         return arguments
+    arguments = dict(arguments)
     if modes.overfit_batches or modes.validate_every_n_batches:
         _split_validation_here(arguments)
     if modes.overfit_batches:

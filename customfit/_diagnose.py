@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 
 
 

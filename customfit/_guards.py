@@ -18,18 +18,23 @@ says what is wrong and how to fix it; later steps run with no check at all.
 
 How each check works, and what it cannot see:
 
-* Loss scaling: while the step runs, each `LossScaleOptimizer` reachable from
-  the model (`model.optimizer` and optimizers held by the model's attributes,
-  e.g. a GAN's two) records calls to its `scale_loss`. Its `apply` (which
-  `apply_gradients` calls) raises when `scale_loss` of that same optimizer was
-  not called earlier in the step. Gradients given to `CustomModel.
-  apply_gradients` are unscaled by contract (the hook applies the loss scale
-  itself), so they count as scaled. Not seen: an optimizer the model does not
-  hold, `scale_loss` called but its result not differentiated.
+* Loss scaling: while the step runs, each `LossScaleOptimizer` among the
+  model's optimizers (`CustomModel.optimizers`: `model.optimizer` and those
+  held by its attributes, e.g. a GAN's two) records calls to its
+  `scale_loss`. Its `apply` (which `apply_gradients` calls) raises when
+  `scale_loss` of that same optimizer was not called earlier in the step.
+  Gradients given to `CustomModel.apply_gradients` are unscaled by contract
+  (the hook applies the loss scale itself), so they count as scaled. Not
+  seen: an optimizer not in `CustomModel.optimizers` (kept in a list, say),
+  `scale_loss` called but its result not differentiated.
 * Replica scaling (only with `num_replicas_in_sync > 1` and a compiled step:
   with `run_eagerly=True` tensors have no graph to inspect): each
   `tf.GradientTape.gradient` call with variables as sources has its target
-  traced back through the graph. A term is *replica-scaled* when it passes
+  traced back through the graph. The calls are seen through Python's
+  profiling hook (`sys.setprofile`), set in each replica's thread while its
+  first step is traced: the step makes its own tapes, and TensorFlow is not
+  changed. The error is raised when the step's trace ends, before anything
+  runs. A term is *replica-scaled* when it passes
   through Keras' own scaling (`compute_loss`, `compiled_loss`, Keras loss
   objects, regularization: a multiplication by `1 / num_replicas`), an
   explicit multiplication by `1 / num_replicas` or division by
@@ -42,7 +47,8 @@ How each check works, and what it cannot see:
   to `1 / num_replicas` counts as replica scaling (`0.5 * (a + b)` on two
   replicas), a constant divisor is taken to be the global batch size, and
   values computed inside nested `tf.function`s or control flow are not
-  followed (no error).
+  followed (no error), and nothing is checked while a Python profiler
+  (such as `cProfile`) runs in that thread.
 
 Both checks are off for a model (or class) with `training_guards = False`.
 """
@@ -50,6 +56,7 @@ Both checks are off for a model (or class) with `training_guards = False`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -57,7 +64,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit import _optimizers
+from customfit._keras import internals
 
 _SWITCH = (
     "If this is intended, set `training_guards = False` on the model (or its "
@@ -75,14 +83,14 @@ class _Record:
 
     def __init__(self) -> None:
         self.scaled: set[int] = set()  # ids of optimizers given a scaled loss
+        self.unscaled_for_replicas: int | None = None  # replicas, when found
 
 
 # Thread id -> record of the step running in that thread. MirroredStrategy
 # traces each replica's step in its own thread.
 _active: dict[int, _Record] = {}
 _lock = threading.Lock()
-_tape_patches = 0
-_original_gradient = tf.GradientTape.gradient
+_GRADIENT_CODE = tf.GradientTape.gradient.__code__
 
 
 def _current() -> _Record | None:
@@ -117,10 +125,16 @@ class StepGuards:
             if self._running == 0:
                 self._stack = self._install()
             self._running += 1
-            _active[key] = _Record()
+            record = _active[key] = _Record()
         completed = False
         try:
-            yield
+            if self._model.distribute_strategy.num_replicas_in_sync > 1:
+                with _seeing_tape_gradients():
+                    yield
+            else:
+                yield
+            if record.unscaled_for_replicas is not None:
+                raise TrainingGuardError(_replica_message(record.unscaled_for_replicas))
             completed = True
         finally:
             with _lock:
@@ -139,8 +153,6 @@ class StepGuards:
                 optimizer, "scale_loss", _recording_scale_loss(optimizer)))
             stack.enter_context(internals.intercepted(
                 optimizer, "apply", _checking_apply(optimizer)))
-        if self._model.distribute_strategy.num_replicas_in_sync > 1:
-            stack.enter_context(_checking_tapes())
         return stack
 
 
@@ -148,19 +160,10 @@ class StepGuards:
 
 
 def _loss_scale_optimizers(model: keras.Model) -> list:
-    found: dict[int, Any] = {}
-    candidates = [getattr(model, "optimizer", None)]
-    for value in list(vars(model).values()):
-        if isinstance(value, (list, tuple)):
-            candidates.extend(value)
-        elif isinstance(value, dict):
-            candidates.extend(value.values())
-        else:
-            candidates.append(value)
-    for value in candidates:
-        if isinstance(value, keras.optimizers.LossScaleOptimizer):
-            found.setdefault(id(value), value)
-    return list(found.values())
+    """The `LossScaleOptimizer`s among the model's optimizers
+    (`CustomModel.optimizers`)."""
+    return [optimizer for optimizer in _optimizers.registered(model).values()
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)]
 
 
 def _recording_scale_loss(optimizer: Any):
@@ -206,34 +209,40 @@ def _unscaled_message(optimizer: Any) -> str:
 
 
 @contextlib.contextmanager
-def _checking_tapes() -> Iterator[None]:
-    """`tf.GradientTape.gradient` checks its target while a guarded step runs
-    (a class attribute: the step creates its own tapes). Entered under
-    `_lock`; the patch stays while any model's guarded step needs it."""
-    global _tape_patches
-    _tape_patches += 1
-    if _tape_patches == 1:
-        tf.GradientTape.gradient = _checking_gradient
+def _seeing_tape_gradients() -> Iterator[None]:
+    """While this thread traces its replica's step, each call of
+    `tf.GradientTape.gradient` has its target checked (`_check_target`),
+    seen through Python's profiling hook. Off under another profiler."""
+    if sys.getprofile() is not None:
+        yield
+        return
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is _GRADIENT_CODE:
+            arguments = frame.f_locals
+            _check_target(arguments.get("target"), arguments.get("sources"))
+
+    sys.setprofile(hook)
     try:
         yield
     finally:
-        _tape_patches -= 1
-        if _tape_patches == 0:
-            tf.GradientTape.gradient = _original_gradient
+        sys.setprofile(None)
 
 
-def _checking_gradient(self, target, sources, *args, **kwargs):
+def _check_target(target: Any, sources: Any) -> None:
+    """Records in this thread's record a gradient of variables whose target
+    is not scaled for the replicas."""
     record = _current()
-    if record is not None:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1 and any(
-            isinstance(s, (tf.Variable, keras.Variable))
-            for s in tf.nest.flatten(sources)
-        ):
-            for tensor in tf.nest.flatten(target):
-                if _classify(tensor, replicas) == _UNSCALED:
-                    raise TrainingGuardError(_replica_message(replicas))
-    return _original_gradient(self, target, sources, *args, **kwargs)
+    if record is None or record.unscaled_for_replicas is not None:
+        return
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1 and any(
+        isinstance(s, (tf.Variable, keras.Variable)) for s in tf.nest.flatten(sources)
+    ):
+        for tensor in tf.nest.flatten(target):
+            if _classify(tensor, replicas) == _UNSCALED:
+                record.unscaled_for_replicas = replicas
+                return
 
 
 def _replica_message(replicas: int) -> str:

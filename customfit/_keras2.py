@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 
 
 class CompiledLoss:

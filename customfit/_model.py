@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals, step_function, versions
 from customfit._keras2 import (
     CompiledLoss,
     CompiledMetrics,
     missing_targets_message,
-    track_loss,
 )
-from customfit import _dev_modes, _guards, _optimizers, _per_batch, _resume, _saving
+from customfit import _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _saving, _step
 from customfit._step_logging import StepLogs
 
 
@@ -149,7 +147,7 @@ class CustomModel(keras.Model):
         """
         scale = internals.loss_scale_in_use(self.optimizer)
         if scale is not None:
-            gradients = [_multiply(g, scale) for g in gradients]
+            gradients = [_step.multiply(g, scale) for g in gradients]
             _guards.gradients_rescaled(self.optimizer)
         self.optimizer.apply(list(gradients), list(variables))
 
@@ -175,48 +173,26 @@ class CustomModel(keras.Model):
     # ------------------------------------------------------------- the steps
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
-        """One training step on one batch; see the class docstring for order."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, gradients, variables = self._loss_gradients(x, y, sample_weight)
-        if variables:
-            self._update_weights(gradients, variables)
-        else:
-            warnings.warn("The model does not have any trainable weights.")
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    # Two seams of `train_step` for `customfit.recipes`: a recipe that changes
-    # how the gradient is computed (SAM's second pass) overrides
-    # `_loss_gradients`; one that changes when or with which gradient the
-    # update runs (gradient accumulation) overrides `_update_weights`. The
-    # public hooks run inside them, so they compose with a user's overrides.
+        """One training step on one batch; see the class docstring for order
+        (and `customfit/_step.py` for the maths)."""
+        return _step.train_step(self, data)
 
     def _loss_gradients(
         self, x: Any, y: Any, sample_weight: Any
-    ) -> tuple[Any, list, list]:
-        """Forward pass and tracked loss; returns `(y_pred, gradients,
-        variables)` with the gradients unscaled (empty without variables)."""
-        with tf.GradientTape() as tape:
-            y_pred = self._forward(x, training=True)
-            loss = self._tracked_loss(x, y, y_pred, sample_weight, training=True)
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_weights
-        if not variables:
-            return y_pred, [], variables
-        return y_pred, self._unscale(tape.gradient(loss, variables)), variables
+    ) -> tuple[Any, tf.Tensor, list, list]:
+        """Seam for recipes: the forward pass, the tracked loss and its
+        unscaled gradients; returns `(y_pred, loss, gradients, variables)`
+        (see `customfit/_step.py`)."""
+        return _step.loss_gradients(self, x, y, sample_weight)
 
-    def _update_weights(self, gradients: list, variables: list) -> None:
-        """`transform_gradients`, the gradient checks, `apply_gradients`."""
-        gradients = self.transform_gradients(gradients, variables)
-        gradients = _checked_gradients(gradients, variables, self.require_all_gradients)
-        self.apply_gradients(gradients, variables)
+    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
+        """Seam for recipes: `transform_gradients`, the gradient checks,
+        `apply_gradients` (see `customfit/_step.py`)."""
+        _step.update_weights(self, loss, gradients, variables)
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         """One evaluation step: forward pass, loss, metrics; no update."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self._forward(x, training=False)
-        self._tracked_loss(x, y, y_pred, sample_weight, training=False)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _step.test_step(self, data)
 
     def compute_loss(
         self,
@@ -356,16 +332,16 @@ class CustomModel(keras.Model):
         # model can take back.
         _optimizers.build_unbuilt(self)
         if self.train_function is None or force:
-            self.train_function = _per_batch.make_function(
-                self, self._checked_step(self.train_step, "train"),
+            self.train_function = step_function.make_function(
+                self, _step.checked(self, self.train_step, "train"),
                 self._per_batch_channel,
             )
         return self.train_function
 
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
-            self.test_function = _per_batch.make_function(
-                self, self._checked_step(self.test_step, "test"),
+            self.test_function = step_function.make_function(
+                self, _step.checked(self, self.test_step, "test"),
                 self._per_batch_channel,
             )
         return self.test_function
@@ -408,28 +384,17 @@ class CustomModel(keras.Model):
         ```
         """
         self._require_compiled("fit")
+        versions.check_once()
         modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
-        arguments = _dev_modes.fit_arguments(self, args, kwargs, modes)
-        arguments = _optimizers.with_learning_rate_logs(self, arguments)
-        # With customfit's BackupAndRestore: mid-epoch resume (see _resume).
-        arguments, resume = _resume.prepare_fit(self, arguments)
-        # Callbacks see every batch, also with steps_per_execution > 1.
-        per_batch = _per_batch.per_batch_callbacks(
-            self, self._per_batch_channel, "fit", (), arguments,
-            made_here=getattr(resume, "callbacks", None),
-        )
-        with self._step_logs.in_phase("train"), resume, per_batch as (args, kwargs):
-            return super().fit(*args, **kwargs)
+        call = _fit_call.FitCall(self, "fit", args, kwargs, modes)
+        return call.run(super().fit)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Keras' `evaluate`; callbacks see every batch, also with
         `steps_per_execution > 1`."""
         self._require_compiled("evaluate")
-        per_batch = _per_batch.per_batch_callbacks(
-            self, self._per_batch_channel, "evaluate", args, kwargs
-        )
-        with self._step_logs.in_phase("test"), per_batch as (args, kwargs):
-            return super().evaluate(*args, **kwargs)
+        versions.check_once()
+        return _fit_call.FitCall(self, "evaluate", args, kwargs).run(super().evaluate)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
@@ -464,10 +429,12 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
-        _resume.saw_epoch_iterator(self, iterator)
+        call = _fit_call.FitCall.current(self)
+        if call is not None:
+            call.saw_epoch_iterator(iterator)
         internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
-        # Keras makes its CallbackList right after this call; so does fit's.
-        _per_batch.batches_known(self._per_batch_channel, iterator)
+        if call is not None:
+            call.batches_known(iterator)  # Keras makes its CallbackList right after
 
     def _require_compiled(self, method: str) -> None:
         if not self.compiled:
@@ -476,32 +443,6 @@ class CustomModel(keras.Model):
                 'model.compile(optimizer="adam", loss=...) before '
                 f"model.{method}()."
             )
-
-    def _forward(self, x: Any, training: bool) -> Any:
-        if internals.call_has_training_arg(self):
-            return self(x, training=training)
-        return self(x)
-
-    def _tracked_loss(
-        self, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
-    ) -> tf.Tensor:
-        """`compute_loss`, added to the `loss` metric as stock `fit` does."""
-        loss = internals.compute_loss(
-            self,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=training,
-        )
-        track_loss(self, loss, batch_of=x)
-        return loss
-
-    def _unscale(self, gradients: list) -> list:
-        scale = internals.loss_scale_in_use(self.optimizer)
-        if scale is None:
-            return gradients
-        return [_multiply(g, 1.0 / scale) for g in gradients]
 
     def _metric_names(self) -> set[str]:
         """The log names of the model's metrics (compiled ones once built)."""
@@ -514,102 +455,6 @@ class CustomModel(keras.Model):
                 names.add(metric.name)
         return names
 
-    def _checked_step(self, step: Callable, phase: str) -> Callable:
-        step_name = f"{phase}_step"
-        guards = _guards.StepGuards(self) if phase == "train" else None
-
-        def checked_step(data):
-            with self._step_logs.in_phase(phase):
-                if guards is None:
-                    return checked_logs(step(data))
-                with guards.watching(), _optimizers.built_over_all_when_first_applied(self):
-                    return checked_logs(step(data))
-
-        def checked_logs(logs):
-            if not isinstance(logs, Mapping):
-                raise TypeError(_bad_logs_message(step_name, logs))
-            logs = _flattened(logs, step_name)
-            # Read now, after everything the step logged (a step may log after
-            # `compute_metrics` has read the metrics).
-            logs.update(self._step_logs.results())
-            if internals.logs_reduced_along_first_axis(self.distribute_strategy):
-                # Keras averages these over all workers' replicas along axis 0.
-                logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
-            return logs
-
-        return checked_step
-
-
-def _multiply(gradient: Any, factor: Any) -> Any:
-    if gradient is None:
-        return None
-    return gradient * tf.cast(factor, gradient.dtype)
-
-
-def _checked_gradients(gradients: Any, variables: list, require_all: bool) -> list:
-    gradients = list(gradients)
-    if len(gradients) != len(variables):
-        raise ValueError(
-            f"transform_gradients() returned {len(gradients)} gradients for "
-            f"{len(variables)} variables. Return exactly one gradient per "
-            "variable, in the order received (None or "
-            "tf.zeros_like(variable) to leave one unchanged)."
-        )
-    missing = [v.path for g, v in zip(gradients, variables) if g is None]
-    if missing and require_all:
-        raise ValueError(
-            f"No gradient for {len(missing)} trainable variable(s): "
-            f"{', '.join(missing)}. They do not affect the loss. Use them in "
-            "call(), freeze them (layer.trainable = False, then compile() "
-            "again), or set require_all_gradients = False to leave them "
-            "unchanged, as Keras does."
-        )
-    return gradients
-
-
-def _flattened(logs: Mapping, step_name: str) -> dict[str, tf.Tensor]:
-    """A step's logs as one flat dict of numeric tensors, flattened as Keras
-    flattens them for callbacks (`pythonify_logs`): a nested dict, such as
-    `CompileMetrics.result()`, contributes its entries, keys taken in sorted
-    order, later ones winning."""
-    if not all(isinstance(name, str) for name in logs):
-        raise TypeError(_bad_logs_message(step_name, logs))
-    flat: dict[str, tf.Tensor] = {}
-    for name, value in sorted(logs.items()):
-        if isinstance(value, Mapping):
-            flat.update(_flattened(value, step_name))
-        elif _is_numeric(value):
-            flat[name] = tf.convert_to_tensor(value)
-        else:
-            raise TypeError(_bad_logs_message(step_name, logs))
-    return flat
-
-
-def _is_numeric(value: Any) -> bool:
-    """A number or a numeric tensor of any shape (a metric may be a vector,
-    such as `F1Score(average=None)`)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True
-    dtype = getattr(value, "dtype", None)
-    if getattr(value, "shape", None) is None or dtype is None:
-        return False
-    try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError:
-        return False
-    return dtype.is_floating or dtype.is_integer or dtype.is_bool
-
-
-def _bad_logs_message(step_name: str, logs: Any) -> str:
-    if isinstance(logs, Mapping):
-        got = {k: getattr(v, "shape", type(v).__name__) for k, v in logs.items()}
-    else:
-        got = type(logs).__name__
-    return (
-        f"{step_name}() must return a dict mapping metric names to numbers or "
-        "numeric tensors (or to such dicts), e.g. "
-        f"`return {{m.name: m.result() for m in self.metrics}}`; got {got}."
-    )
 
 
 _TWIN_ATTRIBUTE = "_customfit_functional_twin"

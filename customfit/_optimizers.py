@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 
 import keras
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 
 MAIN = "optimizer"
 

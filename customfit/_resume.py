@@ -1,10 +1,10 @@
 """Exact mid-epoch resume for `customfit.callbacks.BackupAndRestore`.
 
 When a `CustomModel` is fitted with a `BackupAndRestore` among its callbacks,
-`CustomModel.fit` opens a `FitResume` for the call. It hands Keras a
-`ResumeCallbackList` (Keras' `fit` uses a `CallbackList` as given) and learns
-the epoch iterator `fit` builds. When the callback restores a backup taken
-after `batch` batches of epoch `epoch`:
+the call's `FitCall` makes a `FitResume` (`for_fit`) and has the callback list
+Keras gets built as a `ResumeCallbackList`; it tells the `FitResume` the epoch
+iterator `fit` builds. When the callback restores a backup taken after
+`batch` batches of epoch `epoch`:
 
 - the data is put where the interrupted run had it. `fit` makes iterators
   of one dataset (Keras makes one when an epoch starts and one after each
@@ -36,9 +36,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 
-_ACTIVE = "_customfit_fit_resume"
 _SEED_KEY = "keras_global_seed_generator"
 
 
@@ -93,28 +92,40 @@ class ResumeCallbackList(keras.callbacks.CallbackList):
 
 
 class FitResume:
-    """What one `CustomModel.fit` call needs to resume exactly (see module)."""
+    """What one `CustomModel.fit` call needs to resume exactly (see module).
 
-    def __init__(self, model: keras.Model, arguments: dict,
-                 callbacks: ResumeCallbackList | None) -> None:
+    Attributes:
+        model: The model being fitted.
+        arguments: Keras `fit`'s arguments, by name.
+        callbacks: The `ResumeCallbackList` Keras runs, once built; None when
+            the caller passed a `keras.callbacks.CallbackList` of its own.
+        epoch_iterator: `fit`'s epoch iterator, once `fit` has made it.
+    """
+
+    def __init__(self, model: keras.Model, arguments: dict) -> None:
         self.model = model
         self.arguments = arguments
-        self.callbacks = callbacks
+        self.callbacks: ResumeCallbackList | None = None
         self.epoch_iterator: Any = None
         self._dataset: _CountingDataset | None = None
         self._original_train_function: Callable | None = None
         self._metric_values: dict | None = None
 
-    # Entered around Keras' `fit`.
     def __enter__(self) -> "FitResume":
-        object.__setattr__(self.model, _ACTIVE, self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.model.__dict__.pop(_ACTIVE, None)
+        """After Keras' `fit`: the model's own train function again."""
         if self._original_train_function is not None:
             self.model.train_function = self._original_train_function
             self._original_train_function = None
+
+    def saw_epoch_iterator(self, iterator: Any) -> None:
+        """`fit` made its epoch iterator (before the callbacks' list)."""
+        if self.epoch_iterator is not None or iterator is None:
+            return
+        self.epoch_iterator = iterator
+        internals.wrap_epoch_iterator_dataset(iterator, self._count_iterators)
 
     def restore(self, epoch: int, batch: int, state: dict) -> None:
         """Puts data, metrics and random state where the backup was taken."""
@@ -170,7 +181,7 @@ class FitResume:
             return {}
         if self._metric_values is not None:
             trace_ahead = getattr(self._original_train_function, "trace_ahead", None)
-            if trace_ahead is not None:
+            if trace_ahead is not None:  # a customfit StepFunction
                 trace_ahead(iterator)
             restore_metrics(self.model, self._metric_values)
             self._metric_values = None
@@ -189,49 +200,20 @@ class FitResume:
                 ) from None
 
 
-def prepare_fit(model: keras.Model, arguments: dict) -> tuple[dict, Any]:
-    """For `CustomModel.fit`: the arguments (Keras `fit`'s, by name) to give
-    Keras' `fit` and the context to run it in (a `FitResume` when a callback
-    resumes training)."""
+def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
+    """A `FitResume` for a `fit` call (Keras' arguments, by name) with a
+    callback that resumes training, warning first if it cannot be exact."""
     callbacks = arguments.get("callbacks")
     if isinstance(callbacks, keras.callbacks.CallbackList):
         listed = callbacks.callbacks
     else:
-        listed = tree_flatten(callbacks)
+        listed = list(keras.tree.flatten(callbacks)) if callbacks else []
     resuming = [c for c in listed if needs_resume_support(c)]
     if not resuming:
-        return arguments, _Nothing()
+        return None
     if any(getattr(c, "save_freq", "epoch") != "epoch" for c in resuming):
         _warn_if_inexact(model, arguments)
-    callback_list = None
-    if not isinstance(callbacks, keras.callbacks.CallbackList):
-        verbose = arguments.get("verbose", "auto")
-        callback_list = ResumeCallbackList(
-            listed, add_history=True, add_progbar=verbose != 0, verbose=verbose,
-            epochs=arguments.get("epochs", 1), steps=None, model=model)
-        arguments["callbacks"] = callback_list
-    return arguments, FitResume(model, arguments, callback_list)
-
-
-def tree_flatten(callbacks: Any) -> list:
-    return list(keras.tree.flatten(callbacks)) if callbacks else []
-
-
-def saw_epoch_iterator(model: keras.Model, iterator: Any) -> None:
-    """For `CustomModel._maybe_symbolic_build`: `fit` passes its epoch
-    iterator there before it builds the callbacks' parameters."""
-    resume = model.__dict__.get(_ACTIVE)
-    if resume is None or resume.epoch_iterator is not None or iterator is None:
-        return
-    resume.epoch_iterator = iterator
-    internals.wrap_epoch_iterator_dataset(iterator, resume._count_iterators)
-    if resume.callbacks is not None:
-        resume.callbacks.set_params({**resume.callbacks.params,
-                                     "steps": iterator.num_batches})
-
-
-def active(model: keras.Model) -> FitResume | None:
-    return model.__dict__.get(_ACTIVE)
+    return FitResume(model, arguments)
 
 
 class _CountingDataset:
@@ -247,14 +229,6 @@ class _CountingDataset:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.dataset, name)
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
@@ -312,12 +286,12 @@ def metric_variables(model: keras.Model) -> list[tuple[str, Any]]:
             for i, variable in enumerate(metric.variables)]
 
 
-def capture_state(model: keras.Model, batch: int) -> dict[str, np.ndarray]:
+def capture_state(model: keras.Model, batch: int,
+                  resume: FitResume | None) -> dict[str, np.ndarray]:
     """The state the weights file lacks after `batch` batches of an epoch:
     metric variables (one row per replica, mid-epoch only), Keras' global
     seed generator and the number of data iterators made (see `FitResume`)."""
     state: dict[str, np.ndarray] = {}
-    resume = active(model)
     number = None if resume is None else resume.data_iterator_number(batch)
     if number is not None:
         state["data_iterator"] = np.asarray(number)

@@ -16,7 +16,7 @@ import h5py
 import keras
 import numpy as np
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 from customfit import _optimizers
 
 RNG_KEY_PREFIX = "customfit_rng_"
@@ -170,11 +170,11 @@ def _unread_entries(model: keras.Model, found: dict, expected: dict) -> list[str
 
 
 def _optimizer_attribute_names(model: keras.Model) -> set[str]:
-    """Attribute names that hold an optimizer, in the model and its layers."""
+    """The names the optimizers of the model and of its layers are saved
+    under (`_optimizers.registered`, applied to each)."""
     names = {"optimizer"}
     for layer in internals.all_layers(model):
-        names.update(name for name, value in vars(layer).items()
-                     if isinstance(value, keras.optimizers.Optimizer))
+        names.update(_optimizers.registered(layer))
     return names
 
 

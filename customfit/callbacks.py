@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import keras
 import numpy as np
 
-from customfit import _keras_internals as internals
-from customfit import _optimizers, _per_batch, _resume
+from customfit._keras import internals
+from customfit import _fit_call, _optimizers, _resume
 from customfit._saving import atomic_destination, write_text_atomically
 
 __all__ = [
@@ -209,7 +209,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Runs when `fit` starts: restores the backup, if there is one."""
         self._epochs_done = None
         self._resumed_at = None
-        if self.save_freq != "epoch" and _resume.active(self.model) is None:
+        if self.save_freq != "epoch" and _fit_call.resume_of(self.model) is None:
             raise ValueError(
                 f"BackupAndRestore(save_freq={self.save_freq}) resumes "
                 "mid-epoch through CustomModel.fit; this model is a "
@@ -230,7 +230,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         epoch, batch = state["epoch"], state.get("batch", 0)
         internals.set_initial_epoch(self.model, epoch)
         _resume.restore_global_state(saved)
-        resume = _resume.active(self.model)
+        resume = _fit_call.resume_of(self.model)
         if resume is not None:
             resume.restore(epoch, batch, saved)
         elif batch:
@@ -256,7 +256,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Runs before each batch: with `save_freq=N`, saves the state after
         the previous batches once N more have run since the last backup."""
-        if self.save_freq == "epoch" or _per_batch.replayed_begin(self.model):
+        if self.save_freq == "epoch" or _fit_call.replayed_begin(self.model):
             return  # replayed after its execution ran: not the state before it
         if batch // self.save_freq > self._last_backup_batch // self.save_freq:
             self._save(self._epoch, batch)
@@ -279,7 +279,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
         with atomic_destination(os.path.join(self.backup_dir, weights_name)) as temporary:
             self.model.save_weights(temporary)
-        saved = _resume.capture_state(self.model, batch)
+        saved = _resume.capture_state(self.model, batch, _fit_call.resume_of(self.model))
         with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
             with open(temporary, "wb") as f:
                 np.savez(f, **saved)

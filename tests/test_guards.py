@@ -2,6 +2,7 @@
 raises a clear error in the first step instead; stock Keras trains wrong."""
 
 import json
+import sys
 
 import keras
 import numpy as np
@@ -139,7 +140,8 @@ def test_nothing_stays_intercepted_after_the_first_step(data, mixed_float16, run
     assert seen[0] == ["apply", "scale_loss"]
     assert seen[1:] == ([[]] if run_eagerly else [])
     assert not vars(model.optimizer).keys() & {"apply", "scale_loss"}
-    assert tf.GradientTape.gradient is original_gradient
+    assert tf.GradientTape.gradient is original_gradient  # never changed
+    assert sys.getprofile() is None
 
 
 # ------------------------------------------ (b) loss not scaled for replicas

@@ -106,7 +106,7 @@ def run(base, build, x, y, compile_kwargs, evaluate=True, **fit_kwargs):
     metrics_before = [m.name for m in model.metrics]
     history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False,
                         **fit_kwargs).history
-    evaluated = (model.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True)
+    evaluated = (flat(model.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True))
                  if evaluate else None)
     return dict(metrics_before=metrics_before, history=history, evaluated=evaluated,
                 weights=model.get_weights())
@@ -130,9 +130,16 @@ def test_guide_metrics_loop_reports_compiled_metrics_as_stock(digits, weighted):
                 sample_weight=weights if weighted else None,
                 validation_data=(x[:64], y[:64]))
             for base in (keras.Model, customfit.CustomModel)]
-    assert set(runs[1]["history"]) == {"loss", "mae", "val_loss", "val_mae"}
-    assert runs[1]["metrics_before"] == ["loss", "compile_metrics"]
-    assert_same_run(*runs)
+    stock, ours = runs
+    assert set(ours["history"]) == {"loss", "mae", "val_loss", "val_mae"}
+    assert ours["metrics_before"] == ["loss", "compile_metrics"]
+    if "val_mae" not in stock["history"]:
+        # Keras 3.10 prefixes only the top-level keys of the validation logs:
+        # the nested compiled metrics come back unprefixed and overwrite the
+        # training ones. customfit flattens first, as Keras 3.11 and later do.
+        assert ours["history"].pop("val_mae") == stock["history"].pop("mae")
+        ours["history"].pop("mae")
+    assert_same_run(stock, ours)
 
 
 @pytest.mark.parametrize("metrics_property", [True, False], ids=["listed", "attributes"])
@@ -154,8 +161,18 @@ def test_guide_test_step_with_evaluate_only(digits):
         keras.utils.set_random_seed(1)
         model = dense_regressor(loops_over_metrics(base))
         model.compile(loss="mse", metrics=["mae"])
-        results.append(model.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True))
+        results.append(flat(model.evaluate(x, y, batch_size=BATCH, verbose=0,
+                                           return_dict=True)))
     assert results[1] == results[0] and set(results[1]) == {"loss", "mae"}
+
+
+def flat(results):
+    """`evaluate(return_dict=True)` as floats, nested dicts flattened (Keras
+    before 3.15 returns a custom step's last logs as they are, nested)."""
+    flattened = {}
+    for name, value in results.items():
+        flattened.update(flat(value) if isinstance(value, dict) else {name: float(value)})
+    return flattened
 
 
 def test_keras2_comprehension_over_metrics_gives_stock_columns(digits):
@@ -326,7 +343,10 @@ def test_saved_state_of_an_optimizer_built_in_fit_is_restored(digits, tmp_path):
 
 def vae(base):
     """A variational autoencoder as the Keras example writes it: three
-    trackers in `metrics`, the step's `loss` key from the total tracker."""
+    trackers in `metrics`, the step's `loss` key from the total tracker.
+    The reconstruction loss is a squared error: binary cross-entropy's
+    logarithm differs in the last bit from run to run on CPU, on stock Keras
+    too, which no bit-for-bit comparison survives."""
 
     class Sampling(keras.layers.Layer):
         def __init__(self):
@@ -356,9 +376,8 @@ def vae(base):
             with tf.GradientTape() as tape:
                 z_mean, z_log_var, z = self.encoder(data)
                 reconstruction = self.decoder(z)
-                reconstruction_loss = tf.reduce_mean(tf.reduce_sum(
-                    keras.losses.binary_crossentropy(data[..., None], reconstruction[..., None]),
-                    axis=1))
+                reconstruction_loss = 64 * tf.reduce_mean(
+                    keras.losses.mean_squared_error(data, reconstruction))
                 kl_loss = -0.5 * (1 + z_log_var - tf.square(z_mean) - tf.exp(z_log_var))
                 kl_loss = tf.reduce_mean(tf.reduce_sum(kl_loss, axis=1))
                 total_loss = reconstruction_loss + kl_loss

@@ -122,7 +122,7 @@ class GradientAccumulation(CustomModel):
         object.__setattr__(self, "_accumulation", state)
         return state
 
-    def _update_weights(self, gradients: list, variables: list) -> None:
+    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
         state = self.__dict__.get("_accumulation")
         if state is None or not state.matches(variables):
             state = self._accumulation_state(create=True)
@@ -137,7 +137,7 @@ class GradientAccumulation(CustomModel):
                 None if g is None else total.value / tf.cast(steps, total.dtype)
                 for g, total in zip(gradients, state.sums)
             ]
-            super(GradientAccumulation, self)._update_weights(averaged, variables)
+            super(GradientAccumulation, self)._update_weights(loss, averaged, variables)
             for total in state.sums:
                 total.assign(tf.zeros_like(total.value))
 

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 

@@ -7,8 +7,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
-from customfit._model import CustomModel, _checked_gradients, _multiply
+from customfit._keras import internals
+from customfit import _step
+from customfit._model import CustomModel
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -320,14 +321,14 @@ class GAN(CustomModel):
     def _update(self, optimizer: Any, gradients: list, variables: list) -> None:
         scale = internals.loss_scale_in_use(optimizer)
         if scale is not None:
-            gradients = [_multiply(g, 1.0 / scale) for g in gradients]
-        gradients = _checked_gradients(
+            gradients = [_step.multiply(g, 1.0 / scale) for g in gradients]
+        gradients = _step.checked_gradients(
             self.transform_gradients(gradients, variables), variables,
             self.require_all_gradients)
         if scale is not None:
             # Exact (a power of two); keeps the optimizer's finite check and
             # dynamic scale update working.
-            gradients = [_multiply(g, scale) for g in gradients]
+            gradients = [_step.multiply(g, scale) for g in gradients]
         optimizer.apply(gradients, variables)
 
     def _report(self, d_loss: tf.Tensor, g_loss: tf.Tensor, batch: tf.Tensor) -> dict:

@@ -7,7 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
+from customfit import _step
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
@@ -81,13 +82,13 @@ class SAM(CustomModel):
 
     def _loss_gradients(self, x: Any, y: Any, sample_weight: Any):
         state = [(v, tf.identity(v.value)) for v in self.non_trainable_variables]
-        y_pred, gradients, variables = super()._loss_gradients(x, y, sample_weight)
+        y_pred, loss, gradients, variables = super()._loss_gradients(x, y, sample_weight)
         if not variables:
-            return y_pred, gradients, variables
+            return y_pred, loss, gradients, variables
         gradients = self._sharpness_aware_gradients(
             x, y, sample_weight, gradients, variables, state
         )
-        return y_pred, gradients, variables
+        return y_pred, loss, gradients, variables
 
     def _sharpness_aware_gradients(
         self,
@@ -117,11 +118,11 @@ class SAM(CustomModel):
             with keras.StatelessScope(
                 state_mapping=mapping, collect_losses=True, initialize_variables=False
             ):
-                y_pred = self._forward(x, training=True)
+                y_pred = _step.forward(self, x, training=True)
                 loss = internals.compute_loss(
                     self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                     training=True,
                 )
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
-        return self._unscale(tape.gradient(loss, perturbed))
+        return _step.unscaled(self, tape.gradient(loss, perturbed))

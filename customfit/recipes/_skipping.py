@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import keras
 import tensorflow as tf
 
-from customfit import _keras_internals as internals
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
 
 _TOTAL_KEY = "skipped_steps_total"
 _CONSECUTIVE_KEY = "skipped_steps_consecutive"
-_CHECKED = "_customfit_skip_checked"
 
 
 @keras.saving.register_keras_serializable(package="customfit")
@@ -118,7 +116,6 @@ class SkipNonFinite(CustomModel):
             state = _State()
         # Plain attributes: saved through save_own_variables, not as weights.
         object.__setattr__(self, "_skip_state", state)
-        object.__setattr__(self, "_skip_losses", threading.local())
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -164,22 +161,7 @@ class SkipNonFinite(CustomModel):
 
     # ------------------------------------------------------------ the step
 
-    def _tracked_loss(self, x: Any, y: Any, y_pred: Any, sample_weight: Any,
-                      training: bool) -> tf.Tensor:
-        loss = super()._tracked_loss(x, y, y_pred, sample_weight, training)
-        if training:
-            # Per thread: MirroredStrategy traces each replica in its own.
-            self._skip_losses.loss = loss
-        return loss
-
-    def _update_weights(self, gradients: list, variables: list) -> None:
-        loss = getattr(self._skip_losses, "loss", None)
-        self._skip_losses.loss = None
-        if loss is None:
-            raise RuntimeError(
-                "SkipNonFinite found no loss for this step: the training step "
-                "must compute it with the default train_step (or "
-                "super().train_step) before the update.")
+    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
         skip = self._replica_skips(loss, gradients)
         state = self._skip_state
         context = tf.distribute.get_replica_context()
@@ -192,7 +174,7 @@ class SkipNonFinite(CustomModel):
                 gradients = _overflowed_everywhere(flags[1], gradients)
 
         def update(gradients: list) -> None:
-            super(SkipNonFinite, self)._update_weights(list(gradients), variables)
+            super(SkipNonFinite, self)._update_weights(loss, list(gradients), variables)
 
         if tf.distribute.has_strategy() and context is not None:
             # The optimizer synchronizes replicas (merge_call), which is not
@@ -260,19 +242,14 @@ class SkipNonFinite(CustomModel):
 
     def make_train_function(self, force: bool = False) -> Callable:
         function = super().make_train_function(force)
-        if getattr(function, _CHECKED, False):
-            return function
+        if self._stop_if_halted not in function.after_each_execution:
+            function.after_each_execution.append(self._stop_if_halted)
+        return function
 
-        def checked(*args: Any, **kwargs: Any) -> Any:
-            logs = function(*args, **kwargs)
-            if bool(self._skip_state.halted.numpy()):
-                self._raise_too_many_skips()
-            return logs
-
-        setattr(checked, _CHECKED, True)
-        checked.trace_ahead = function.trace_ahead
-        self.train_function = checked
-        return checked
+    def _stop_if_halted(self) -> None:
+        """After each execution, on the host (XLA drops in-graph asserts)."""
+        if bool(self._skip_state.halted.numpy()):
+            self._raise_too_many_skips()
 
     def _raise_too_many_skips(self) -> None:
         state = self._skip_state

@@ -2,8 +2,10 @@
 
 Keras 3 keeps several pieces of `fit` machinery private. customfit reuses them
 instead of copying them, so that its default step stays bit-for-bit equal to
-stock `fit`. `tests/test_keras_internals.py` checks each assumption made here
-and fails loudly when a Keras release changes one of them.
+stock `fit`. Where the tested Keras releases (3.10 to 3.15) differ, the
+function here adapts, saying which release does what.
+`tests/test_keras_internals.py` checks each assumption made here and fails
+loudly when a Keras release changes one of them.
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ def reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction:
 
 def autoconvert_optionals(model: keras.Model, step: Callable) -> Callable:
     """`step` taking batches whose `tf.experimental.Optional` parts become
-    None, as in Keras' `_make_function`."""
-    return model._autoconvert_optionals(step)
+    None, as in Keras' `_make_function` (Keras 3.12 and later; earlier ones
+    pass batches on as they are, and so does this)."""
+    convert = getattr(model, "_autoconvert_optionals", None)
+    return step if convert is None else convert(step)
 
 
 def epoch_batches(epoch_iterator: Any) -> int | None:
@@ -232,8 +236,9 @@ def global_seed_generator(create: bool = False) -> Any:
     calls draw from; None if it does not exist yet and `create` is False."""
     if create:
         return _seed_generator.global_seed_generator()
-    return _global_state.get_global_attribute(
-        _seed_generator.GLOBAL_SEED_GENERATOR)
+    # The key is a named constant from Keras 3.13 on, the same string before.
+    key = getattr(_seed_generator, "GLOBAL_SEED_GENERATOR", "global_seed_generator")
+    return _global_state.get_global_attribute(key)
 
 
 @contextlib.contextmanager
@@ -253,7 +258,15 @@ def intercepted(obj: Any, method: str, wrapper: Callable) -> Iterator[None]:
 def monitor_improved(callback: Any, current: float, best: float | None) -> bool:
     """Whether `current` improves on `best` for a Keras monitor callback
     (`ReduceLROnPlateau`, `EarlyStopping`): its `mode`, `min_delta` and the
-    direction inferred from the monitored name, as Keras compares them."""
+    direction inferred from the monitored name, as Keras compares them.
+
+    Keras 3.11 and later decide in `MonitorCallback._is_improvement`; in
+    Keras 3.10, `ReduceLROnPlateau` sets a `monitor_op` that already holds
+    `min_delta` when training begins (`_reset`)."""
+    if not hasattr(callback, "_is_improvement"):  # Keras 3.10
+        if callback.monitor_op is None:
+            callback._reset()
+        return best is None or bool(callback.monitor_op(current, best))
     if callback.monitor_op is None:
         callback._set_monitor_op()
     return bool(callback._is_improvement(current, best))

@@ -1,0 +1,185 @@
+"""`python -m customfit check`: does CustomModel train like stock `fit` on
+this install (its Keras, TensorFlow, processor or GPU)?
+
+Each check trains a small model twice under the same seeds, with op
+determinism, on generated data (nothing is downloaded), and compares
+`History`, weights, `evaluate` and `predict`, or the logs every callback
+receives; the table says what matches bit for bit and, where something
+differs, by how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+import warnings
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import customfit
+from customfit._keras import versions
+from customfit._model import CustomModel
+from customfit._training_parity import differences, enable_determinism, record_training
+
+BATCH = 32
+SAMPLES = 8 * BATCH
+COMPILE = dict(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
+               metrics=["accuracy"])
+FIT = dict(batch_size=BATCH)
+
+
+@dataclasses.dataclass
+class Result:
+    """One row of the table.
+
+    Attributes:
+        name: What was compared.
+        compared: Against what, in words.
+        lines: One line per difference; empty when everything matched bit
+            for bit.
+    """
+
+    name: str
+    compared: str
+    lines: list[str]
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 16)).astype("float32")
+    y = (x[:, :4].argmax(axis=1) + (x[:, 4] > 1)).astype("int32") % 4
+    return x, y
+
+
+def mlp(base: type) -> keras.Model:
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dropout(0.2)(keras.layers.Dense(32, activation="relu")(inputs))
+    return base(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
+
+
+class Keras2Step(CustomModel):
+    """A whole `train_step` the tf.keras way, with the Keras-2 helpers."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compiled_loss(y, y_pred, regularization_losses=self.losses)
+        gradients = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        self.compiled_metrics.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+
+class Logging(CustomModel):
+    """A hook that logs the gradient norm and leaves the gradients alone."""
+
+    def transform_gradients(self, gradients, variables):
+        self.log("grad_norm", tf.linalg.global_norm(gradients))
+        return gradients
+
+
+def compare_fit(name: str, model_class: type, fit_overrides: dict | None = None,
+                compile_overrides: dict | None = None, logged: tuple = ()) -> Result:
+    """`model_class` against `keras.Model`, both `mlp`, the same seeds."""
+    x, y = data()
+    compile_kwargs = {**COMPILE, **(compile_overrides or {})}
+    fit_kwargs = {**FIT, **(fit_overrides or {})}
+    expected = record_training(lambda: mlp(keras.Model), x, y, compile_kwargs=COMPILE,
+                               fit_kwargs=FIT)
+    actual = record_training(lambda: mlp(model_class), x, y, compile_kwargs=compile_kwargs,
+                             fit_kwargs=fit_kwargs)
+    lines = []
+    for column in logged:
+        values = actual.history.pop(column, None)
+        if values is None or not np.all(np.isfinite(values)):
+            lines.append(f"History[{column!r}]: {values!r}, expected finite values")
+    return Result(name, "stock keras.Model.fit", lines + differences(expected, actual))
+
+
+def compare_batch_logs(steps_per_execution: int) -> Result:
+    """Every batch's callback logs with `steps_per_execution` against 1."""
+    x, y = data()
+    runs = []
+    for k in (1, steps_per_execution):
+        record = _BatchLogs()
+        keras.utils.set_random_seed(0)
+        model = mlp(CustomModel)
+        model.compile(**{**COMPILE, "optimizer": keras.optimizers.Adam(1e-2)},
+                      steps_per_execution=k)
+        model.fit(x, y, **FIT, epochs=2, verbose=0, callbacks=[record])
+        runs.append(record.logs)
+    (reference, actual) = runs
+    lines = []
+    if [b for b, _ in actual] != [b for b, _ in reference]:
+        lines.append(f"batches reported: {[b for b, _ in actual]}, expected "
+                     f"{[b for b, _ in reference]}")
+    for (batch, got), (_, want) in zip(actual, reference):
+        for key in want:
+            if got.get(key) != want[key]:
+                lines.append(f"batch {batch} {key!r}: {got.get(key)!r}, expected "
+                             f"{want[key]!r}")
+    return Result(f"every batch's logs, steps_per_execution={steps_per_execution}",
+                  "steps_per_execution=1", lines)
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[tuple[int, dict]] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.logs.append((batch, dict(logs or {})))
+
+
+CHECKS: tuple[Callable[[], Result], ...] = (
+    lambda: compare_fit("default step", CustomModel),
+    lambda: compare_fit("Keras-2 train_step (compiled_loss, compiled_metrics, metrics)",
+                        Keras2Step),
+    lambda: compare_fit("self.log in a hook", Logging, logged=("grad_norm",)),
+    lambda: compare_fit("steps_per_execution=4", CustomModel,
+                        compile_overrides=dict(steps_per_execution=4)),
+    lambda: compare_batch_logs(4),
+)
+
+
+def device() -> str:
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return f"{len(gpus)} GPU(s)"
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def main() -> int:
+    """Prints the table; 0 if every check matched bit for bit, else 1."""
+    started = time.monotonic()
+    enable_determinism(0)
+    print(f"customfit {customfit.__version__}: Keras {keras.version()}, TensorFlow "
+          f"{tf.__version__}, Python {platform.python_version()}, {device()}")
+    found = versions.problems()
+    print("Tested stack and copied Keras code: "
+          + ("as tested." if not found else "differs:"))
+    for problem in found:
+        print(f"  - {problem}")
+    print()
+    with warnings.catch_warnings():
+        # Said above already.
+        warnings.simplefilter("ignore", versions.CompatibilityWarning)
+        results = [check() for check in CHECKS]
+    width = max(len(r.name) for r in results)
+    print(f"{'check':{width}}  result")
+    for result in results:
+        verdict = ("bit for bit" if not result.lines
+                   else f"DIFFERS ({len(result.lines)} difference(s))")
+        print(f"{result.name:{width}}  {verdict}, against {result.compared}")
+        for line in result.lines[:5]:
+            print(f"{'':{width}}    {line}")
+        if len(result.lines) > 5:
+            print(f"{'':{width}}    ... {len(result.lines) - 5} more")
+    print(f"\n{sum(not r.lines for r in results)} of {len(results)} checks match bit "
+          f"for bit ({time.monotonic() - started:.0f} s).")
+    return 0 if all(not r.lines for r in results) else 1

@@ -1,0 +1,225 @@
+"""Keras' `_make_function`, copied, with the logs of every step of an
+execution and the real batch number for `tf.summary`.
+
+Taken from Keras 3.15.1 (`keras/src/backend/tensorflow/trainer.py`,
+`TensorFlowTrainer._make_function`; Keras 3.12 to 3.15 have the same source,
+3.10 and 3.11 differ only in not converting `tf.experimental.Optional`
+inputs, which `internals.autoconvert_optionals` adapts). `versions.COPIES`
+holds the hash of that source for each tested release, and customfit warns
+when the installed Keras has another.
+
+What the copy changes:
+
+- the multi-step loop runs the step in the `tf.while_loop` body itself,
+  where Keras runs it inside a `tf.cond`: under `MirroredStrategy` that
+  `tf.cond` makes stock `fit` with `steps_per_execution > 1` fail on
+  TensorFlow 2.21 ("You must feed a value for placeholder tensor");
+- each step's logs are flattened into one float64 row (`flat_row`), the rows
+  of an execution stacked into `[steps, values]` and handed to the caller
+  with the names, shapes and dtypes needed to read them back (`row_logs`);
+- with `summary=(first_step, update_freq)`, each step runs with the real
+  batch number as `tf.summary`'s default step and an in-graph
+  `step % update_freq == 0` as the `record_if` condition.
+
+`unrolled_steps_per_execution` is not used (it only changes how the loop is
+laid out, not what it computes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import tree
+
+from customfit._keras import internals
+
+def make_function(model: keras.Model, step_function: Callable, channel: Any) -> Callable:
+    """Keras' `_make_function(step_function)`, with per-step logs and the
+    real batch step for summaries (see the module docstring).
+
+    `channel` carries the summary configuration in (`channel.summary`) and
+    an execution's rows out (`channel.rows`); see `_per_batch.Channel`. The
+    single step (`strategy.run`, Keras' reduction of the logs,
+    `tf.function`/XLA) is Keras' as it is. The multi-step loop fetches and
+    runs the same batches in the same order.
+    """
+
+    @tf.autograph.experimental.do_not_convert
+    def one_step_on_data(data):
+        """Runs a single training step on a batch of data."""
+        outputs = model.distribute_strategy.run(step_function, args=(data,))
+        return internals.reduce_per_replica(
+            outputs, model.distribute_strategy, reduction="auto"
+        )
+
+    if not model.run_eagerly:
+        one_step_on_data = tf.function(
+            one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
+        )
+    one_step_on_data = internals.autoconvert_optionals(model, one_step_on_data)
+
+    def step_at(data, summary, offset):
+        """`one_step_on_data(data)`; with `summary=(first_step, every)`, as
+        batch `first_step + offset` for `tf.summary`."""
+        if summary is None:
+            return one_step_on_data(data)
+        first_step, every = summary
+        step = first_step + tf.cast(offset, tf.int64)
+        previous = tf.summary.experimental.get_step()
+        tf.summary.experimental.set_step(step)
+        try:
+            with tf.summary.record_if(tf.equal(step % every, 0)):
+                return one_step_on_data(data)
+        finally:
+            tf.summary.experimental.set_step(previous)
+
+    @tf.autograph.experimental.do_not_convert
+    def multi_step_on_iterator(iterator, summary=None):
+        steps_per_execution = model.steps_per_execution
+        if steps_per_execution == 1:
+            outputs = step_at(iterator.get_next(), summary, 0)
+            return tf.experimental.Optional.from_value(outputs), None
+
+        # The spec is set lazily during the tracing of `tf.while_loop`.
+        empty_outputs = tf.experimental.Optional.empty(None)
+        width: list[int] = []  # logs per step, known once a step is traced
+
+        def cond(execution_step, optional_outputs, next_optional_inputs, rows):
+            return tf.logical_and(
+                tf.less(execution_step, steps_per_execution),
+                next_optional_inputs.has_value(),
+            )
+
+        def body(execution_step, optional_outputs, next_optional_inputs, rows):
+            # Keras wraps this step in a `tf.cond` on the loop condition,
+            # which `cond` already guarantees; see the docstring.
+            outputs = step_at(next_optional_inputs.get_value(), summary, execution_step)
+            next_optional_outputs = tf.experimental.Optional.from_value(outputs)
+            empty_outputs._element_spec = next_optional_outputs.element_spec
+            row = flat_row(outputs)
+            width[:] = [row.shape[0]]
+            return (
+                execution_step + 1,
+                next_optional_outputs,
+                tf.cond(
+                    tf.less(execution_step + 1, steps_per_execution),
+                    lambda: iterator.get_next_as_optional(),
+                    lambda: next_optional_inputs,
+                ),
+                rows.write(execution_step, row),
+            )
+
+        rows = tf.TensorArray(
+            tf.float64, size=0, dynamic_size=True, infer_shape=False,
+            element_shape=tf.TensorShape([None]),
+        )
+        _, final_optional_outputs, _, rows = tf.while_loop(
+            cond, body,
+            loop_vars=[tf.constant(0), empty_outputs, iterator.get_next_as_optional(), rows],
+        )
+        final_optional_outputs._element_spec = empty_outputs.element_spec
+        if not width:  # eagerly, with no batch left: nothing ran
+            return final_optional_outputs, None
+        stacked = tf.cond(
+            rows.size() > 0,
+            lambda: tf.reshape(rows.stack(), [-1, width[0]]),
+            lambda: tf.zeros([0, width[0]], tf.float64),
+        )
+        return final_optional_outputs, stacked
+
+    if not model.run_eagerly:
+        multi_step_on_iterator = tf.function(multi_step_on_iterator, reduce_retracing=True)
+
+    def function(iterator):
+        channel.rows = None
+        if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            summary = channel.summary
+            if summary is not None:
+                summary = (tf.constant(summary[0], tf.int64), tf.constant(summary[1], tf.int64))
+            opt_outputs, stacked = multi_step_on_iterator(iterator, summary)
+            if not opt_outputs.has_value():
+                raise StopIteration
+            outputs = opt_outputs.get_value()
+            if stacked is not None:
+                channel.rows = (layout(outputs), stacked)
+            return outputs
+        for _, data in zip(range(model.steps_per_execution), iterator):
+            outputs = one_step_on_data(data)
+        return outputs
+
+    def trace_ahead(iterator: Any) -> bool:
+        if model.run_eagerly:
+            return False
+        multi_step_on_iterator.get_concrete_function(iterator)
+        return True
+
+    return StepFunction(function, trace_ahead)
+
+
+class StepFunction:
+    """A train or test function as Keras calls it, `function(iterator)`
+    returning the logs of the execution's last step, with what customfit
+    needs besides.
+
+    Attributes:
+        after_each_execution: Callables run on the host after every
+            execution, in order (`recipes.SkipNonFinite` checks its limits
+            there).
+    """
+
+    def __init__(self, run: Callable[[Any], Any], trace_ahead: Callable[[Any], bool]) -> None:
+        self._run = run
+        self._trace_ahead = trace_ahead
+        self.after_each_execution: list[Callable[[], None]] = []
+
+    def __call__(self, iterator: Any) -> Any:
+        logs = self._run(iterator)
+        for check in self.after_each_execution:
+            check()
+        return logs
+
+    def trace_ahead(self, iterator: Any) -> bool:
+        """Traces the step for `iterator` without running it, so that the
+        variables it creates while tracing (metrics built on first use,
+        `CustomModel.log` columns) exist before the first call. False when
+        there is nothing to trace (`run_eagerly=True`)."""
+        return self._trace_ahead(iterator)
+
+
+def flat_row(outputs: Any) -> tf.Tensor:
+    """The step's logs as one float64 vector, in `tree.flatten` order, each
+    value flattened (scalars, vectors such as `F1Score(average=None)`)."""
+    values = tree.flatten(outputs)
+    unknown = [v.shape for v in values if not v.shape.is_fully_defined()]
+    if unknown:
+        raise ValueError(
+            "With steps_per_execution > 1, every value a step returns needs a "
+            f"static shape; got shapes {unknown}. Give the metric a fixed "
+            "shape, or use steps_per_execution=1.")
+    return tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in values], 0)
+
+
+def layout(outputs: Any) -> list[tuple[str, tuple, Any]]:
+    """`(name, shape, dtype)` of each log, in the order `flat_row` stacks
+    their values."""
+    return [(name, tuple(outputs[name].shape), outputs[name].dtype.as_numpy_dtype)
+            for name in tree.flatten({name: name for name in outputs})]
+
+
+def row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str, Any]:
+    """One batch's logs back from its row: Python floats for scalars (as
+    Keras gives callbacks), arrays of the step's dtype otherwise. Exact: the
+    float64 copy of a float32 or int32 value is exact."""
+    logs: dict[str, Any] = {}
+    start = 0
+    for name, shape, dtype in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        if shape:
+            logs[name] = np.asarray(row[start:start + size]).astype(dtype).reshape(shape)
+        else:
+            logs[name] = row[start]
+        start += size
+    return logs

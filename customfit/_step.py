@@ -1,0 +1,208 @@
+"""The default training and evaluation step: the maths of `CustomModel`.
+
+`train_step(model, data)`, per batch, in this order:
+
+1. `model._loss_gradients(x, y, sample_weight)` (seam 1): the forward pass
+   `model(x, training=True)` and `compute_loss`, tracked in the `loss`
+   metric as stock `fit` tracks it (the full loss, weighted by batch size),
+   under a `tf.GradientTape`; the loss scaled for mixed precision
+   (`optimizer.scale_loss`), differentiated w.r.t. `trainable_weights`, the
+   gradients unscaled. Returns `(y_pred, loss, gradients, variables)`: the
+   loss as `compute_loss` returned it (this replica's share under
+   `tf.distribute`, unscaled), the gradients unscaled and per replica.
+2. `model._update_weights(loss, gradients, variables)` (seam 2):
+   `transform_gradients`, the gradient checks, `apply_gradients` (which
+   re-applies the loss scale for a `LossScaleOptimizer`).
+3. `compute_metrics(...)`: the batch's logs.
+
+The seams are for `customfit.recipes`: a recipe that changes how the gradient
+is computed (SAM's second pass) overrides `_loss_gradients`; one that changes
+when, or with which gradient, the update runs (gradient accumulation,
+skipping non-finite steps) overrides `_update_weights`, and gets the loss with
+the gradients. The public hooks run inside the seams, so they compose with a
+user's overrides.
+
+`checked(model, step, phase)` wraps a step for Keras' step function: the
+first training step's guards, the checks of what the step returns, and the
+logs flattened as Keras flattens them, with the values from `log`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from customfit._keras import internals
+from customfit._keras2 import track_loss
+from customfit import _guards, _optimizers
+
+
+def train_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred, loss, gradients, variables = model._loss_gradients(x, y, sample_weight)
+    if variables:
+        model._update_weights(loss, gradients, variables)
+    else:
+        warnings.warn("The model does not have any trainable weights.")
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def test_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred = forward(model, x, training=False)
+    tracked_loss(model, x, y, y_pred, sample_weight, training=False)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def loss_gradients(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any
+) -> tuple[Any, tf.Tensor, list, list]:
+    """Seam 1's default (see the module docstring)."""
+    with tf.GradientTape() as tape:
+        y_pred = forward(model, x, training=True)
+        loss = tracked_loss(model, x, y, y_pred, sample_weight, training=True)
+        scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
+    variables = model.trainable_weights
+    if not variables:
+        return y_pred, loss, [], variables
+    return y_pred, loss, unscaled(model, tape.gradient(scaled, variables)), variables
+
+
+def update_weights(model: keras.Model, loss: tf.Tensor, gradients: list,
+                   variables: list) -> None:
+    """Seam 2's default: `transform_gradients`, the checks, `apply_gradients`.
+    The default does not use `loss`."""
+    del loss
+    gradients = model.transform_gradients(gradients, variables)
+    gradients = checked_gradients(gradients, variables, model.require_all_gradients)
+    model.apply_gradients(gradients, variables)
+
+
+def forward(model: keras.Model, x: Any, training: bool) -> Any:
+    if internals.call_has_training_arg(model):
+        return model(x, training=training)
+    return model(x)
+
+
+def tracked_loss(
+    model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
+) -> tf.Tensor:
+    """`compute_loss`, added to the `loss` metric as stock `fit` does."""
+    loss = internals.compute_loss(
+        model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+    track_loss(model, loss, batch_of=x)
+    return loss
+
+
+def unscaled(model: keras.Model, gradients: list) -> list:
+    """Gradients of a loss `model.optimizer.scale_loss` scaled, unscaled."""
+    scale = internals.loss_scale_in_use(model.optimizer)
+    if scale is None:
+        return gradients
+    return [multiply(g, 1.0 / scale) for g in gradients]
+
+
+def checked(model: keras.Model, step: Callable, phase: str) -> Callable:
+    """`step` (the model's `train_step` or `test_step`) as Keras' step
+    function runs it: logging to `phase`'s columns, the first training step
+    guarded, its logs checked and flattened, the logged values added."""
+    step_name = f"{phase}_step"
+    guards = _guards.StepGuards(model) if phase == "train" else None
+    step_logs = model._step_logs
+
+    def checked_step(data):
+        with step_logs.in_phase(phase):
+            if guards is None:
+                return checked_logs(step(data))
+            with guards.watching(), _optimizers.built_over_all_when_first_applied(model):
+                return checked_logs(step(data))
+
+    def checked_logs(logs):
+        if not isinstance(logs, Mapping):
+            raise TypeError(_bad_logs_message(step_name, logs))
+        logs = _flattened(logs, step_name)
+        # Read now, after everything the step logged (a step may log after
+        # `compute_metrics` has read the metrics).
+        logs.update(step_logs.results())
+        if internals.logs_reduced_along_first_axis(model.distribute_strategy):
+            # Keras averages these over all workers' replicas along axis 0.
+            logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
+        return logs
+
+    return checked_step
+
+
+def multiply(gradient: Any, factor: Any) -> Any:
+    if gradient is None:
+        return None
+    return gradient * tf.cast(factor, gradient.dtype)
+
+
+def checked_gradients(gradients: Any, variables: list, require_all: bool) -> list:
+    gradients = list(gradients)
+    if len(gradients) != len(variables):
+        raise ValueError(
+            f"transform_gradients() returned {len(gradients)} gradients for "
+            f"{len(variables)} variables. Return exactly one gradient per "
+            "variable, in the order received (None or "
+            "tf.zeros_like(variable) to leave one unchanged)."
+        )
+    missing = [v.path for g, v in zip(gradients, variables) if g is None]
+    if missing and require_all:
+        raise ValueError(
+            f"No gradient for {len(missing)} trainable variable(s): "
+            f"{', '.join(missing)}. They do not affect the loss. Use them in "
+            "call(), freeze them (layer.trainable = False, then compile() "
+            "again), or set require_all_gradients = False to leave them "
+            "unchanged, as Keras does."
+        )
+    return gradients
+
+
+def _flattened(logs: Mapping, step_name: str) -> dict[str, tf.Tensor]:
+    """A step's logs as one flat dict of numeric tensors, flattened as Keras
+    flattens them for callbacks (`pythonify_logs`): a nested dict, such as
+    `CompileMetrics.result()`, contributes its entries, keys taken in sorted
+    order, later ones winning."""
+    if not all(isinstance(name, str) for name in logs):
+        raise TypeError(_bad_logs_message(step_name, logs))
+    flat: dict[str, tf.Tensor] = {}
+    for name, value in sorted(logs.items()):
+        if isinstance(value, Mapping):
+            flat.update(_flattened(value, step_name))
+        elif _is_numeric(value):
+            flat[name] = tf.convert_to_tensor(value)
+        else:
+            raise TypeError(_bad_logs_message(step_name, logs))
+    return flat
+
+
+def _is_numeric(value: Any) -> bool:
+    """A number or a numeric tensor of any shape (a metric may be a vector,
+    such as `F1Score(average=None)`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) is None or dtype is None:
+        return False
+    try:
+        dtype = tf.as_dtype(dtype)
+    except TypeError:
+        return False
+    return dtype.is_floating or dtype.is_integer or dtype.is_bool
+
+
+def _bad_logs_message(step_name: str, logs: Any) -> str:
+    if isinstance(logs, Mapping):
+        got = {k: getattr(v, "shape", type(v).__name__) for k, v in logs.items()}
+    else:
+        got = type(logs).__name__
+    return (
+        f"{step_name}() must return a dict mapping metric names to numbers or "
+        "numeric tensors (or to such dicts), e.g. "
+        f"`return {{m.name: m.result() for m in self.metrics}}`; got {got}."
+    )

@@ -1,0 +1,69 @@
+"""The supported TensorFlow/Keras stacks, one nox session each.
+
+    python3 -m nox -s compat            # the compatibility subset on every older stack
+    python3 -m nox -s "compat(keras='3.12')"
+    python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
+
+The primary stack (the newest of each) runs the whole suite and Keras' own
+tests from the README's command; `.ci/run` runs `compat` after them. Each
+session installs its TensorFlow and Keras into a fresh virtual environment
+and customfit from this checkout without dependencies, so the stack under
+test is exactly the one named.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+PRIMARY = ("tensorflow==2.21.0", "keras==3.15.1")
+# The latest patch of every Keras minor release supported, each with a
+# TensorFlow it is used with.
+OLDER = {
+    "3.10": ("tensorflow==2.19.1", "keras==3.10.0"),
+    "3.11": ("tensorflow==2.20.0", "keras==3.11.3"),
+    "3.12": ("tensorflow==2.20.0", "keras==3.12.4"),
+    "3.13": ("tensorflow==2.20.0", "keras==3.13.2"),
+    "3.14": ("tensorflow==2.21.0", "keras==3.14.1"),
+}
+TEST_DEPENDENCIES = ("pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorboard>=2.19")
+# What depends on Keras' loop: parity with stock fit, the hooks, the Keras-2
+# helpers, every private Keras API, the per-batch logs, resuming, saving and
+# the published steps; the subprocess tests (slow) are left to the primary.
+COMPAT_TESTS = (
+    "tests/test_parity.py", "tests/test_hooks.py", "tests/test_keras2_helpers.py",
+    "tests/test_keras_internals.py", "tests/test_versions.py",
+    "tests/test_full_resolution_logs.py", "tests/test_resume_mid_epoch.py",
+    "tests/test_saving.py", "tests/test_published_steps.py", "tests/test_errors.py",
+)
+
+
+def _install(session: nox.Session, *stack: str) -> None:
+    session.install(*stack, *TEST_DEPENDENCIES)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-c", "import keras, tensorflow as tf; "
+                "print('Keras', keras.version(), 'TensorFlow', tf.__version__)")
+
+
+@nox.session
+@nox.parametrize("keras", list(OLDER))
+def compat(session: nox.Session, keras: str) -> None:
+    """The compatibility subset on an older supported stack, then
+    `python -m customfit check` there."""
+    _install(session, *OLDER[keras])
+    session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+                *COMPAT_TESTS, *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    session.run("python", "-m", "customfit", "check", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@nox.session
+def nightly(session: nox.Session) -> None:
+    """The compatibility subset on keras-nightly: warns that Keras is newer
+    than tested (ignored here, so the tests run) and lists what breaks."""
+    session.install(PRIMARY[0], *TEST_DEPENDENCIES)
+    session.run("python", "-m", "pip", "uninstall", "--yes", "keras")
+    session.install("--pre", "keras-nightly")
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+                "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
+                *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
