@@ -61,8 +61,9 @@ def nightly(session: nox.Session) -> None:
     """The compatibility subset on keras-nightly: warns that Keras is newer
     than tested (ignored here, so the tests run) and lists what breaks."""
     session.install(PRIMARY[0], *TEST_DEPENDENCIES)
+    # TensorFlow brings keras, which shares its files with keras-nightly.
     session.run("python", "-m", "pip", "uninstall", "--yes", "keras")
-    session.install("--pre", "keras-nightly")
+    session.install("--pre", "--upgrade", "--force-reinstall", "--no-deps", "keras-nightly")
     session.install("--no-deps", "-e", ".")
     session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
                 "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
