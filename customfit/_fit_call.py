@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import keras
 
-from customfit import _dev_modes, _optimizers, _per_batch, _resume
+from customfit import _cluster, _dev_modes, _optimizers, _per_batch, _resume
 from customfit._keras import internals
 
 _SIGNATURES = {"fit": inspect.signature(keras.Model.fit),
@@ -75,13 +75,19 @@ class FitCall:
     def run(self, keras_method: Callable[..., Any]) -> Any:
         """`keras_method(**arguments)` (Keras' `fit` or `evaluate` of the
         model), with this call current and the values the step logs going
-        to the right phase."""
+        to the right phase. Across workers, a collective that fails because
+        a peer is gone becomes an error that says to restart the cluster."""
         phase = "train" if self.method == "fit" else "test"
+        strategy = self.model.distribute_strategy
         _RUNNING.setdefault(id(self.model), []).append(self)
         try:
             with self.model._step_logs.in_phase(phase), \
                     self.resume or contextlib.nullcontext():
                 return keras_method(**self.arguments)
+        except _cluster.LOST_CONTACT as error:
+            if not _cluster.multi_worker(strategy):
+                raise
+            raise RuntimeError(_cluster.lost_contact_message(strategy, error)) from error
         finally:
             running = _RUNNING[id(self.model)]
             running.remove(self)

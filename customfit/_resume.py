@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from customfit import _cluster
 from customfit._keras import internals
 
 _SEED_KEY = "keras_global_seed_generator"
@@ -309,26 +310,35 @@ def capture_state(model: keras.Model, batch: int,
 
 def metric_values(model: keras.Model) -> list[np.ndarray]:
     """The value of each of `metric_variables(model)`, one row per replica
-    (under `tf.distribute` each replica holds its own part of a metric)."""
+    (under `tf.distribute` each replica holds its own part of a metric):
+    every replica of the cluster, gathered from every worker, across
+    workers (a collective, which every worker runs at the same point)."""
     strategy = model.distribute_strategy
+    variables = [variable for _, variable in metric_variables(model)]
+    if _cluster.multi_worker(strategy):
+        return _cluster.every_replica(model, variables, strategy)
     return [
         np.stack([np.asarray(part.numpy())
                   for part in strategy.experimental_local_results(variable.value)])
-        for _, variable in metric_variables(model)
+        for variable in variables
     ]
 
 
 def assign_metric_values(model: keras.Model, values: list[np.ndarray]) -> None:
     """Puts back what `metric_values` returned, replica by replica."""
     strategy = model.distribute_strategy
-    for (name, variable), saved in zip(metric_variables(model), values):
-        parts = strategy.experimental_local_results(variable.value)
-        if len(saved) != len(parts):
+    named = metric_variables(model)
+    for (name, _), saved in zip(named, values):
+        if len(saved) != strategy.num_replicas_in_sync:
             raise ValueError(
                 f"The backup holds metric '{name}' for {len(saved)} replicas; "
-                f"this run has {len(parts)}. Resume with the same number of "
-                "replicas, or delete the backup directory.")
-        for part, value in zip(parts, saved):
+                f"this run has {strategy.num_replicas_in_sync}. Resume with the "
+                "same number of replicas, or delete the backup directory.")
+    if _cluster.multi_worker(strategy):
+        _cluster.assign_every_replica([v for _, v in named], values, strategy)
+        return
+    for (_, variable), saved in zip(named, values):
+        for part, value in zip(strategy.experimental_local_results(variable.value), saved):
             part.assign(value)
 
 

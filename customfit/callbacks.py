@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from customfit._keras import internals
-from customfit import _fit_call, _optimizers, _resume
+from customfit import _cluster, _fit_call, _optimizers, _resume
 from customfit._saving import atomic_destination, write_text_atomically
 
 __all__ = [
@@ -42,12 +42,15 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """`keras.callbacks.ModelCheckpoint` that never leaves a broken file and
     remembers the best value across restarts.
 
-    Same arguments as Keras' callback. Two differences:
+    Same arguments as Keras' callback. Three differences:
 
     - Each file is written to a temporary file in the same directory and moved
       over the checkpoint in one `os.replace` when complete. A crash, a kill or
       an error while saving leaves the previous checkpoint intact (Keras'
       callback writes into the checkpoint file itself).
+    - Under `MultiWorkerMirroredStrategy` only the chief writes the files
+      (the others save into private temporary directories they delete), so
+      the workers can share one directory.
     - With `save_best_only=True`, the best monitored value is kept in
       `<filepath>.best.json` next to the checkpoint. When `fit` starts past
       epoch 0 (resumed by `BackupAndRestore` or `initial_epoch`), the value is
@@ -80,12 +83,14 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath = internals.checkpoint_file_path(self, epoch, batch, logs)
         if not internals.checkpoint_should_save(self, epoch, batch, logs, filepath):
             return
-        with atomic_destination(filepath) as temporary:
+        strategy = self.model.distribute_strategy
+        with _cluster.written_to(filepath, strategy) as target, \
+                atomic_destination(target) as temporary:
             if self.save_weights_only:
                 self.model.save_weights(temporary, overwrite=True)
             else:
                 self.model.save(temporary, overwrite=True)
-        if self.save_best_only and self.best is not None:
+        if self.save_best_only and self.best is not None and _cluster.is_chief(strategy):
             write_text_atomically(self.best_path, json.dumps(
                 {"monitor": self.monitor, "best": float(self.best), "epoch": epoch}))
 
@@ -167,6 +172,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     - the weights go to a new file and `backup.json`, which names it, is
       replaced atomically afterwards: a kill at any moment leaves the previous
       or the new backup, never a mix or a truncated file;
+    - under `MultiWorkerMirroredStrategy`, every worker takes part in each
+      backup (the metric state of every replica is gathered from all of
+      them) and only the chief writes it; `backup_dir` must be on a file
+      system all workers share, and a restart in which they see different
+      backups is an error before training;
     - a directory holding another model's backup, or anything else, is an
       error before training starts, and is left untouched;
     - after a resumed `fit`, the model's next `fit` starts at its own
@@ -216,6 +226,13 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{type(self.model).__name__}. Build it as a "
                 'customfit.CustomModel, or use save_freq="epoch".')
         state = self._read_state()
+        position = [-1, -1] if state is None else [state["epoch"], state.get("batch", 0)]
+        if not _cluster.agreed(position, self.model.distribute_strategy):
+            raise ValueError(
+                f"The workers see different backups in {self.backup_dir} (this "
+                f"one: {'none' if state is None else position}). Put backup_dir "
+                "on a file system all workers share, so that they resume from "
+                "the same backup.")
         if state is None:
             return
         weights = os.path.join(self.backup_dir, state["weights"])
@@ -266,6 +283,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Runs when `fit` ends: deletes the backup, or saves the final state."""
         internals.set_initial_epoch(self.model, None)
         if self.delete_checkpoint:
+            if not _cluster.is_chief(self.model.distribute_strategy):
+                return
             if os.path.exists(self.state_path):
                 os.remove(self.state_path)  # first: no half-deleted backup
             if os.path.isdir(self.backup_dir):
@@ -274,12 +293,17 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(self._epochs_done)
 
     def _save(self, epoch: int, batch: int = 0) -> None:
-        """Saves the state after `epoch` epochs and `batch` more batches."""
+        """Saves the state after `epoch` epochs and `batch` more batches
+        (every worker; only the chief writes into `backup_dir`)."""
         stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
-        with atomic_destination(os.path.join(self.backup_dir, weights_name)) as temporary:
+        strategy = self.model.distribute_strategy
+        with _cluster.written_to(os.path.join(self.backup_dir, weights_name),
+                                 strategy) as target, atomic_destination(target) as temporary:
             self.model.save_weights(temporary)
         saved = _resume.capture_state(self.model, batch, _fit_call.resume_of(self.model))
+        if not _cluster.is_chief(strategy):
+            return
         with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
             with open(temporary, "wb") as f:
                 np.savez(f, **saved)
@@ -430,7 +454,11 @@ class TrainingPlot(keras.callbacks.Callback):
             self.draw()
 
     def draw(self) -> list[str]:
-        """Writes the figure to every format now; returns the file names."""
+        """Writes the figure to every format now (on the chief only, under
+        `MultiWorkerMirroredStrategy`); returns the file names."""
+        model = getattr(self, "model", None)
+        if model is not None and not _cluster.is_chief(model.distribute_strategy):
+            return self.files
         Figure, FigureCanvasAgg = _require_matplotlib()
         names = [n for n in self.history if not n.startswith("val_")]
         names += [n[4:] for n in self.history

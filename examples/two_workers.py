@@ -2,6 +2,8 @@
 
 Run one process per worker, each with its own TF_CONFIG (see README, "Scaling
 out"). Each worker prints its History and evaluation; both print the same.
+With --backup-dir (a directory both workers can reach), a job whose worker
+died is resumed by starting every worker again with the same command.
 """
 
 import argparse
@@ -11,7 +13,12 @@ import os
 import tensorflow as tf
 
 # The strategy must exist before any other TensorFlow work in the process.
-strategy = tf.distribute.MultiWorkerMirroredStrategy()
+# A worker whose peer is gone fails its collectives after 60 s instead of
+# waiting for ever (a peer process that dies on the same network is noticed
+# at once).
+strategy = tf.distribute.MultiWorkerMirroredStrategy(
+    communication_options=tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=60))
 
 import keras  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
@@ -30,6 +37,8 @@ class ClippedMLP(customfit.CustomModel):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--backup-dir", help="back up every 4 batches there, and "
+                        "resume from it when started again")
     args = parser.parse_args()
 
     digits = load_digits()
@@ -43,8 +52,12 @@ def main() -> None:
         hidden = keras.layers.Dense(64, activation="relu")(inputs)
         model = ClippedMLP(inputs, keras.layers.Dense(10, activation="softmax")(hidden))
         model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    callbacks = []
+    if args.backup_dir:
+        callbacks.append(customfit.callbacks.BackupAndRestore(args.backup_dir, save_freq=4))
     # The global batch: each of the two workers computes half of it.
-    history = model.fit(x_train, y_train, batch_size=64, epochs=args.epochs, verbose=0)
+    history = model.fit(x_train, y_train, batch_size=64, epochs=args.epochs, verbose=0,
+                        callbacks=callbacks)
     evaluation = model.evaluate(x_test, y_test, batch_size=64, verbose=0, return_dict=True)
     task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
     print(json.dumps({

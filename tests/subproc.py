@@ -55,7 +55,20 @@ def free_ports(count: int) -> list[int]:
 
 def run_workers(code: str, count: int = 2, timeout: float = 240) -> list[str]:
     """Runs `code` in `count` new interpreters forming one multi-worker cluster
-    on localhost (`TF_CONFIG` set per worker); returns each worker's stdout.
+    on localhost (`TF_CONFIG` set per worker); returns each worker's stdout,
+    or fails the test with the output of the first worker that failed."""
+    finished = start_workers(["-c", textwrap.dedent(code)], count, timeout)
+    for index, (returncode, out, err) in enumerate(finished):
+        if returncode != 0:
+            raise AssertionError(f"worker {index} failed ({returncode}):\n{out}\n{err[-4000:]}")
+    return [out for _, out, _ in finished]
+
+
+def start_workers(arguments: list[str], count: int = 2,
+                  timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Runs `python <arguments>` as `count` workers of one cluster on
+    localhost; returns `(returncode, stdout, stderr)` of each, whatever they
+    did. A worker still running after `timeout` seconds fails the test.
 
     Every worker is killed and reaped when the call returns, whatever happens.
     """
@@ -65,23 +78,20 @@ def run_workers(code: str, count: int = 2, timeout: float = 240) -> list[str]:
         for index in range(count):
             config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             procs.append(subprocess.Popen(
-                [sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(code)],
+                [sys.executable, "-W", "error::UserWarning", *arguments],
                 cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
                                "PYTHONPATH": str(ROOT), "TF_CONFIG": json.dumps(config)},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             ))
         deadline = time.monotonic() + timeout
-        outputs = []
+        finished = []
         for index, proc in enumerate(procs):
             try:
                 out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"worker {index} still running after {timeout} s")
-            if proc.returncode != 0:
-                raise AssertionError(
-                    f"worker {index} failed ({proc.returncode}):\n{out}\n{err[-4000:]}")
-            outputs.append(out)
-        return outputs
+            finished.append((proc.returncode, out, err))
+        return finished
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -35,26 +35,11 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from customfit.callbacks import BackupAndRestore  # noqa: E402
-from tests.scripts.resumable_training import Noisy  # noqa: E402
+from tests.scripts.resumable_training import Record, build  # noqa: E402
 
 CASES = ["arrays", "dataset", "dataset-2-replicas"]
 EPOCHS = 3
 SAVE_FREQ = 3
-
-
-class Record(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs, self.batches, self.epoch = {}, [], None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches.append([self.epoch, batch, {k: float(v) for k, v in logs.items()}])
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs[epoch] = {k: float(v) for k, v in logs.items()}
 
 
 class Then(keras.callbacks.Callback):
@@ -70,16 +55,6 @@ class Then(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
             self.then()
-
-
-def build():
-    inputs = keras.Input((64,), name="pixels")
-    h = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
-    h = keras.layers.Dropout(0.3, name="dropout")(h)
-    model = Noisy(inputs, keras.layers.Dense(10, activation="softmax", name="digit")(h))
-    model.compile(keras.optimizers.SGD(0.3, momentum=0.9),
-                  "sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 def run_case(case, out, pause_at, then):

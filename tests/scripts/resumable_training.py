@@ -33,6 +33,34 @@ class Noisy(customfit.CustomModel):
         return gradients
 
 
+class Record(keras.callbacks.Callback):
+    """The epoch logs and every batch's logs of one `fit`."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.batches, self.epoch = {}, [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append([self.epoch, batch, {k: float(v) for k, v in logs.items()}])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs[epoch] = {k: float(v) for k, v in logs.items()}
+
+
+def build():
+    """Dropout, a `log`ged column, momentum SGD: what a resume must restore."""
+    inputs = keras.Input((64,), name="pixels")
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    h = keras.layers.Dropout(0.3, name="dropout")(h)
+    model = Noisy(inputs, keras.layers.Dense(10, activation="softmax", name="digit")(h))
+    model.compile(keras.optimizers.SGD(0.3, momentum=0.9),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 class PauseOnce(keras.callbacks.Callback):
     """Stops the process at one batch, the first time only."""
 
@@ -50,15 +78,6 @@ class PauseOnce(keras.callbacks.Callback):
             with open(self.marker, "w") as f:
                 f.write(f"{self.epoch}:{batch}\n")
             time.sleep(300)  # killed here by the test
-
-
-class Record(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = {}
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs[epoch] = {k: float(v) for k, v in logs.items()}
 
 
 def main():
