@@ -90,13 +90,17 @@ def follows_a_schedule(optimizer: Any) -> bool:
     return not isinstance(optimizer.learning_rate, keras.Variable)
 
 
+def rate(optimizer: Any) -> float:
+    """The optimizer's current learning rate (a schedule evaluated at its own
+    `iterations`), read with `.numpy()` (NumPy 2 warns when it converts a
+    Keras 3 TensorFlow variable itself)."""
+    value = optimizer.learning_rate
+    return float(value.numpy() if hasattr(value, "numpy") else value)
+
+
 def learning_rates(optimizers: Mapping[str, Any]) -> dict[str, float]:
-    """Each optimizer's current learning rate (a schedule evaluated at that
-    optimizer's own `iterations`), under its `log_name`."""
-    return {
-        log_name(name): float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-        for name, optimizer in optimizers.items()
-    }
+    """Each optimizer's current learning rate, under its `log_name`."""
+    return {log_name(name): rate(optimizer) for name, optimizer in optimizers.items()}
 
 
 def selected(

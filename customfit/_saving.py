@@ -9,6 +9,7 @@ import io
 import os
 import tempfile
 import uuid
+import warnings
 import zipfile
 from typing import Any, Callable, Iterator
 
@@ -30,9 +31,16 @@ def rng_state_variables(model: keras.Model) -> list:
     return [v for v in model.variables if id(v) not in weight_ids]
 
 
+def array(variable: Any) -> np.ndarray:
+    """A variable's value for a weights store. Read with `.numpy()`: NumPy 2
+    warns (DeprecationWarning) when it converts Keras 3's TensorFlow
+    variables itself, as their `__array__` takes no `copy=`."""
+    return np.asarray(variable.numpy())
+
+
 def save_rng_states(model: keras.Model, store: Any) -> None:
     for i, variable in enumerate(rng_state_variables(model)):
-        store[f"{RNG_KEY_PREFIX}{i}"] = variable
+        store[f"{RNG_KEY_PREFIX}{i}"] = array(variable)
 
 
 def split_rng_states(store: Any) -> tuple[dict, list]:
@@ -135,8 +143,12 @@ def checked_load(
 
 
 def _own_structure(model: keras.Model) -> dict:
-    """What `model.save_weights` writes now: entry -> shape."""
-    with tempfile.TemporaryDirectory() as directory:
+    """What `model.save_weights` writes now: entry -> shape. This save is
+    customfit's, not the user's: NumPy 2's warnings about Keras' variables
+    (see `array`) are not passed on."""
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation",
+                                category=DeprecationWarning)
         own = os.path.join(directory, "own.weights.h5")
         model.save_weights(own)
         return _structure_of_file(own)

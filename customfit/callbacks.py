@@ -591,7 +591,7 @@ class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
         for name, optimizer in self._optimizers().items():
             schedule = (self.schedule[name] if isinstance(self.schedule, Mapping)
                         else self.schedule)
-            current = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            current = _optimizers.rate(optimizer)
             try:
                 learning_rate = schedule(epoch, current)
             except TypeError:  # schedule(epoch), as Keras accepts
@@ -692,7 +692,7 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
                     self.wait = 0
 
     def _reduce(self, name: str, optimizer: Any, epoch: int) -> bool:
-        old = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        old = _optimizers.rate(optimizer)
         if old <= np.float32(self.min_lr):
             return False
         new = max(old * self.factor, self.min_lr)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from customfit import _saving
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
@@ -161,9 +162,9 @@ class GradientAccumulation(CustomModel):
         super().save_own_variables(store)
         state = self.__dict__.get("_accumulation")
         if state is not None:
-            store[_COUNT_KEY] = state.count
+            store[_COUNT_KEY] = _saving.array(state.count)
             for i, total in enumerate(state.sums):
-                store[_SUM_KEY.format(i)] = total
+                store[_SUM_KEY.format(i)] = _saving.array(total)
 
     def load_own_variables(self, store: Any) -> None:
         keys = list(store.keys())

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from customfit._keras import internals
+from customfit import _saving
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
@@ -278,8 +279,8 @@ class SkipNonFinite(CustomModel):
 
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)
-        store[_TOTAL_KEY] = self._skip_state.total
-        store[_CONSECUTIVE_KEY] = self._skip_state.consecutive
+        store[_TOTAL_KEY] = _saving.array(self._skip_state.total)
+        store[_CONSECUTIVE_KEY] = _saving.array(self._skip_state.consecutive)
 
     def load_own_variables(self, store: Any) -> None:
         keys = list(store.keys())
