@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import keras
 import tensorflow as tf
@@ -151,24 +151,61 @@ class CustomModel(keras.Model):
             _guards.gradients_rescaled(self.optimizer)
         self.optimizer.apply(list(gradients), list(variables))
 
-    def log(self, name: str, value: Any) -> None:
-        """Reports a scalar next to the loss and metrics.
+    def log(
+        self,
+        name: str,
+        value: Any,
+        weight: Any = None,
+        reduction: Literal["mean", "last"] = "mean",
+    ) -> None:
+        """Reports a value next to the loss and metrics.
 
-        Call it anywhere in `train_step`, `test_step` or a hook. The value is
-        averaged over the epoch like a metric (each call counts once) and reset
-        at the start of each epoch and each `evaluate`. It shows in the progress
-        bar, `History`, callback logs and TensorBoard; values logged from
-        `test_step` are reported by `evaluate` and as `val_<name>`. Under
-        `tf.distribute`, values are averaged over replicas as Keras averages
-        metrics; per-replica quantities are averaged as they are (the loss from
-        `compute_loss` is already divided by the number of replicas, so on two
-        replicas it shows half the one-device value).
+        Call it anywhere in `train_step`, `test_step` or a hook, in place of
+        a `keras.metrics.Mean` tracker and the `metrics` property listing it.
+        It shows in the progress bar, `History`, callback logs and
+        TensorBoard; values logged from `test_step` are reported by
+        `evaluate` and as `val_<name>`. Values reset at the start of each
+        epoch and each `evaluate`, and a mid-epoch resume restores them.
+
+        With `reduction="mean"` (the default) the column is the mean over the
+        epoch so far, computed as `keras.metrics.Mean.update_state(value,
+        sample_weight=weight)` computes it, so it gives the same numbers as
+        the tracker it replaces: a scalar counts `weight` times (once without
+        a weight); a vector, e.g. a per-example loss, counts each element (each
+        row, averaged over its other axes) once, or with its entry of `weight`.
+        Keras' `loss` column weights each batch by its size; log the parts of
+        a loss with `weight=keras.ops.shape(x)[0]` and they add up to it.
+        With `reduction="last"`, the column is the value of the last call
+        (its weighted mean if it is a vector).
+
+        Under `tf.distribute` the column is the weighted mean over replicas,
+        as for Keras' metrics. A per-replica quantity is taken as it is: the
+        loss from `compute_loss` is already divided by the number of
+        replicas, so on two replicas it shows half the one-device value.
 
         Args:
             name: The column name; must not clash with a compiled metric.
-            value: A scalar (tensor or number).
+            value: A number or a tensor of any shape.
+            weight: `sample_weight` for `Mean.update_state`: a scalar, or a
+                tensor broadcastable to `value`. None counts each value once.
+            reduction: `"mean"` over the epoch, or the `"last"` value. One
+                reduction per name.
+
+        Example:
+
+        ```python
+        class VAE(customfit.CustomModel):
+            def compute_loss(self, x=None, y=None, y_pred=None,
+                             sample_weight=None, training=True):
+                reconstruction, kl = ...
+                batch_size = keras.ops.shape(x)[0]
+                self.log("reconstruction_loss", reconstruction, weight=batch_size)
+                self.log("kl_loss", kl, weight=batch_size)
+                return reconstruction + kl  # the `loss` column
+        ```
         """
-        self._step_logs.log(name, value, reserved_names=self._metric_names)
+        self._step_logs.log(name, value, weight, reduction,
+                            reserved_names=self._metric_names)
 
     # ------------------------------------------------------------- the steps
 

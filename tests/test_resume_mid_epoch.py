@@ -88,8 +88,19 @@ class Batches(keras.callbacks.Callback):
 
 
 class Logged(customfit.CustomModel):
+    """Logs with each reduction, weighted and not, scalars and a vector: the
+    resumed epoch's columns continue from the backed-up running values."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training)
+        self.log("confidence", tf.reduce_max(y_pred, axis=-1))
+        self.log("weighted_loss", loss, weight=tf.shape(x)[0] - y[0])
+        return loss
+
     def transform_gradients(self, gradients, variables):
         self.log("grad_norm", tf.linalg.global_norm(gradients))
+        self.log("last_grad_norm", tf.linalg.global_norm(gradients), reduction="last")
         return gradients
 
 
