@@ -16,16 +16,33 @@ LATENT = 16
 EPOCH_LOGS = {"d_loss", "g_loss"}
 
 
-def tiny_gan(seed=0, units=16):
+# The published GAN family, each kept to the recipe's guarantees below.
+VARIANTS = {
+    "non_saturating": {},
+    "probabilities": dict(from_logits=False),  # DCGAN's sigmoid discriminator
+    "wgan_gp": dict(objective="wasserstein", gradient_penalty_weight=10.0,
+                    discriminator_steps=3),
+}
+
+
+GAN_OPTIONS = ("discriminator_steps", "objective", "from_logits", "gradient_penalty_weight")
+
+
+def tiny_gan(seed=0, units=16, **options):
     generator = keras.Sequential([
         keras.Input((LATENT,)), keras.layers.Dense(units), keras.layers.LeakyReLU(0.2),
         keras.layers.Dense(64, activation="tanh"),
     ])
+    sigmoid = options.get("from_logits", True) is False
     discriminator = keras.Sequential([
         keras.Input((64,)), keras.layers.Dense(units), keras.layers.LeakyReLU(0.2),
-        keras.layers.Dense(1),
+        keras.layers.Dense(1, activation="sigmoid" if sigmoid else None),
     ])
-    return GAN(generator, discriminator, latent_dim=LATENT, seed=seed)
+    return GAN(generator, discriminator, latent_dim=LATENT, seed=seed, **options)
+
+
+def epoch_logs(options):
+    return EPOCH_LOGS | ({"gradient_penalty"} if options.get("gradient_penalty_weight") else set())
 
 
 def compiled(gan, **kwargs):
@@ -39,19 +56,22 @@ def images(digits):
     return digits[0] * 2 - 1  # the generator's tanh range
 
 
-def test_generator_samples_move_toward_the_digits(images):
-    gan = build_gan()
+@pytest.mark.parametrize("wgan_gp", [False, True], ids=["non_saturating", "wgan_gp"])
+def test_generator_samples_move_toward_the_digits(images, wgan_gp):
+    """The reference models of examples/gan_digits.py, 5 of its 30 epochs."""
+    gan = build_gan(wgan_gp=wgan_gp)
     z = np.random.default_rng(1).normal(size=(1000, LATENT)).astype("float32")
     before = frechet_distance(images, gan.predict(z, verbose=0))
     history = gan.fit(images, batch_size=64, epochs=5, verbose=0).history
     after = frechet_distance(images, gan.predict(z, verbose=0))
-    # Observed: 40.7 -> 11.4 (two halves of the real data: 0.28).
+    # Observed: 40.7 -> 11.4 (non-saturating), 40.7 -> 16.8 (WGAN-GP); two
+    # halves of the real data: 0.28.
     assert after < 0.5 * before, (before, after)
-    assert set(history) == EPOCH_LOGS
+    assert set(history) == EPOCH_LOGS | ({"gradient_penalty"} if wgan_gp else set())
     steps = 5 * int(np.ceil(len(images) / 64))
     assert int(gan.steps) == steps
     assert int(gan.generator_optimizer.iterations) == steps
-    assert int(gan.discriminator_optimizer.iterations) == steps
+    assert int(gan.discriminator_optimizer.iterations) == steps * (5 if wgan_gp else 1)
 
 
 def test_losses_are_batch_weighted_epoch_means(images):
@@ -123,30 +143,36 @@ def test_composes_with_a_gradient_recipe_per_player(images, tmp_path):
     assert loaded.clip_norm == 1e-3
 
 
-def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_path, variant):
+    options = VARIANTS[variant]
+    updates = options.get("discriminator_steps", 1)
     x = images[:256]
     fit = dict(batch_size=64, verbose=0, shuffle=False)
-    uninterrupted = compiled(tiny_gan())
+    uninterrupted = compiled(tiny_gan(**options))
     full = uninterrupted.fit(x, epochs=2, **fit).history
+    assert set(full) == epoch_logs(options)
 
     keras.utils.set_random_seed(0)
-    first = compiled(tiny_gan())
+    first = compiled(tiny_gan(**options))
     first.fit(x, epochs=1, **fit)
     first.save(tmp_path / "gan.keras")
     loaded = keras.models.load_model(tmp_path / "gan.keras")
 
     assert type(loaded) is GAN
-    for name in ("generator_optimizer", "discriminator_optimizer"):
+    for option in ("latent_dim", "seed", *GAN_OPTIONS):
+        assert getattr(loaded, option) == getattr(first, option)
+    for name, iterations in (("generator_optimizer", 4),
+                             ("discriminator_optimizer", 4 * updates)):
         saved, restored = getattr(first, name), getattr(loaded, name)
-        assert int(restored.iterations) == 4
+        assert int(restored.iterations) == iterations
         assert len(restored.variables) == len(saved.variables) > 2  # slots exist
         for a, b in zip(saved.variables, restored.variables):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert int(loaded.steps) == 4
 
     resumed = loaded.fit(x, epochs=1, **fit).history
-    assert resumed["d_loss"] == full["d_loss"][1:]
-    assert resumed["g_loss"] == full["g_loss"][1:]
+    assert resumed == {key: values[1:] for key, values in full.items()}
     for a, b in zip(uninterrupted.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
     for name in ("generator_optimizer", "discriminator_optimizer"):
@@ -154,17 +180,19 @@ def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_pat
             np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_callbacks_and_weights_checkpoint_hold_both_optimizers(images, tmp_path):
-    trained = compiled(tiny_gan())
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_callbacks_and_weights_checkpoint_hold_both_optimizers(images, tmp_path, variant):
+    options = VARIANTS[variant]
+    trained = compiled(tiny_gan(**options))
     epochs_seen = []
     trained.fit(images[:128], batch_size=64, epochs=1, verbose=1, callbacks=[
         keras.callbacks.ModelCheckpoint(tmp_path / "gan.weights.h5", save_weights_only=True),
         keras.callbacks.TensorBoard(tmp_path / "tb"),
         keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: epochs_seen.append(logs)),
     ])
-    assert set(epochs_seen[0]) == EPOCH_LOGS
+    assert set(epochs_seen[0]) == epoch_logs(options)
     assert list((tmp_path / "tb" / "train").iterdir())
-    fresh = compiled(tiny_gan(seed=0))
+    fresh = compiled(tiny_gan(seed=0, **options))
     assert int(fresh.generator_optimizer.iterations) == 0
     fresh.load_weights(tmp_path / "gan.weights.h5")
     for name in ("generator_optimizer", "discriminator_optimizer"):
@@ -190,7 +218,7 @@ def test_mixed_precision_scales_each_players_loss(images, mixed_float16):
     # The discriminator's gradient at step 0, without any loss scaling.
     z = gan._latent(tf.constant(64), stream=0)
     with tf.GradientTape() as tape:
-        loss = gan.discriminator_loss(gan._logits(x, True), gan._logits(gan.generator(z), True))
+        loss = gan.discriminator_loss(gan._outputs(x, True), gan._outputs(gan.generator(z), True))
     reference = float(tf.linalg.global_norm(tape.gradient(loss, gan.discriminator.trainable_weights)))
 
     history = gan.fit(images[:256], batch_size=64, epochs=1, verbose=0, shuffle=False).history
@@ -199,6 +227,97 @@ def test_mixed_precision_scales_each_players_loss(images, mixed_float16):
     assert np.isfinite(history["d_loss"] + history["g_loss"]).all()
     assert all(np.isfinite(w).all() for w in gan.get_weights())
     assert int(gan.generator_optimizer.iterations) == 4
+
+
+@pytest.mark.parametrize("variant", ["probabilities", "wgan_gp"])
+def test_mixed_precision_trains_each_variant(images, mixed_float16, variant):
+    options = VARIANTS[variant]
+    gan = compiled(tiny_gan(**options))
+    history = gan.fit(images[:256], batch_size=64, epochs=2, verbose=0).history
+    assert set(history) == epoch_logs(options)
+    assert all(np.isfinite(values).all() for values in history.values())
+    assert all(np.isfinite(w).all() for w in gan.get_weights())
+    # An update whose scaled gradients overflow float16 is skipped and halves
+    # the loss scale (from 2**15), as LossScaleOptimizer does.
+    for name, updates in (("generator_optimizer", 8),
+                          ("discriminator_optimizer", 8 * options.get("discriminator_steps", 1))):
+        optimizer = getattr(gan, name)
+        skipped = np.log2(2**15 / float(optimizer.scale_loss(1.0)))
+        assert int(optimizer.iterations) + skipped == updates, name
+
+
+# ------------------------------------------------------- the GAN family
+
+
+def test_critic_steps_reuse_the_batch_with_fresh_noise_and_see_the_samples(images):
+    """Each discriminator update gets the batch's real samples and samples
+    generated for it (with their own noise); the penalty hook gets both."""
+    seen = []
+
+    class Recording(GAN):
+        def gradient_penalty(self, real, fake):
+            seen.append((real.numpy(), fake.numpy(), self.generator.get_weights()))
+            return tf.zeros(())
+
+    base = tiny_gan()
+    gan = compiled(Recording(base.generator, base.discriminator, latent_dim=LATENT,
+                             discriminator_steps=3), run_eagerly=True)
+    x = images[:64]
+    history = gan.fit(x, batch_size=32, epochs=1, verbose=0, shuffle=False).history
+    assert len(seen) == 6  # 2 batches, 3 updates each
+    for i, (real, fake, generator_weights) in enumerate(seen):
+        np.testing.assert_array_equal(real, x[32 * (i // 3):32 * (i // 3 + 1)])
+        probe = keras.models.clone_model(gan.generator)
+        probe.set_weights(generator_weights)
+        z = tf.random.stateless_normal(
+            [32, LATENT], tf.constant([0, 4 * (i // 3) + i % 3], "int64"))
+        np.testing.assert_allclose(fake, probe(z, training=True), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(seen[0][1], seen[1][1])  # fresh noise per update
+    assert history["gradient_penalty"] == [0.0]
+    assert int(gan.discriminator_optimizer.iterations) == 6
+    assert int(gan.generator_optimizer.iterations) == 2
+
+
+def test_default_gradient_penalty_is_wgan_gps(images):
+    """A linear critic's gradient is its weight vector at every point, so the
+    penalty is `weight * (||w|| - 1)^2` whatever the interpolates."""
+    gan = tiny_gan(objective="wasserstein", gradient_penalty_weight=10.0)
+    critic = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1)])
+    gan = GAN(gan.generator, critic, latent_dim=LATENT, objective="wasserstein",
+              gradient_penalty_weight=10.0)
+    w = critic.get_weights()[0][:, 0]
+    fake = gan.generator(gan._latent(tf.constant(32), stream=0))
+    penalty = float(gan.gradient_penalty(tf.constant(images[:32]), fake))
+    expected = 10.0 * (np.linalg.norm(w.astype("float64")) - 1) ** 2
+    assert penalty == pytest.approx(expected, rel=1e-5)
+
+
+def test_wasserstein_and_hinge_losses(images):
+    real, fake = tf.constant([[1.0], [3.0]]), tf.constant([[-2.0], [0.5]])
+    wasserstein = tiny_gan(objective="wasserstein")
+    assert float(wasserstein.discriminator_loss(real, fake)) == pytest.approx(-0.75 - 2.0)
+    assert float(wasserstein.generator_loss(fake)) == pytest.approx(0.75)
+    hinge = tiny_gan(objective="hinge")
+    # relu(1 - [1, 3]) = [0, 0]; relu(1 + [-2, 0.5]) = [0, 1.5]
+    assert float(hinge.discriminator_loss(real, fake)) == pytest.approx(0.75)
+    assert float(hinge.generator_loss(fake)) == pytest.approx(0.75)
+
+
+def test_probability_discriminator_trains_like_the_logit_one(images):
+    """A sigmoid discriminator with `from_logits=False` and the same network
+    without the sigmoid: the same losses and updates up to the clipping of
+    probabilities (1e-7) in Keras' cross-entropy on probabilities."""
+    runs = []
+    for from_logits in (True, False):
+        keras.utils.set_random_seed(0)
+        gan = compiled(tiny_gan(from_logits=from_logits))
+        runs.append((gan.fit(images[:256], batch_size=64, epochs=2, verbose=0,
+                             shuffle=False).history, gan.get_weights()))
+    (logits, logit_weights), (probabilities, probability_weights) = runs
+    for key in EPOCH_LOGS:
+        np.testing.assert_allclose(probabilities[key], logits[key], rtol=1e-4)
+    for a, b in zip(probability_weights, logit_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_bad_compile_and_models_say_what_to_do():
@@ -225,11 +344,26 @@ def test_bad_compile_and_models_say_what_to_do():
     unbuilt = keras.Sequential([keras.layers.Dense(64)])
     with pytest.raises(ValueError, match="keras.Input"):
         GAN(unbuilt, gan.discriminator, latent_dim=LATENT)
+    for options, message in [
+            (dict(discriminator_steps=0), "discriminator_steps must be a positive int"),
+            (dict(objective="minimax"), "objective must be one of"),
+            (dict(objective="wasserstein", from_logits=False), "Remove the sigmoid"),
+            (dict(gradient_penalty_weight=-1.0), "WGAN-GP uses 10")]:
+        with pytest.raises(ValueError, match=message):
+            GAN(gan.generator, gan.discriminator, latent_dim=LATENT, **options)
+
+    class VectorPenalty(GAN):
+        def gradient_penalty(self, real, fake):
+            return tf.reduce_sum(tf.square(real), axis=1)
+
+    vector = compiled(VectorPenalty(gan.generator, gan.discriminator, latent_dim=LATENT))
+    with pytest.raises(ValueError, match="gradient_penalty\\(\\) must return a scalar"):
+        vector.fit(np.zeros((8, 64), "float32"), verbose=0)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_replicas_match_one_for_gan_and_distiller():
+def test_two_replicas_match_one_for_gan_wgan_gp_and_distiller():
     """One subprocess for both wrapping recipes: TensorFlow's start-up and
     the logical devices dominate its cost."""
     out = run_python(two_cpus=True, code="""
@@ -238,7 +372,7 @@ def test_two_replicas_match_one_for_gan_and_distiller():
         from sklearn.datasets import load_digits
         from customfit.recipes import Distiller
         from tests import test_recipes_distillation as distillation
-        from tests.test_recipes_gan import compiled, tiny_gan
+        from tests.test_recipes_gan import VARIANTS, compiled, tiny_gan
 
         d = load_digits()
         x = (d.data[:200] / 16).astype("float32")  # last batch: 8
@@ -250,6 +384,7 @@ def test_two_replicas_match_one_for_gan_and_distiller():
             keras.utils.set_random_seed(0)
             with strategy.scope():
                 gan = compiled(tiny_gan())
+                wgan_gp = compiled(tiny_gan(**VARIANTS["wgan_gp"]))
                 distiller = distillation.compiled(Distiller(
                     distillation.logits_mlp(16, seed=1),
                     distillation.logits_mlp(32, seed=0), 4.0, 0.3))
@@ -258,6 +393,8 @@ def test_two_replicas_match_one_for_gan_and_distiller():
                 "gan_weights": [w.tolist() for w in gan.get_weights()],
                 "iterations": [int(gan.generator_optimizer.iterations.numpy()),
                                int(gan.discriminator_optimizer.iterations.numpy())],
+                "wgan_gp": wgan_gp.fit(2 * x - 1, **fit).history,
+                "wgan_gp_weights": [w.tolist() for w in wgan_gp.get_weights()],
                 "distiller": distiller.fit(x, y, **fit).history,
                 "distiller_weights": [w.tolist() for w in distiller.get_weights()],
             }
@@ -267,14 +404,19 @@ def test_two_replicas_match_one_for_gan_and_distiller():
     one, two = results["one"], results["two"]
     assert one["iterations"] == two["iterations"] == [4, 4]
     assert set(one["gan"]) == EPOCH_LOGS
+    assert set(one["wgan_gp"]) == EPOCH_LOGS | {"gradient_penalty"}
     assert set(one["distiller"]) == {"loss", "accuracy", "student_loss", "distillation_loss"}
     # Same data (and, for the GAN, the same noise) on either layout; only the
     # order of float32 sums differs (per-replica means, gradients summed over
     # replicas), while a per-replica loss column would be off by half.
     # Observed for the GAN: losses within 1e-7 relative, weights within 1.5e-8.
-    for recipe in ("gan", "distiller"):
+    # WGAN-GP's 12 critic updates with Adam, which divides each gradient by
+    # its running RMS, magnify the rounding of near-zero gradient components
+    # (observed: one weight of 2,417 off by 2.9e-6, Adam's step being 1e-3).
+    weight_atol = {"gan": 1e-6, "wgan_gp": 1e-5, "distiller": 1e-6}
+    for recipe, atol in weight_atol.items():
         assert one[recipe].keys() == two[recipe].keys()
         for key in one[recipe]:
             np.testing.assert_allclose(two[recipe][key], one[recipe][key], rtol=1e-5)
         for a, b in zip(one[f"{recipe}_weights"], two[f"{recipe}_weights"]):
-            np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=atol)

@@ -17,43 +17,61 @@ from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 class GAN(CustomModel):
     """A generator and a discriminator trained against each other by `fit`.
 
-    Each training batch of real samples `x` runs two updates, in order:
+    Each training batch of real samples `x` runs, in order:
 
-    1. the discriminator's: `discriminator_loss(real_logits, fake_logits)` on
-       `x` and on `generator(z)`, minimized by `discriminator_optimizer`;
-    2. the generator's: `generator_loss(fake_logits)` on fresh samples,
+    1. `discriminator_steps` discriminator updates, each on `x` and on
+       `generator(z)` for fresh `z`: `discriminator_loss(real_output,
+       fake_output) + gradient_penalty(x, generator(z))`, minimized by
+       `discriminator_optimizer`;
+    2. one generator update: `generator_loss(fake_output)` on fresh samples,
        minimized by `generator_optimizer`.
 
-    Between differentiation and each update, the inherited hook
-    `transform_gradients(gradients, variables)` runs once per player with that
-    player's unscaled, per-replica gradients and trainable weights, so a
+    Several discriminator (critic) updates reuse the batch, as Keras' WGAN-GP
+    example does. Between differentiation and each update, the inherited hook
+    `transform_gradients(gradients, variables)` runs once per update with
+    that player's unscaled, per-replica gradients and trainable weights, so a
     gradient hook (clipping, logging) applies to both players; tell them apart
     with `variables[0] is self.generator.trainable_weights[0]`. `self.log`
     works as in any `CustomModel`.
 
-    The discriminator must output one logit per sample (no sigmoid); the
-    default losses are the non-saturating ones of Goodfellow et al. (2014),
-    binary cross-entropy on logits. Override `discriminator_loss` and
-    `generator_loss` for others (hinge, Wasserstein).
+    `objective` picks the default losses: `"non_saturating"` (Goodfellow et
+    al., 2014: binary cross-entropy, on logits or, with `from_logits=False`,
+    on probabilities from a sigmoid discriminator, as in DCGAN),
+    `"wasserstein"` (Arjovsky et al., 2017: the critic's mean score on fake
+    minus real; the generator's minus the mean fake score) or `"hinge"`.
+    WGAN-GP (Gulrajani et al., 2017) is `objective="wasserstein",
+    gradient_penalty_weight=10.0, discriminator_steps=5`. Override
+    `discriminator_loss`, `generator_loss` or `gradient_penalty` for others.
 
-    The latent vectors are `N(0, 1)` draws determined by `seed` and the
-    model's step counter `steps`, and the same for any number of replicas:
-    under `tf.distribute` each replica takes its rows of the noise of the
-    global batch. Training is therefore reproducible, and resumes exactly
-    after saving and loading. `evaluate` scores both losses on the data given
-    against samples drawn for the current step, without updating anything.
+    The latent vectors (and the penalty's interpolation weights) are drawn
+    from `seed` and the model's step counter `steps`, the same for any number
+    of replicas: under `tf.distribute` each replica takes its rows of the
+    noise of the global batch. Training is therefore reproducible, and
+    resumes exactly after saving and loading. `evaluate` scores both losses
+    (without the penalty) on the data given against samples drawn for the
+    current step, without updating anything.
 
-    `fit` reports `d_loss` and `g_loss`, averaged over the epoch weighted by
-    batch size, as stock `fit` averages `loss`. Calling the model (or
-    `predict`) on latent vectors returns `generator(z, training=False)`.
+    `fit` reports `d_loss` (the last discriminator update's, penalty
+    included) and `g_loss`, averaged over the epoch weighted by batch size,
+    as stock `fit` averages `loss`, and, when a penalty is used,
+    `gradient_penalty` the same way. Calling the model (or `predict`) on
+    latent vectors returns `generator(z, training=False)`.
 
     Args:
         generator: A built `keras.Model` mapping `(batch, latent_dim)` latent
             vectors to samples shaped like the data.
         discriminator: A built `keras.Model` mapping samples to `(batch, 1)`
-            logits.
+            outputs: logits, probabilities (`from_logits=False`) or critic
+            scores (`"wasserstein"`, `"hinge"`).
         latent_dim: Size of the latent vectors.
         seed: Seed of the latent noise.
+        discriminator_steps: Discriminator updates per generator update.
+        objective: `"non_saturating"`, `"wasserstein"` or `"hinge"`.
+        from_logits: Whether the discriminator outputs logits (True) or
+            probabilities (False); `"non_saturating"` only.
+        gradient_penalty_weight: Weight of the WGAN-GP gradient penalty,
+            `E[(||grad D(x_hat)||_2 - 1)^2]` at random interpolates `x_hat`
+            of real and generated samples; 0 (the default) turns it off.
 
     Example:
 
@@ -63,6 +81,10 @@ class GAN(CustomModel):
                 discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
     gan.fit(images, batch_size=64, epochs=20)
     samples = gan.predict(np.random.normal(size=(16, 16)))
+
+    wgan_gp = customfit.recipes.GAN(
+        generator, critic, latent_dim=16, objective="wasserstein",
+        gradient_penalty_weight=10.0, discriminator_steps=5)
     ```
     """
 
@@ -72,6 +94,10 @@ class GAN(CustomModel):
         discriminator: keras.Model,
         latent_dim: int,
         seed: int = 0,
+        discriminator_steps: int = 1,
+        objective: str = "non_saturating",
+        from_logits: bool = True,
+        gradient_penalty_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         for seam in ("_loss_gradients", "_update_weights"):
@@ -100,14 +126,20 @@ class GAN(CustomModel):
                 )
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive int; got {latent_dim!r}.")
+        _check_options(discriminator_steps, objective, from_logits, gradient_penalty_weight)
         self.generator = generator
         self.discriminator = discriminator
         self.latent_dim = latent_dim
         self.seed = int(seed)
+        self.discriminator_steps = discriminator_steps
+        self.objective = objective
+        self.from_logits = bool(from_logits)
+        self.gradient_penalty_weight = float(gradient_penalty_weight)
         self.steps = keras.Variable(
             0, dtype="int64", trainable=False, name="steps",
             aggregation="only_first_replica",
         )
+        object.__setattr__(self, "_discriminator_update", 0)  # see train_step
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
         self.generator_optimizer = None
@@ -198,27 +230,77 @@ class GAN(CustomModel):
 
     # ---------------------------------------------------------------- losses
 
-    def discriminator_loss(self, real_logits: tf.Tensor, fake_logits: tf.Tensor) -> tf.Tensor:
+    def discriminator_loss(self, real_output: tf.Tensor, fake_output: tf.Tensor) -> tf.Tensor:
         """The discriminator's loss on one batch: the mean over the batch.
 
-        Runs inside every train and test step. Default: binary cross-entropy
-        on logits, real labelled 1 and generated 0, summed over the two
-        halves. Return a float32 scalar; the number of replicas is accounted
-        for by the caller.
+        Runs inside every discriminator update and every test step, with the
+        discriminator's float32 outputs on this replica's real and generated
+        samples. Default, by `objective`: binary cross-entropy with real
+        labelled 1 and generated 0, summed over the two halves
+        (`"non_saturating"`); `mean(fake) - mean(real)` (`"wasserstein"`);
+        `mean(relu(1 - real)) + mean(relu(1 + fake))` (`"hinge"`). Return a
+        float32 scalar; the number of replicas is accounted for by the caller.
         """
+        if self.objective == "wasserstein":
+            return tf.reduce_mean(fake_output) - tf.reduce_mean(real_output)
+        if self.objective == "hinge":
+            return (tf.reduce_mean(tf.nn.relu(1.0 - real_output))
+                    + tf.reduce_mean(tf.nn.relu(1.0 + fake_output)))
         bce = keras.losses.binary_crossentropy
-        real = bce(tf.ones_like(real_logits), real_logits, from_logits=True)
-        fake = bce(tf.zeros_like(fake_logits), fake_logits, from_logits=True)
+        real = bce(tf.ones_like(real_output), real_output, from_logits=self.from_logits)
+        fake = bce(tf.zeros_like(fake_output), fake_output, from_logits=self.from_logits)
         return tf.reduce_mean(real) + tf.reduce_mean(fake)
 
-    def generator_loss(self, fake_logits: tf.Tensor) -> tf.Tensor:
+    def generator_loss(self, fake_output: tf.Tensor) -> tf.Tensor:
         """The generator's loss on one batch: the mean over the batch.
 
-        Runs inside every train and test step. Default: the non-saturating
-        loss, binary cross-entropy of the generated samples labelled real.
+        Runs inside every generator update and every test step. Default: the
+        non-saturating loss, binary cross-entropy of the generated samples
+        labelled real (`"non_saturating"`), or `-mean(fake)` (`"wasserstein"`,
+        `"hinge"`).
         """
+        if self.objective in ("wasserstein", "hinge"):
+            return -tf.reduce_mean(fake_output)
         bce = keras.losses.binary_crossentropy
-        return tf.reduce_mean(bce(tf.ones_like(fake_logits), fake_logits, from_logits=True))
+        return tf.reduce_mean(
+            bce(tf.ones_like(fake_output), fake_output, from_logits=self.from_logits))
+
+    def gradient_penalty(self, real: tf.Tensor, fake: tf.Tensor) -> tf.Tensor:
+        """A term added to the discriminator's loss, already weighted.
+
+        Runs inside the gradient tape of every discriminator update (not in
+        `evaluate`), with this replica's real samples and the generated ones
+        of that update, so the gradients of what it returns reach the
+        discriminator's weights. Default: WGAN-GP's
+        `gradient_penalty_weight * mean((||grad D(x_hat)||_2 - 1)^2)`, at
+        `x_hat = real + eps * (fake - real)`, one `eps ~ U(0, 1)` per sample
+        drawn like the latent noise; 0 when `gradient_penalty_weight` is 0.
+        Return a scalar (the mean over the batch).
+
+        Example, R1 (Mescheder et al., 2018) on real samples:
+
+        ```python
+        def gradient_penalty(self, real, fake):
+            with tf.GradientTape() as tape:
+                tape.watch(real)
+                scores = self.discriminator(real, training=True)
+            grads = tape.gradient(scores, real)
+            return 5.0 * tf.reduce_mean(tf.reduce_sum(tf.square(grads), axis=-1))
+        ```
+        """
+        if self.gradient_penalty_weight == 0:
+            return tf.zeros((), "float32")
+        batch = tf.shape(real)[0]
+        eps = self._noise(batch, [], "interpolation", self._discriminator_update)
+        eps = tf.reshape(eps, tf.concat([[batch], tf.ones([tf.rank(real) - 1], "int32")], 0))
+        real = tf.cast(real, "float32")
+        interpolated = real + eps * (tf.cast(fake, "float32") - real)
+        with tf.GradientTape() as tape:
+            tape.watch(interpolated)
+            scores = self._outputs(interpolated, training=True)
+        grads = tf.reshape(tape.gradient(scores, interpolated), [batch, -1])
+        norms = tf.sqrt(tf.reduce_sum(tf.square(grads), axis=1) + 1e-12)
+        return self.gradient_penalty_weight * tf.reduce_mean(tf.square(norms - 1.0))
 
     # ----------------------------------------------------------------- steps
 
@@ -228,27 +310,33 @@ class GAN(CustomModel):
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
 
-        z = self._latent(batch, stream=0)
-        with tf.GradientTape() as tape:
-            fake = self.generator(z, training=True)
-            d_loss = self._replica_loss(
-                self.discriminator_loss(
-                    self._logits(real, training=True), self._logits(fake, training=True)
-                )
-            )
-            scaled = self.discriminator_optimizer.scale_loss(d_loss)
-        self._update(self.discriminator_optimizer, tape.gradient(scaled, d_vars), d_vars)
+        for update in range(self.discriminator_steps):
+            # The step is traced once: `update` is a Python int here.
+            object.__setattr__(self, "_discriminator_update", update)
+            z = self._latent(batch, stream=update)
+            with tf.GradientTape() as tape:
+                fake = self.generator(z, training=True)
+                d_loss = self.discriminator_loss(
+                    self._outputs(real, training=True), self._outputs(fake, training=True))
+                if self._penalized:
+                    penalty = _scalar(self.gradient_penalty(real, fake), "gradient_penalty()")
+                    d_loss = d_loss + penalty
+                d_loss = self._replica_loss(d_loss)
+                scaled = self.discriminator_optimizer.scale_loss(d_loss)
+            self._update(self.discriminator_optimizer, tape.gradient(scaled, d_vars), d_vars)
 
-        z = self._latent(batch, stream=1)
+        z = self._latent(batch, stream=self.discriminator_steps)
         with tf.GradientTape() as tape:
             fake = self.generator(z, training=True)
             g_loss = self._replica_loss(
-                self.generator_loss(self._logits(fake, training=True))
+                self.generator_loss(self._outputs(fake, training=True))
             )
             scaled = self.generator_optimizer.scale_loss(g_loss)
         self._update(self.generator_optimizer, tape.gradient(scaled, g_vars), g_vars)
 
         self.steps.assign_add(1)
+        if self._penalized:
+            self.log("gradient_penalty", penalty, weight=batch)
         return self._report(d_loss, g_loss, batch)
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
@@ -256,11 +344,11 @@ class GAN(CustomModel):
         batch = tf.shape(real)[0]
         z = self._latent(batch, stream=0)
         fake = self.generator(z, training=False)
-        fake_logits = self._logits(fake, training=False)
+        fake_output = self._outputs(fake, training=False)
         d_loss = self._replica_loss(
-            self.discriminator_loss(self._logits(real, training=False), fake_logits)
+            self.discriminator_loss(self._outputs(real, training=False), fake_output)
         )
-        g_loss = self._replica_loss(self.generator_loss(fake_logits))
+        g_loss = self._replica_loss(self.generator_loss(fake_output))
         return self._report(d_loss, g_loss, batch)
 
     @property
@@ -285,11 +373,25 @@ class GAN(CustomModel):
             )
         return x
 
-    def _logits(self, samples: tf.Tensor, training: bool) -> tf.Tensor:
+    def _outputs(self, samples: tf.Tensor, training: bool) -> tf.Tensor:
         return tf.cast(self.discriminator(samples, training=training), "float32")
 
+    @property
+    def _penalized(self) -> bool:
+        return (self.gradient_penalty_weight > 0
+                or type(self).gradient_penalty is not GAN.gradient_penalty)
+
     def _latent(self, batch: tf.Tensor, stream: int) -> tf.Tensor:
-        """This replica's rows of the global batch's latent vectors."""
+        """This replica's rows of the global batch's latent vectors; stream
+        `i < discriminator_steps` for discriminator update `i`, stream
+        `discriminator_steps` for the generator's."""
+        return self._noise(batch, [self.latent_dim], "latent", stream)
+
+    def _noise(self, batch: tf.Tensor, shape: list, kind: str, stream: int) -> tf.Tensor:
+        """This replica's rows of `(global batch, *shape)` numbers drawn from
+        `seed`, `steps` and `stream`: `N(0, 1)` latent vectors, or `U(0, 1)`
+        interpolation weights (a key of their own, one stream per
+        discriminator update)."""
         context = tf.distribute.get_replica_context()
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if context is None or replicas == 1:
@@ -299,20 +401,21 @@ class GAN(CustomModel):
             replica = tf.cast(context.replica_id_in_sync_group, "int32")
             offset = tf.reduce_sum(sizes[:replica])
             total = tf.reduce_sum(sizes)
-        seed = tf.stack([tf.constant(self.seed, "int64"), 2 * self.steps + stream])
-        noise = tf.random.stateless_normal(tf.stack([total, self.latent_dim]), seed)
+        global_shape = tf.concat([tf.reshape(total, [1]), tf.constant(shape, "int32")], 0)
+        if kind == "latent":
+            streams = self.discriminator_steps + 1
+            seed = tf.stack([tf.constant(self.seed, "int64"), streams * self.steps + stream])
+            noise = tf.random.stateless_normal(global_shape, seed)
+        else:
+            streams = self.discriminator_steps
+            seed = tf.stack([tf.constant(~self.seed, "int64"), streams * self.steps + stream])
+            noise = tf.random.stateless_uniform(global_shape, seed)
         return noise[offset : offset + batch]
 
     @staticmethod
     def _replica_loss(loss: tf.Tensor) -> tf.Tensor:
         """This replica's share: the optimizers sum gradients over replicas."""
-        loss = tf.cast(loss, "float32")
-        if loss.shape.rank != 0:
-            raise ValueError(
-                "discriminator_loss() and generator_loss() must return a scalar "
-                f"(the mean over the batch); got shape {loss.shape}. Reduce it, "
-                "e.g. return tf.reduce_mean(per_sample_loss)."
-            )
+        loss = _scalar(loss, "discriminator_loss(), generator_loss() and gradient_penalty()")
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1:
             loss = loss * tf.cast(1.0 / replicas, loss.dtype)
@@ -347,6 +450,10 @@ class GAN(CustomModel):
             discriminator=serialize_wrapped(self.discriminator),
             latent_dim=self.latent_dim,
             seed=self.seed,
+            discriminator_steps=self.discriminator_steps,
+            objective=self.objective,
+            from_logits=self.from_logits,
+            gradient_penalty_weight=self.gradient_penalty_weight,
         )
         return config
 
@@ -357,3 +464,40 @@ class GAN(CustomModel):
             config[key] = deserialize_wrapped(config[key])
         return cls(**config)
 
+
+
+OBJECTIVES = ("non_saturating", "wasserstein", "hinge")
+
+
+def _check_options(
+    discriminator_steps: Any, objective: Any, from_logits: Any, penalty_weight: Any
+) -> None:
+    if (not isinstance(discriminator_steps, int) or isinstance(discriminator_steps, bool)
+            or discriminator_steps < 1):
+        raise ValueError(
+            "discriminator_steps must be a positive int (discriminator updates "
+            f"per generator update); got {discriminator_steps!r}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got "
+            f"{objective!r}. Override discriminator_loss() and generator_loss() "
+            "for another.")
+    if not from_logits and objective != "non_saturating":
+        raise ValueError(
+            f'from_logits=False (a discriminator ending in a sigmoid) is for the '
+            f'"non_saturating" objective; a {objective} critic outputs unbounded '
+            "scores. Remove the sigmoid and use from_logits=True.")
+    if not isinstance(penalty_weight, (int, float)) or not penalty_weight >= 0:
+        raise ValueError(
+            "gradient_penalty_weight must be a number >= 0 (0 turns the penalty "
+            f"off; WGAN-GP uses 10); got {penalty_weight!r}.")
+
+
+def _scalar(loss: Any, source: str) -> tf.Tensor:
+    loss = tf.cast(loss, "float32")
+    if loss.shape.rank != 0:
+        raise ValueError(
+            f"{source} must return a scalar (the mean over the batch); got shape "
+            f"{loss.shape}. Reduce it, e.g. return tf.reduce_mean(per_sample_loss)."
+        )
+    return loss
