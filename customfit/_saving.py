@@ -96,13 +96,18 @@ def checked_load(
     Keras matches the file to the model by the model's structure and raises
     when a layer of the model is missing from the file or has other shapes,
     after assigning the layers it had reached. A file with more layers than
-    the model loads without a word. Here the model is put back in the first
-    case, and the second is an error too, unless `skip_mismatch` asks for
-    Keras' partial loading. Any file Keras loads completely is accepted,
-    whatever the attribute names its layers were reached by.
+    the model loads without a word. Here both are refused before anything is
+    assigned, as written by a different architecture, unless `skip_mismatch`
+    asks for Keras' partial loading; and the model is put back if Keras'
+    load fails for another reason. Any file Keras loads completely is
+    accepted, whatever the attribute names its layers were reached by, and
+    whatever optimizers of sub-models (a teacher compiled before it was
+    distilled) it holds.
     """
     path = os.fspath(filepath)
     found = _structure_of_file(path)
+    if found is not None and not skip_mismatch and model.built:
+        _refuse_another_architecture(model, path, found)
     # An unbuilt optimizer would skip the saved state of a built one, with a
     # warning: build it first, over the variables `fit` builds it over.
     if found is None:  # sharded weights: as before training
@@ -126,20 +131,26 @@ def checked_load(
             f"Could not load {path} into this model: {_shortened(error)}\n"
             "The model was left unchanged."
         ) from error
-    if found is not None and not skip_mismatch and model.built:
-        unread = _unread_entries(model, found, _own_structure(model))
-        if unread:
-            put_back()
-            listed = "; ".join(unread[:5]) + ("; ..." if len(unread) > 5 else "")
-            raise ValueError(
-                f"The checkpoint {path} does not fit this model: it holds "
-                "weights this model has no place for, so it was written by a "
-                "different architecture (more layers, or other units). Load "
-                "it into the model that saved it, build this model the same "
-                "way, or pass skip_mismatch=True to load what fits. The model "
-                f"was left unchanged. Weights not taken (shape): {listed}"
-            )
     return result
+
+
+def _refuse_another_architecture(model: keras.Model, path: str, found: dict) -> None:
+    unread, missing = _mismatched_entries(model, found, _own_structure(model))
+    if not unread and not missing:
+        return
+    details = []
+    for title, entries in (("Weights not taken (shape)", unread),
+                           ("Weights of this model not in the file (shape)", missing)):
+        if entries:
+            details.append(f"{title}: " + "; ".join(entries[:5])
+                           + ("; ..." if len(entries) > 5 else ""))
+    raise ValueError(
+        f"The checkpoint {path} does not fit this model: it was written by a "
+        "different architecture (other layers, or other units). Load it into "
+        "the model that saved it, build this model the same way, or pass "
+        "skip_mismatch=True to load what fits. The model was left unchanged. "
+        + " ".join(details)
+    )
 
 
 def _own_structure(model: keras.Model) -> dict:
@@ -154,12 +165,15 @@ def _own_structure(model: keras.Model) -> dict:
         return _structure_of_file(own)
 
 
-def _unread_entries(model: keras.Model, found: dict, expected: dict) -> list[str]:
-    """The weights in the file (`found`) that have no counterpart among the
-    model's own (`expected`), matched by shape, not by name: a layer reached
-    through another attribute name is saved under another path, and Keras
-    still loads it. Optimizer state is left out (see `_is_optimizer_state`);
-    Keras restores it when the counts agree and warns otherwise."""
+def _mismatched_entries(
+    model: keras.Model, found: dict, expected: dict
+) -> tuple[list[str], list[str]]:
+    """The weights in the file (`found`) with no counterpart among the
+    model's own (`expected`), and the model's own with none in the file,
+    matched by shape, not by name: a layer reached through another attribute
+    name is saved under another path, and Keras still loads it. Optimizer
+    state is left out (see `_is_optimizer_state`); Keras restores it when the
+    counts agree and warns otherwise."""
     optimizer_names = _optimizer_attribute_names(model)
     left = {entry: shape for entry, shape in expected.items()
             if not _is_optimizer_state(entry, optimizer_names)}
@@ -178,7 +192,22 @@ def _unread_entries(model: keras.Model, found: dict, expected: dict) -> list[str
             available[shape] -= 1
         else:
             unread.append(f"{entry} {shape}")
-    return unread
+    missing = []
+    for entry, shape in sorted(left.items()):
+        if _may_be_absent(entry):
+            continue
+        if available[shape]:
+            available[shape] -= 1
+            missing.append(f"{entry} {shape}")
+    return unread, missing
+
+
+def _may_be_absent(entry: str) -> bool:
+    """Whether a model's own entry may be missing from a file Keras loads
+    completely: customfit's random-generator state and a model's own
+    variables (e.g. a recipe's counters), which stock Keras files lack and
+    which keep their values when absent."""
+    return entry.startswith("vars/") or entry.split("/")[-1].startswith(RNG_KEY_PREFIX)
 
 
 def _optimizer_attribute_names(model: keras.Model) -> set[str]:
