@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -64,9 +65,14 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self._first_epoch_of_fit = True
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        """Runs when `fit` starts: the next epoch decides whether to resume."""
+        """Runs when `fit` starts, before any batch: checks that the
+        checkpoint's directory can be written; the next epoch decides whether
+        to resume."""
         super().on_train_begin(logs)
         self._first_epoch_of_fit = True
+        directory = os.path.dirname(self.filepath)
+        if "{" not in directory:  # else it depends on the epoch or the logs
+            require_writable_directory(directory, "ModelCheckpoint", self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch; on the first of a resumed `fit`, reads the
@@ -216,9 +222,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resumed_at: tuple[int, int] | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        """Runs when `fit` starts: restores the backup, if there is one."""
+        """Runs when `fit` starts, before any batch: refuses what could not
+        be backed up or restored, then restores the backup, if there is one."""
         self._epochs_done = None
         self._resumed_at = None
+        if not self.model.built:
+            # A backup is loaded into the model's weights before the first
+            # batch of a restarted fit, when they must already exist.
+            raise ValueError(
+                f"BackupAndRestore needs a built model: {type(self.model).__name__} "
+                "has no weights yet (a subclassed model is built by its first "
+                "call), so a restarted fit could not load its backup. Build it "
+                "before fit(): call it on a batch, model(x[:1]), or call "
+                "model.build(input_shape). Nothing was trained.")
+        require_writable_directory(self.backup_dir, "BackupAndRestore", self.model)
         if self.save_freq != "epoch" and _fit_call.resume_of(self.model) is None:
             raise ValueError(
                 f"BackupAndRestore(save_freq={self.save_freq}) resumes "
@@ -427,6 +444,11 @@ class TrainingPlot(keras.callbacks.Callback):
     def files(self) -> list[str]:
         """The files written, one per format."""
         return [f"{self.path}.{fmt}" for fmt in self.formats]
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Runs when `fit` starts, before any batch: checks that the files'
+        directory can be written."""
+        require_writable_directory(os.path.dirname(self.path), "TrainingPlot", self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch: starts its per-batch line."""
@@ -701,3 +723,24 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
             print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing {name} "
                   f"learning rate to {new}.")
         return True
+
+
+def require_writable_directory(
+    directory: str, callback: str, model: keras.Model | None
+) -> None:
+    """Refuses, before the first batch, a directory a callback would fail to
+    write to at its first save, after training up to it. Created if absent,
+    as the callback would. Only the chief writes (see `_cluster`); a callback
+    driven without a model writes from this process."""
+    if not directory or (model is not None
+                         and not _cluster.is_chief(model.distribute_strategy)):
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"{callback} cannot write to {directory}: {error.strerror or error}. "
+            "Give it a directory this process can create and write to. Nothing "
+            "was trained.") from error
