@@ -28,13 +28,16 @@ OLDER = {
 }
 TEST_DEPENDENCIES = ("pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorboard>=2.19")
 # What depends on Keras' loop: parity with stock fit, the hooks, the Keras-2
-# helpers, every private Keras API, the per-batch logs, resuming, saving and
-# the published steps; the subprocess tests (slow) are left to the primary.
+# helpers, every private Keras API, the per-batch logs, resuming, saving, the
+# published steps, `log` against Keras' Mean, the warnings Keras' saving
+# emits and composite checkpoints; the subprocess tests (slow) are left to
+# the primary.
 COMPAT_TESTS = (
     "tests/test_parity.py", "tests/test_hooks.py", "tests/test_keras2_helpers.py",
     "tests/test_keras_internals.py", "tests/test_versions.py",
     "tests/test_full_resolution_logs.py", "tests/test_resume_mid_epoch.py",
     "tests/test_saving.py", "tests/test_published_steps.py", "tests/test_errors.py",
+    "tests/test_log.py", "tests/test_warnings.py", "tests/test_composite_checkpoints.py",
 )
 
 

@@ -1,8 +1,8 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
-from customfit._model import CustomModel
-from customfit._keras.versions import CompatibilityWarning
 from customfit import callbacks, recipes  # recipes extend CustomModel: import it first
+from customfit._keras.versions import CompatibilityWarning
+from customfit._model import CustomModel
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import dataclasses
 import platform
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -27,8 +27,11 @@ from customfit._training_parity import differences, enable_determinism, record_t
 
 BATCH = 32
 SAMPLES = 8 * BATCH
-COMPILE = dict(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-               metrics=["accuracy"])
+COMPILE = dict(
+    optimizer=keras.optimizers.Adam(1e-2),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
 FIT = dict(batch_size=BATCH)
 
 
@@ -83,16 +86,23 @@ class Logging(CustomModel):
         return gradients
 
 
-def compare_fit(name: str, model_class: type, fit_overrides: dict | None = None,
-                compile_overrides: dict | None = None, logged: tuple = ()) -> Result:
+def compare_fit(
+    name: str,
+    model_class: type,
+    fit_overrides: dict | None = None,
+    compile_overrides: dict | None = None,
+    logged: tuple = (),
+) -> Result:
     """`model_class` against `keras.Model`, both `mlp`, the same seeds."""
     x, y = data()
     compile_kwargs = {**COMPILE, **(compile_overrides or {})}
     fit_kwargs = {**FIT, **(fit_overrides or {})}
-    expected = record_training(lambda: mlp(keras.Model), x, y, compile_kwargs=COMPILE,
-                               fit_kwargs=FIT)
-    actual = record_training(lambda: mlp(model_class), x, y, compile_kwargs=compile_kwargs,
-                             fit_kwargs=fit_kwargs)
+    expected = record_training(
+        lambda: mlp(keras.Model), x, y, compile_kwargs=COMPILE, fit_kwargs=FIT
+    )
+    actual = record_training(
+        lambda: mlp(model_class), x, y, compile_kwargs=compile_kwargs, fit_kwargs=fit_kwargs
+    )
     lines = []
     for column in logged:
         values = actual.history.pop(column, None)
@@ -109,22 +119,26 @@ def compare_batch_logs(steps_per_execution: int) -> Result:
         record = _BatchLogs()
         keras.utils.set_random_seed(0)
         model = mlp(CustomModel)
-        model.compile(**{**COMPILE, "optimizer": keras.optimizers.Adam(1e-2)},
-                      steps_per_execution=k)
+        model.compile(
+            **{**COMPILE, "optimizer": keras.optimizers.Adam(1e-2)}, steps_per_execution=k
+        )
         model.fit(x, y, **FIT, epochs=2, verbose=0, callbacks=[record])
         runs.append(record.logs)
     (reference, actual) = runs
     lines = []
     if [b for b, _ in actual] != [b for b, _ in reference]:
-        lines.append(f"batches reported: {[b for b, _ in actual]}, expected "
-                     f"{[b for b, _ in reference]}")
+        lines.append(
+            f"batches reported: {[b for b, _ in actual]}, expected {[b for b, _ in reference]}"
+        )
     for (batch, got), (_, want) in zip(actual, reference):
         for key in want:
             if got.get(key) != want[key]:
-                lines.append(f"batch {batch} {key!r}: {got.get(key)!r}, expected "
-                             f"{want[key]!r}")
-    return Result(f"every batch's logs, steps_per_execution={steps_per_execution}",
-                  "steps_per_execution=1", lines)
+                lines.append(f"batch {batch} {key!r}: {got.get(key)!r}, expected {want[key]!r}")
+    return Result(
+        f"every batch's logs, steps_per_execution={steps_per_execution}",
+        "steps_per_execution=1",
+        lines,
+    )
 
 
 class _BatchLogs(keras.callbacks.Callback):
@@ -138,11 +152,13 @@ class _BatchLogs(keras.callbacks.Callback):
 
 CHECKS: tuple[Callable[[], Result], ...] = (
     lambda: compare_fit("default step", CustomModel),
-    lambda: compare_fit("Keras-2 train_step (compiled_loss, compiled_metrics, metrics)",
-                        Keras2Step),
+    lambda: compare_fit(
+        "Keras-2 train_step (compiled_loss, compiled_metrics, metrics)", Keras2Step
+    ),
     lambda: compare_fit("self.log in a hook", Logging, logged=("grad_norm",)),
-    lambda: compare_fit("steps_per_execution=4", CustomModel,
-                        compile_overrides=dict(steps_per_execution=4)),
+    lambda: compare_fit(
+        "steps_per_execution=4", CustomModel, compile_overrides=dict(steps_per_execution=4)
+    ),
     lambda: compare_batch_logs(4),
 )
 
@@ -158,11 +174,12 @@ def main() -> int:
     """Prints the table; 0 if every check matched bit for bit, else 1."""
     started = time.monotonic()
     enable_determinism(0)
-    print(f"customfit {customfit.__version__}: Keras {keras.version()}, TensorFlow "
-          f"{tf.__version__}, Python {platform.python_version()}, {device()}")
+    print(
+        f"customfit {customfit.__version__}: Keras {keras.version()}, TensorFlow "
+        f"{tf.__version__}, Python {platform.python_version()}, {device()}"
+    )
     found = versions.problems()
-    print("Tested stack and copied Keras code: "
-          + ("as tested." if not found else "differs:"))
+    print("Tested stack and copied Keras code: " + ("as tested." if not found else "differs:"))
     for problem in found:
         print(f"  - {problem}")
     print()
@@ -173,13 +190,16 @@ def main() -> int:
     width = max(len(r.name) for r in results)
     print(f"{'check':{width}}  result")
     for result in results:
-        verdict = ("bit for bit" if not result.lines
-                   else f"DIFFERS ({len(result.lines)} difference(s))")
+        verdict = (
+            "bit for bit" if not result.lines else f"DIFFERS ({len(result.lines)} difference(s))"
+        )
         print(f"{result.name:{width}}  {verdict}, against {result.compared}")
         for line in result.lines[:5]:
             print(f"{'':{width}}    {line}")
         if len(result.lines) > 5:
             print(f"{'':{width}}    ... {len(result.lines) - 5} more")
-    print(f"\n{sum(not r.lines for r in results)} of {len(results)} checks match bit "
-          f"for bit ({time.monotonic() - started:.0f} s).")
+    print(
+        f"\n{sum(not r.lines for r in results)} of {len(results)} checks match bit "
+        f"for bit ({time.monotonic() - started:.0f} s)."
+    )
     return 0 if all(not r.lines for r in results) else 1

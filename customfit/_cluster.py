@@ -17,7 +17,8 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -67,19 +68,23 @@ def agreed(values: list[int], strategy: tf.distribute.Strategy) -> bool:
 
 # owner -> (variables, compiled gather): one traced function per set of
 # variables (the strategy's gather traces a new function at every call).
-_GATHERS: "weakref.WeakKeyDictionary[Any, tuple[list, Callable]]" = weakref.WeakKeyDictionary()
+_GATHERS: weakref.WeakKeyDictionary[Any, tuple[list, Callable]] = weakref.WeakKeyDictionary()
 
 
-def every_replica(owner: Any, variables: list,
-                  strategy: tf.distribute.Strategy) -> list[np.ndarray]:
+def every_replica(
+    owner: Any, variables: list, strategy: tf.distribute.Strategy
+) -> list[np.ndarray]:
     """Each variable's value on every replica of the cluster, one row per
     replica in replica order (a collective: every worker must call it).
     `owner` (the model) keeps the compiled gather for these variables."""
     if not variables:
         return []
     cached = _GATHERS.get(owner)
-    if cached is None or len(cached[0]) != len(variables) or any(
-            a is not b for a, b in zip(cached[0], variables)):
+    if (
+        cached is None
+        or len(cached[0]) != len(variables)
+        or any(a is not b for a, b in zip(cached[0], variables))
+    ):
 
         def rows() -> list[tf.Tensor]:
             return [tf.expand_dims(tf.identity(v.value), 0) for v in variables]
@@ -93,8 +98,9 @@ def every_replica(owner: Any, variables: list,
     return [np.asarray(g.numpy()) for g in cached[1]()]
 
 
-def assign_every_replica(variables: list, values: list[np.ndarray],
-                         strategy: tf.distribute.Strategy) -> None:
+def assign_every_replica(
+    variables: list, values: list[np.ndarray], strategy: tf.distribute.Strategy
+) -> None:
     """Puts back what `every_replica` returned, each replica its own row."""
     constants = [tf.constant(v) for v in values]
 
@@ -119,5 +125,9 @@ def lost_contact_message(strategy: tf.distribute.Strategy, error: Exception) -> 
 
 
 # What a collective reports when a peer of the cluster is gone.
-LOST_CONTACT = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                tf.errors.CancelledError, tf.errors.AbortedError)
+LOST_CONTACT = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)

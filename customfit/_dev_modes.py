@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from customfit import _resume
+
 
 @dataclass(frozen=True)
 class DevModes:
@@ -171,9 +173,7 @@ def _split_validation_here(arguments: dict[str, Any]) -> None:
         )
 
     def part(start: int, stop: int) -> Any:
-        return tf.nest.map_structure(
-            lambda a: None if a is None else a[start:stop], arrays
-        )
+        return tf.nest.map_structure(lambda a: None if a is None else a[start:stop], arrays)
 
     (arguments["x"], arguments["y"], arguments["sample_weight"]) = part(0, split_at)
     arguments["validation_data"] = part(split_at, size)
@@ -191,9 +191,7 @@ def _keep_first_batches(arguments: dict[str, Any], batches: int) -> None:
         size = (arguments.get("batch_size") or 32) * batches
         for name in ("x", "y", "sample_weight"):
             if arguments.get(name) is not None:
-                arguments[name] = tf.nest.map_structure(
-                    lambda a: a[:size], arguments[name]
-                )
+                arguments[name] = tf.nest.map_structure(lambda a: a[:size], arguments[name])
     else:
         raise ValueError(
             f"fit(overfit_batches={batches}) takes NumPy arrays, tensors or a "

@@ -20,7 +20,6 @@ import tensorflow as tf
 from customfit._keras import internals
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One mistake found in a training step.
@@ -67,8 +66,12 @@ class _State:
 
 
 def diagnose(
-    model: keras.Model, x: Any, y: Any = None, sample_weight: Any = None,
-    *, seed: int = 0,
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    *,
+    seed: int = 0,
 ) -> list[Finding]:
     if not model.compiled:
         raise RuntimeError(
@@ -78,7 +81,8 @@ def diagnose(
         )
     data = tuple(
         tf.nest.map_structure(tf.convert_to_tensor, part)
-        for part in (x, y, sample_weight) if part is not None
+        for part in (x, y, sample_weight)
+        if part is not None
     )
     if not model.built:
         model(data[0])
@@ -87,8 +91,7 @@ def diagnose(
     state = _State(model)
     try:
         stock = _replay(model, keras.Model.train_step, data, state, seed)
-        user = _replay(model, type(model).train_step, data, state, seed,
-                       check_reset=True)
+        user = _replay(model, type(model).train_step, data, state, seed, check_reset=True)
         training_matters = _training_changes_outputs(model, data[0], state, seed)
     finally:
         state.restore()
@@ -108,8 +111,7 @@ def diagnose(
     return findings
 
 
-def _replay(model, step, data, state: _State, seed: int,
-            check_reset: bool = False) -> _Replay:
+def _replay(model, step, data, state: _State, seed: int, check_reset: bool = False) -> _Replay:
     state.restore()
     model.reset_metrics()
     tracker = internals.loss_tracker(model)
@@ -129,7 +131,7 @@ def _replay(model, step, data, state: _State, seed: int,
         replay.predictions.append(outputs)
         if len(replay.predictions) == 1:
             # Regularizers as the forward pass saw them, before the update.
-            replay.regularization = float(sum(float(l) for l in model.losses))
+            replay.regularization = float(sum(float(loss) for loss in model.losses))
         return outputs
 
     def recording_apply(grads, trainable_variables=None):
@@ -143,8 +145,7 @@ def _replay(model, step, data, state: _State, seed: int,
     with contextlib.ExitStack() as stack:
         stack.enter_context(internals.intercepted(model, "call", recording_call))
         if optimizer is not None:
-            stack.enter_context(
-                internals.intercepted(optimizer, "apply", recording_apply))
+            stack.enter_context(internals.intercepted(optimizer, "apply", recording_apply))
         try:
             with warnings.catch_warnings():
                 # Stock steps warn about None gradients; a finding reports them.
@@ -154,8 +155,7 @@ def _replay(model, step, data, state: _State, seed: int,
             if tracker is not None:
                 replay.tracked_loss = float(tracker.result())
             if check_reset:
-                changed = [m for m, b in zip(metrics, before)
-                           if not _same(_values(m), b)]
+                changed = [m for m, b in zip(metrics, before) if not _same(_values(m), b)]
                 model.reset_metrics()
                 replay.not_reset = [
                     (m.name, float(np.asarray(m.result()).ravel()[0]))
@@ -198,40 +198,44 @@ def _loss_findings(stock: _Replay, user: _Replay) -> list[Finding]:
         return []
     if got is None or got == 0.0:
         shown = "has no `loss` column" if got is None else "reports `loss` = 0.0"
-        return [Finding(
-            "loss_not_tracked",
-            f"The step {shown}, while stock fit reports {expected:.6g} on this "
-            "batch: nothing adds the loss to the loss tracker. Fix: compute it "
-            "with `loss = self.compute_loss(x, y, y_pred)` (it updates the "
-            "tracker), or `self.compiled_loss(y, y_pred)` on CustomModel; with a "
-            "tracker of your own, call `tracker.update_state(loss)` in the step "
-            "and return `tracker.result()` as `loss`.",
-        )]
+        return [
+            Finding(
+                "loss_not_tracked",
+                f"The step {shown}, while stock fit reports {expected:.6g} on this "
+                "batch: nothing adds the loss to the loss tracker. Fix: compute it "
+                "with `loss = self.compute_loss(x, y, y_pred)` (it updates the "
+                "tracker), or `self.compiled_loss(y, y_pred)` on CustomModel; with a "
+                "tracker of your own, call `tracker.update_state(loss)` in the step "
+                "and return `tracker.result()` as `loss`.",
+            )
+        ]
     if _close(got, expected):
         return []
     mean_prediction = _mean_prediction(user)
     if mean_prediction is not None and _close(got, mean_prediction, rtol=1e-5):
-        return [Finding(
-            "loss_tracks_predictions",
-            f"`loss` is {got:.6g}, the mean of the predictions, not the loss "
-            f"({expected:.6g}): the predictions go to the loss tracker. On "
-            "keras.Model, `self.compiled_metrics.update_state(y, y_pred)` does "
-            "this. Fix: use customfit.CustomModel, whose `compiled_metrics` "
-            "updates only the compiled metrics, or track the loss with "
-            "`self.compute_loss(x, y, y_pred)`.",
-        )]
-    if user.regularization > 0 and _close(
-        got, expected - stock.regularization, rtol=1e-4
-    ):
-        return [Finding(
-            "regularization_dropped",
-            f"The loss is {got:.6g}; stock fit's is {expected:.6g}, which "
-            f"includes {stock.regularization:.6g} of regularization "
-            "(`self.losses`: kernel regularizers, add_loss()). The step leaves "
-            "it out, so regularizers have no effect. Fix: compute the loss with "
-            "`self.compute_loss(x, y, y_pred)` (it adds `self.losses`), or add "
-            "`sum(self.losses)` to your loss before taking gradients.",
-        )]
+        return [
+            Finding(
+                "loss_tracks_predictions",
+                f"`loss` is {got:.6g}, the mean of the predictions, not the loss "
+                f"({expected:.6g}): the predictions go to the loss tracker. On "
+                "keras.Model, `self.compiled_metrics.update_state(y, y_pred)` does "
+                "this. Fix: use customfit.CustomModel, whose `compiled_metrics` "
+                "updates only the compiled metrics, or track the loss with "
+                "`self.compute_loss(x, y, y_pred)`.",
+            )
+        ]
+    if user.regularization > 0 and _close(got, expected - stock.regularization, rtol=1e-4):
+        return [
+            Finding(
+                "regularization_dropped",
+                f"The loss is {got:.6g}; stock fit's is {expected:.6g}, which "
+                f"includes {stock.regularization:.6g} of regularization "
+                "(`self.losses`: kernel regularizers, add_loss()). The step leaves "
+                "it out, so regularizers have no effect. Fix: compute the loss with "
+                "`self.compute_loss(x, y, y_pred)` (it adds `self.losses`), or add "
+                "`sum(self.losses)` to your loss before taking gradients.",
+            )
+        ]
     return []
 
 
@@ -263,16 +267,19 @@ def _is_reset(metric) -> bool:
 
 
 def _metric_reset_findings(user: _Replay) -> list[Finding]:
-    return [Finding(
-        "metric_not_reset",
-        f"The metric `{name}` is updated in the step but `reset_metrics()` "
-        f"does not reset it (it still holds {value:.6g} afterwards): it is "
-        "missing from `model.metrics`, so fit never resets it at the start of "
-        "an epoch and the column averages over all epochs so far. Fix: list it "
-        "in your `metrics` property (`return [self.loss_tracker, "
-        "self.accuracy]`), or drop the override: Keras 3 lists the metrics "
-        "assigned to the model's attributes by itself.",
-    ) for name, value in user.not_reset]
+    return [
+        Finding(
+            "metric_not_reset",
+            f"The metric `{name}` is updated in the step but `reset_metrics()` "
+            f"does not reset it (it still holds {value:.6g} afterwards): it is "
+            "missing from `model.metrics`, so fit never resets it at the start of "
+            "an epoch and the column averages over all epochs so far. Fix: list it "
+            "in your `metrics` property (`return [self.loss_tracker, "
+            "self.accuracy]`), or drop the override: Keras 3 lists the metrics "
+            "assigned to the model's attributes by itself.",
+        )
+        for name, value in user.not_reset
+    ]
 
 
 def _training_findings(stock: _Replay, user: _Replay, matters: bool) -> list[Finding]:
@@ -280,14 +287,16 @@ def _training_findings(stock: _Replay, user: _Replay, matters: bool) -> list[Fin
         return []
     if not user.training or True in user.training:
         return []
-    return [Finding(
-        "training_not_passed",
-        "The step calls the model without `training=True` (it passed "
-        f"training={user.training[0]!r}), so Dropout, BatchNormalization and "
-        "other layers that train differently run in inference mode: no "
-        "dropout, no batch statistics. Fix: `y_pred = self(x, training=True)` "
-        "in train_step.",
-    )]
+    return [
+        Finding(
+            "training_not_passed",
+            "The step calls the model without `training=True` (it passed "
+            f"training={user.training[0]!r}), so Dropout, BatchNormalization and "
+            "other layers that train differently run in inference mode: no "
+            "dropout, no batch statistics. Fix: `y_pred = self(x, training=True)` "
+            "in train_step.",
+        )
+    ]
 
 
 def _gradient_findings(model, user: _Replay) -> list[Finding]:
@@ -295,15 +304,17 @@ def _gradient_findings(model, user: _Replay) -> list[Finding]:
     if user.variables is not None:
         frozen = [v.path for v in user.variables if not v.trainable]
         if frozen:
-            findings.append(Finding(
-                "gradients_on_weights",
-                f"The optimizer is given {len(frozen)} non-trainable "
-                f"variable(s) ({', '.join(frozen)}): the gradients are taken on "
-                "`self.weights`, which includes BatchNormalization's moving "
-                "statistics and frozen layers. Fix: differentiate and apply "
-                "with `self.trainable_weights`: `tape.gradient(loss, "
-                "self.trainable_weights)`.",
-            ))
+            findings.append(
+                Finding(
+                    "gradients_on_weights",
+                    f"The optimizer is given {len(frozen)} non-trainable "
+                    f"variable(s) ({', '.join(frozen)}): the gradients are taken on "
+                    "`self.weights`, which includes BatchNormalization's moving "
+                    "statistics and frozen layers. Fix: differentiate and apply "
+                    "with `self.trainable_weights`: `tape.gradient(loss, "
+                    "self.trainable_weights)`.",
+                )
+            )
     if user.gradients is not None:
         variables = user.variables or list(model.trainable_weights)
         missing = [
@@ -332,8 +343,7 @@ def _none_gradients(paths: list[str]) -> Finding:
 def _mean_prediction(replay: _Replay) -> float | None:
     if not replay.predictions:
         return None
-    flat = [np.asarray(t, dtype="float64").ravel()
-            for t in tf.nest.flatten(replay.predictions[0])]
+    flat = [np.asarray(t, dtype="float64").ravel() for t in tf.nest.flatten(replay.predictions[0])]
     return float(np.mean(np.concatenate(flat))) if flat else None
 
 

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 
 from customfit import _cluster, _dev_modes, _optimizers, _per_batch, _resume
 from customfit._keras import internals
 
-_SIGNATURES = {"fit": inspect.signature(keras.Model.fit),
-               "evaluate": inspect.signature(keras.Model.evaluate)}
+_SIGNATURES = {
+    "fit": inspect.signature(keras.Model.fit),
+    "evaluate": inspect.signature(keras.Model.evaluate),
+}
 
 # id(model) -> its calls in progress, innermost last (`fit` runs `evaluate`
 # for validation; a callback may run `evaluate` inside `fit`).
-_RUNNING: dict[int, list["FitCall"]] = {}
+_RUNNING: dict[int, list[FitCall]] = {}
 
 
 class FitCall:
@@ -42,8 +45,14 @@ class FitCall:
         resume: The `FitResume` of a `fit` with a resuming callback, or None.
     """
 
-    def __init__(self, model: keras.Model, method: str, args: tuple, kwargs: dict,
-                 modes: _dev_modes.DevModes | None = None) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        modes: _dev_modes.DevModes | None = None,
+    ) -> None:
         bound = _SIGNATURES[method].bind(model, *args, **kwargs)
         arguments = dict(bound.arguments)
         del arguments["self"]
@@ -59,10 +68,14 @@ class FitCall:
         if isinstance(given, keras.callbacks.CallbackList):
             self.callbacks = given
         else:
-            list_class = (_resume.ResumeCallbackList if self.resume is not None
-                          else keras.callbacks.CallbackList)
+            list_class = (
+                _resume.ResumeCallbackList
+                if self.resume is not None
+                else keras.callbacks.CallbackList
+            )
             self.callbacks = _per_batch.callback_list(
-                model, method, arguments, model._per_batch_channel, list_class)
+                model, method, arguments, model._per_batch_channel, list_class
+            )
         arguments["callbacks"] = self.callbacks
         self.arguments = arguments
 
@@ -81,8 +94,7 @@ class FitCall:
         strategy = self.model.distribute_strategy
         _RUNNING.setdefault(id(self.model), []).append(self)
         try:
-            with self.model._step_logs.in_phase(phase), \
-                    self.resume or contextlib.nullcontext():
+            with self.model._step_logs.in_phase(phase), self.resume or contextlib.nullcontext():
                 return keras_method(**self.arguments)
         except _cluster.LOST_CONTACT as error:
             if not _cluster.multi_worker(strategy):
@@ -104,8 +116,7 @@ class FitCall:
         """Keras knows the batches per epoch and would make its
         `CallbackList` now (`_maybe_symbolic_build` ends): the callback list
         is built."""
-        if epoch_iterator is None or not isinstance(
-                self.callbacks, _per_batch.PerBatchCallbacks):
+        if epoch_iterator is None or not isinstance(self.callbacks, _per_batch.PerBatchCallbacks):
             return
         self.callbacks.build(internals.epoch_batches(epoch_iterator))
         if self.resume is not None:
@@ -116,8 +127,10 @@ def replayed_begin(model: keras.Model) -> bool:
     """Whether the `on_train_batch_begin`/`on_test_batch_begin` now running
     for `model` is one replayed after its execution ran (see
     `PerBatchCallbacks.replaying`)."""
-    return any(isinstance(call.callbacks, _per_batch.PerBatchCallbacks)
-               and call.callbacks.replaying for call in _RUNNING.get(id(model), []))
+    return any(
+        isinstance(call.callbacks, _per_batch.PerBatchCallbacks) and call.callbacks.replaying
+        for call in _RUNNING.get(id(model), [])
+    )
 
 
 def resume_of(model: keras.Model) -> _resume.FitResume | None:

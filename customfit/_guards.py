@@ -58,7 +58,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -149,10 +150,12 @@ class StepGuards:
     def _install(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         for optimizer in _loss_scale_optimizers(self._model):
-            stack.enter_context(internals.intercepted(
-                optimizer, "scale_loss", _recording_scale_loss(optimizer)))
-            stack.enter_context(internals.intercepted(
-                optimizer, "apply", _checking_apply(optimizer)))
+            stack.enter_context(
+                internals.intercepted(optimizer, "scale_loss", _recording_scale_loss(optimizer))
+            )
+            stack.enter_context(
+                internals.intercepted(optimizer, "apply", _checking_apply(optimizer))
+            )
         return stack
 
 
@@ -162,8 +165,11 @@ class StepGuards:
 def _loss_scale_optimizers(model: keras.Model) -> list:
     """The `LossScaleOptimizer`s among the model's optimizers
     (`CustomModel.optimizers`)."""
-    return [optimizer for optimizer in _optimizers.registered(model).values()
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)]
+    return [
+        optimizer
+        for optimizer in _optimizers.registered(model).values()
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    ]
 
 
 def _recording_scale_loss(optimizer: Any):
@@ -261,25 +267,71 @@ def _replica_message(replicas: int) -> str:
 
 
 # Kinds of tensors on the way from a loss back to the data and the weights.
-_NEUTRAL = "neutral"      # constants, no gradient
-_ORIGIN = "origin"        # values not yet reduced over the batch
-_SUMMED = "summed"        # a sum over examples: replica-additive, correct
-_SCALED = "scaled"        # divided by the number of replicas, correct
-_UNSCALED = "unscaled"    # a mean, or replicated values, not divided
-_UNKNOWN = "unknown"      # not followed (control flow, nested functions)
+_NEUTRAL = "neutral"  # constants, no gradient
+_ORIGIN = "origin"  # values not yet reduced over the batch
+_SUMMED = "summed"  # a sum over examples: replica-additive, correct
+_SCALED = "scaled"  # divided by the number of replicas, correct
+_UNSCALED = "unscaled"  # a mean, or replicated values, not divided
+_UNKNOWN = "unknown"  # not followed (control flow, nested functions)
 
-_DATA_OPS = {"Placeholder", "IteratorGetNext", "IteratorGetNextSync",
-             "MultiDeviceIteratorGetNextFromShard", "OptionalGetValue"}
-_NO_GRADIENT_OPS = {"Const", "StopGradient", "Shape", "ShapeN", "Size", "Rank",
-                    "ZerosLike", "OnesLike", "Fill", "Range", "VarIsInitializedOp",
-                    "PreventGradient"}
-_OPAQUE_OPS = {"If", "StatelessIf", "While", "StatelessWhile", "Case",
-               "StatelessCase", "PartitionedCall", "StatefulPartitionedCall",
-               "Switch", "Merge", "Enter", "Exit", "NextIteration"}
-_PASS_OPS = {"Identity", "IdentityN", "Cast", "Reshape", "Squeeze", "ExpandDims",
-             "Neg", "AddV2", "Add", "AddN", "Sub", "Pack", "ConcatV2",
-             "Concat", "Unpack", "StridedSlice", "GatherV2", "Slice",
-             "EnsureShape", "CheckNumerics"}
+_DATA_OPS = {
+    "Placeholder",
+    "IteratorGetNext",
+    "IteratorGetNextSync",
+    "MultiDeviceIteratorGetNextFromShard",
+    "OptionalGetValue",
+}
+_NO_GRADIENT_OPS = {
+    "Const",
+    "StopGradient",
+    "Shape",
+    "ShapeN",
+    "Size",
+    "Rank",
+    "ZerosLike",
+    "OnesLike",
+    "Fill",
+    "Range",
+    "VarIsInitializedOp",
+    "PreventGradient",
+}
+_OPAQUE_OPS = {
+    "If",
+    "StatelessIf",
+    "While",
+    "StatelessWhile",
+    "Case",
+    "StatelessCase",
+    "PartitionedCall",
+    "StatefulPartitionedCall",
+    "Switch",
+    "Merge",
+    "Enter",
+    "Exit",
+    "NextIteration",
+}
+_PASS_OPS = {
+    "Identity",
+    "IdentityN",
+    "Cast",
+    "Reshape",
+    "Squeeze",
+    "ExpandDims",
+    "Neg",
+    "AddV2",
+    "Add",
+    "AddN",
+    "Sub",
+    "Pack",
+    "ConcatV2",
+    "Concat",
+    "Unpack",
+    "StridedSlice",
+    "GatherV2",
+    "Slice",
+    "EnsureShape",
+    "CheckNumerics",
+}
 _DIVISIONS = {"RealDiv", "Div", "DivNoNan", "TrueDiv"}
 _MAX_OPS = 200_000
 
@@ -289,7 +341,7 @@ def _classify(tensor: Any, replicas: int) -> str:
     if not hasattr(tensor, "op") or not hasattr(tensor, "graph"):
         return _UNKNOWN
     try:
-        tensor.op
+        _ = tensor.op
     except AttributeError:  # EagerTensor.op raises
         return _UNKNOWN
     return _Classifier(tensor.graph, replicas).kind(tensor)
@@ -366,23 +418,21 @@ class _Classifier:
             if kind == "Placeholder":
                 output = op.outputs[0]
                 if output.dtype == tf.resource or id(output) in self._captured:
-                    return (_NEUTRAL if self._static(output) is not None
-                            else _ORIGIN), False
+                    return (_NEUTRAL if self._static(output) is not None else _ORIGIN), False
             return _ORIGIN, True
         if kind == "Mul":
             if any(self._is(t, 1.0 / self._replicas) for t in op.inputs):
                 return _SCALED, data
             return _product(k for k, _ in inputs), data
         if kind in _DIVISIONS:
-            numerator, denominator = op.inputs[0], op.inputs[1]
+            denominator = op.inputs[1]
             if self._is(denominator, float(self._replicas)):
                 return _SCALED, data
             top = inputs[0][0]
             if top == _SUMMED:
-                if (self._static(denominator) is not None
-                        or self._mentions_replicas(denominator)):
+                if self._static(denominator) is not None or self._mentions_replicas(denominator):
                     return _SCALED, data  # a sum over the global batch size
-                return _UNSCALED, data    # a mean over this replica's batch
+                return _UNSCALED, data  # a mean over this replica's batch
             return top, data
         if kind in ("Mean", "Sum"):
             top = inputs[0]
@@ -425,9 +475,7 @@ class _Classifier:
         while pending and seen < 64:
             op = pending.pop()
             seen += 1
-            if op.type == "Mul" and any(
-                self._is(i, float(self._replicas)) for i in op.inputs
-            ):
+            if op.type == "Mul" and any(self._is(i, float(self._replicas)) for i in op.inputs):
                 return True
             pending.extend(i.op for i in op.inputs)
         return False

@@ -68,8 +68,7 @@ class CompiledLoss:
         if loss is not None:
             losses.append(loss)
         losses.extend(
-            internals.aggregate_additional_loss(model, extra)
-            for extra in regularization_losses
+            internals.aggregate_additional_loss(model, extra) for extra in regularization_losses
         )
         if not losses:
             total = tf.zeros(())

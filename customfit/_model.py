@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import keras
 import tensorflow as tf
 
+from customfit import _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _saving, _step
 from customfit._keras import internals, step_function, versions
 from customfit._keras2 import (
     CompiledLoss,
     CompiledMetrics,
     missing_targets_message,
 )
-from customfit import _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _saving, _step
 from customfit._step_logging import StepLogs
 
 
@@ -204,8 +204,7 @@ class CustomModel(keras.Model):
                 return reconstruction + kl  # the `loss` column
         ```
         """
-        self._step_logs.log(name, value, weight, reduction,
-                            reserved_names=self._metric_names)
+        self._step_logs.log(name, value, weight, reduction, reserved_names=self._metric_names)
 
     # ------------------------------------------------------------- the steps
 
@@ -353,9 +352,11 @@ class CustomModel(keras.Model):
         rather than skipped.
         """
         return _saving.checked_load(
-            self, filepath,
+            self,
+            filepath,
             lambda: super(CustomModel, self).load_weights(
-                filepath, skip_mismatch=skip_mismatch, **kwargs),
+                filepath, skip_mismatch=skip_mismatch, **kwargs
+            ),
             skip_mismatch=skip_mismatch,
         )
 
@@ -370,7 +371,8 @@ class CustomModel(keras.Model):
         _optimizers.build_unbuilt(self)
         if self.train_function is None or force:
             self.train_function = step_function.make_function(
-                self, _step.checked(self, self.train_step, "train"),
+                self,
+                _step.checked(self, self.train_step, "train"),
                 self._per_batch_channel,
             )
         return self.train_function
@@ -378,7 +380,8 @@ class CustomModel(keras.Model):
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
             self.test_function = step_function.make_function(
-                self, _step.checked(self, self.test_step, "test"),
+                self,
+                _step.checked(self, self.test_step, "test"),
                 self._per_batch_channel,
             )
         return self.test_function
@@ -493,7 +496,6 @@ class CustomModel(keras.Model):
         return names
 
 
-
 _TWIN_ATTRIBUTE = "_customfit_functional_twin"
 
 
@@ -506,8 +508,7 @@ def _functional_twin(cls: type) -> type:
         twin = type(
             cls.__name__,
             (cls, internals.Functional),
-            {"__module__": cls.__module__,
-             "__qualname__": f"{cls.__qualname__}.{_TWIN_ATTRIBUTE}"},
+            {"__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}.{_TWIN_ATTRIBUTE}"},
         )
         internals.share_registered_name(twin, cls)
         setattr(cls, _TWIN_ATTRIBUTE, twin)

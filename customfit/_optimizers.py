@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import keras
 
@@ -61,6 +62,7 @@ def built_over_all_when_first_applied(model: keras.Model) -> Iterator[None]:
     unbuilt = [o for o in registered(model).values() if not o.built]
     with contextlib.ExitStack() as stack:
         for optimizer in unbuilt:
+
             def build(variables, optimizer=optimizer):
                 type(optimizer).build(optimizer, model.trainable_variables)
 
@@ -103,9 +105,7 @@ def learning_rates(optimizers: Mapping[str, Any]) -> dict[str, float]:
     return {log_name(name): rate(optimizer) for name, optimizer in optimizers.items()}
 
 
-def selected(
-    model: keras.Model, names: Any, caller: str
-) -> dict[str, keras.optimizers.Optimizer]:
+def selected(model: keras.Model, names: Any, caller: str) -> dict[str, keras.optimizers.Optimizer]:
     """The registered optimizers named in `names` (all of them for None);
     an unknown name is an error that lists the known ones."""
     optimizers = dict(registered(model))
@@ -130,8 +130,7 @@ def selected(
 def settable(optimizers: Mapping[str, Any], caller: str) -> None:
     """Raises, naming them, if some optimizers' learning rate is a schedule
     (which Keras does not let a callback set)."""
-    fixed = [name for name, optimizer in optimizers.items()
-             if follows_a_schedule(optimizer)]
+    fixed = [name for name, optimizer in optimizers.items() if follows_a_schedule(optimizer)]
     if fixed:
         raise ValueError(
             f"{caller} cannot change the learning rate of {fixed}: it is a "
@@ -161,8 +160,11 @@ class LearningRateLogs(keras.callbacks.Callback):
 
 def scheduled(model: keras.Model) -> dict[str, Any]:
     """The registered optimizers whose learning rate follows a schedule."""
-    return {name: optimizer for name, optimizer in registered(model).items()
-            if follows_a_schedule(optimizer)}
+    return {
+        name: optimizer
+        for name, optimizer in registered(model).items()
+        if follows_a_schedule(optimizer)
+    }
 
 
 def needs_learning_rate_logs(model: keras.Model) -> bool:

@@ -115,9 +115,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         """Makes the Keras `CallbackList` (of `list_class`) with `steps`
         batches per epoch."""
         if self._inner is None:
-            self._inner = self._list_class(
-                self._raw_callbacks, steps=steps, **self._list_kwargs
-            )
+            self._inner = self._list_class(self._raw_callbacks, steps=steps, **self._list_kwargs)
 
     @property
     def inner(self) -> keras.callbacks.CallbackList:
@@ -248,8 +246,13 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
 # ---------------------------------------------------- fit/evaluate plumbing
 
 
-def callback_list(model: keras.Model, method: str, arguments: dict, channel: Channel,
-                  list_class: type = keras.callbacks.CallbackList) -> PerBatchCallbacks:
+def callback_list(
+    model: keras.Model,
+    method: str,
+    arguments: dict,
+    channel: Channel,
+    list_class: type = keras.callbacks.CallbackList,
+) -> PerBatchCallbacks:
     """The `PerBatchCallbacks` for `fit`'s or `evaluate`'s arguments (Keras',
     by name), holding what Keras would build its `CallbackList` from, with
     the same settings (`fit` caps `epochs` at `keras.config.max_epochs()`)."""
@@ -263,5 +266,11 @@ def callback_list(model: keras.Model, method: str, arguments: dict, channel: Cha
     else:
         list_kwargs = dict(add_history=False, epochs=1)
     return PerBatchCallbacks(
-        channel, arguments.get("callbacks"), list_class=list_class,
-        add_progbar=verbose != 0, verbose=verbose, model=model, **list_kwargs)
+        channel,
+        arguments.get("callbacks"),
+        list_class=list_class,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        model=model,
+        **list_kwargs,
+    )

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -112,7 +113,7 @@ class FitResume:
         self._original_train_function: Callable | None = None
         self._metric_values: dict | None = None
 
-    def __enter__(self) -> "FitResume":
+    def __enter__(self) -> FitResume:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,14 +139,16 @@ class FitResume:
             raise ValueError(
                 f"The backup was taken after batch {batch} of epoch {epoch}, "
                 "and resuming mid-epoch needs `callbacks=` as a list, not a "
-                "keras.callbacks.CallbackList. Pass the callbacks as a list.")
+                "keras.callbacks.CallbackList. Pass the callbacks as a list."
+            )
         num_batches = getattr(self.epoch_iterator, "num_batches", None)
         if num_batches is not None and batch >= num_batches:
             raise ValueError(
                 f"The backup was taken after batch {batch} of epoch {epoch}, "
                 f"but an epoch now has {num_batches} batches: fit() was "
                 "called with other data or batch size than the interrupted "
-                "run. Call it as before, or delete the backup directory.")
+                "run. Call it as before, or delete the backup directory."
+            )
         self.callbacks.resume_at = (epoch, batch)
         self._metric_values = state
         self._original_train_function = self.model.train_function
@@ -171,7 +174,7 @@ class FitResume:
         while self._dataset.iterators_made < number - 1:
             iter(self._dataset)
 
-    def _count_iterators(self, dataset: Any) -> "_CountingDataset":
+    def _count_iterators(self, dataset: Any) -> _CountingDataset:
         self._dataset = _CountingDataset(dataset)
         return self._dataset
 
@@ -235,8 +238,11 @@ class _CountingDataset:
 def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
     x = arguments.get("x")
     problems = []
-    if isinstance(x, keras.utils.PyDataset) or inspect.isgenerator(x) or (
-            x is not None and not _is_replayable(x)):
+    if (
+        isinstance(x, keras.utils.PyDataset)
+        or inspect.isgenerator(x)
+        or (x is not None and not _is_replayable(x))
+    ):
         if isinstance(x, keras.utils.PyDataset):
             kind = f"keras.utils.PyDataset ({type(x).__name__})"
         elif inspect.isgenerator(x):
@@ -247,27 +253,32 @@ def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
             f"the input is a {kind}, whose own state (position, "
             "shuffling) is not saved: the resumed epoch starts from its "
             "beginning after skipping the trained batches, which only equals "
-            "the interrupted run if each epoch yields the same batches")
+            "the interrupted run if each epoch yields the same batches"
+        )
     if arguments.get("steps_per_epoch") is not None:
         problems.append(
             "steps_per_epoch is set, so epochs share one iterator and a "
-            "resumed run reads the data from another position")
+            "resumed run reads the data from another position"
+        )
     if model.run_eagerly:
         problems.append(
             "run_eagerly=True creates metrics in the first step, after the "
             "saved metric values are restored, so the resumed epoch's logs "
-            "can differ")
+            "can differ"
+        )
     if problems:
         warnings.warn(
             "BackupAndRestore(save_freq=...) cannot resume this fit() exactly "
             f"mid-epoch: {'; '.join(problems)}. Weights and optimizer state "
             "are restored; use NumPy arrays or a tf.data.Dataset for an "
-            "exact resume.", ResumeWarning, stacklevel=4)
+            "exact resume.",
+            ResumeWarning,
+            stacklevel=4,
+        )
 
 
 def _is_replayable(x: Any) -> bool:
-    if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset,
-                      np.ndarray, tf.Tensor)):
+    if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset, np.ndarray, tf.Tensor)):
         return True
     if isinstance(x, dict):
         return all(_is_replayable(v) for v in x.values())
@@ -282,13 +293,16 @@ def _is_replayable(x: Any) -> bool:
 def metric_variables(model: keras.Model) -> list[tuple[str, Any]]:
     """Every variable behind the training logs (`CustomModel.log` columns
     included), named by metric."""
-    return [(f"{metric.name}/{i}", variable)
-            for metric in model._metrics_behind_logs()
-            for i, variable in enumerate(metric.variables)]
+    return [
+        (f"{metric.name}/{i}", variable)
+        for metric in model._metrics_behind_logs()
+        for i, variable in enumerate(metric.variables)
+    ]
 
 
-def capture_state(model: keras.Model, batch: int,
-                  resume: FitResume | None) -> dict[str, np.ndarray]:
+def capture_state(
+    model: keras.Model, batch: int, resume: FitResume | None
+) -> dict[str, np.ndarray]:
     """The state the weights file lacks after `batch` batches of an epoch:
     metric variables (one row per replica, mid-epoch only), Keras' global
     seed generator and the number of data iterators made (see `FitResume`)."""
@@ -318,8 +332,12 @@ def metric_values(model: keras.Model) -> list[np.ndarray]:
     if _cluster.multi_worker(strategy):
         return _cluster.every_replica(model, variables, strategy)
     return [
-        np.stack([np.asarray(part.numpy())
-                  for part in strategy.experimental_local_results(variable.value)])
+        np.stack(
+            [
+                np.asarray(part.numpy())
+                for part in strategy.experimental_local_results(variable.value)
+            ]
+        )
         for variable in variables
     ]
 
@@ -333,7 +351,8 @@ def assign_metric_values(model: keras.Model, values: list[np.ndarray]) -> None:
             raise ValueError(
                 f"The backup holds metric '{name}' for {len(saved)} replicas; "
                 f"this run has {strategy.num_replicas_in_sync}. Resume with the "
-                "same number of replicas, or delete the backup directory.")
+                "same number of replicas, or delete the backup directory."
+            )
     if _cluster.multi_worker(strategy):
         _cluster.assign_every_replica([v for _, v in named], values, strategy)
         return
@@ -356,6 +375,8 @@ def restore_metrics(model: keras.Model, state: dict) -> None:
             f"({', '.join(names)} saved; the model has "
             f"{', '.join(name for name, _ in variables)}); they restart from "
             "zero, so this epoch's logs are not those of the interrupted run.",
-            ResumeWarning, stacklevel=2)
+            ResumeWarning,
+            stacklevel=2,
+        )
         return
     assign_metric_values(model, [state[f"metric_{i}"] for i in range(len(variables))])

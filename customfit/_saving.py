@@ -11,14 +11,15 @@ import tempfile
 import uuid
 import warnings
 import zipfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import h5py
 import keras
 import numpy as np
 
-from customfit._keras import internals
 from customfit import _optimizers
+from customfit._keras import internals
 
 RNG_KEY_PREFIX = "customfit_rng_"
 
@@ -113,9 +114,14 @@ def checked_load(
     if found is None:  # sharded weights: as before training
         _optimizers.build_unbuilt(model)
     elif model.trainable_variables:
-        _optimizers.build_over_all(model, [
-            optimizer for name, optimizer in _optimizers.registered(model).items()
-            if not optimizer.built and _optimizers.saved_as_built(found, name, optimizer)])
+        _optimizers.build_over_all(
+            model,
+            [
+                optimizer
+                for name, optimizer in _optimizers.registered(model).items()
+                if not optimizer.built and _optimizers.saved_as_built(found, name, optimizer)
+            ],
+        )
     state = all_state(model)
     before = [v.numpy() for v in state]
 
@@ -139,17 +145,19 @@ def _refuse_another_architecture(model: keras.Model, path: str, found: dict) -> 
     if not unread and not missing:
         return
     details = []
-    for title, entries in (("Weights not taken (shape)", unread),
-                           ("Weights of this model not in the file (shape)", missing)):
+    for title, entries in (
+        ("Weights not taken (shape)", unread),
+        ("Weights of this model not in the file (shape)", missing),
+    ):
         if entries:
-            details.append(f"{title}: " + "; ".join(entries[:5])
-                           + ("; ..." if len(entries) > 5 else ""))
+            details.append(
+                f"{title}: " + "; ".join(entries[:5]) + ("; ..." if len(entries) > 5 else "")
+            )
     raise ValueError(
         f"The checkpoint {path} does not fit this model: it was written by a "
         "different architecture (other layers, or other units). Load it into "
         "the model that saved it, build this model the same way, or pass "
-        "skip_mismatch=True to load what fits. The model was left unchanged. "
-        + " ".join(details)
+        "skip_mismatch=True to load what fits. The model was left unchanged. " + " ".join(details)
     )
 
 
@@ -158,8 +166,9 @@ def _own_structure(model: keras.Model) -> dict:
     customfit's, not the user's: NumPy 2's warnings about Keras' variables
     (see `array`) are not passed on."""
     with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="__array__ implementation",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message="__array__ implementation", category=DeprecationWarning
+        )
         own = os.path.join(directory, "own.weights.h5")
         model.save_weights(own)
         return _structure_of_file(own)
@@ -175,8 +184,11 @@ def _mismatched_entries(
     state is left out (see `_is_optimizer_state`); Keras restores it when the
     counts agree and warns otherwise."""
     optimizer_names = _optimizer_attribute_names(model)
-    left = {entry: shape for entry, shape in expected.items()
-            if not _is_optimizer_state(entry, optimizer_names)}
+    left = {
+        entry: shape
+        for entry, shape in expected.items()
+        if not _is_optimizer_state(entry, optimizer_names)
+    }
     elsewhere = []  # under a path this model does not save to
     for entry, shape in sorted(found.items()):
         if _is_optimizer_state(entry, optimizer_names):
@@ -244,8 +256,13 @@ def _structure_of_file(path: str) -> dict | None:
 def _datasets(source: Any) -> dict:
     entries = {}
     with h5py.File(source, "r") as f:
-        f.visititems(lambda name, obj: entries.__setitem__(name, tuple(obj.shape))
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                entries.__setitem__(name, tuple(obj.shape))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
     return entries
 
 

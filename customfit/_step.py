@@ -30,15 +30,15 @@ logs flattened as Keras flattens them, with the values from `log`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import keras
 import tensorflow as tf
 
+from customfit import _guards, _optimizers
 from customfit._keras import internals
 from customfit._keras2 import track_loss
-from customfit import _guards, _optimizers
 
 
 def train_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
@@ -47,7 +47,7 @@ def train_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
     if variables:
         model._update_weights(loss, gradients, variables)
     else:
-        warnings.warn("The model does not have any trainable weights.")
+        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
@@ -72,8 +72,7 @@ def loss_gradients(
     return y_pred, loss, unscaled(model, tape.gradient(scaled, variables)), variables
 
 
-def update_weights(model: keras.Model, loss: tf.Tensor, gradients: list,
-                   variables: list) -> None:
+def update_weights(model: keras.Model, loss: tf.Tensor, gradients: list, variables: list) -> None:
     """Seam 2's default: `transform_gradients`, the checks, `apply_gradients`.
     The default does not use `loss`."""
     del loss
@@ -93,7 +92,8 @@ def tracked_loss(
 ) -> tf.Tensor:
     """`compute_loss`, added to the `loss` metric as stock `fit` does."""
     loss = internals.compute_loss(
-        model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+    )
     track_loss(model, loss, batch_of=x)
     return loss
 

@@ -19,8 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -73,11 +74,16 @@ class StepReport:
         return all(c.ok for c in self.comparisons) and not self.findings
 
     def __str__(self) -> str:
-        rows = ["setting (vs compiled, 1 replica, steps_per_execution=1) | "
-                "tolerance | max abs diff | result"]
+        rows = [
+            "setting (vs compiled, 1 replica, steps_per_execution=1) | "
+            "tolerance | max abs diff | result"
+        ]
         for c in self.comparisons:
-            tolerance = "bit for bit" if c.rtol == 0 and c.atol == 0 else (
-                f"rtol={c.rtol:g}, atol={c.atol:g}")
+            tolerance = (
+                "bit for bit"
+                if c.rtol == 0 and c.atol == 0
+                else (f"rtol={c.rtol:g}, atol={c.atol:g}")
+            )
             result = "same" if c.ok else f"DIFFERENT ({len(c.differences)})"
             rows.append(f"{c.setting} | {tolerance} | {c.max_abs_diff:.3g} | {result}")
         for c in self.comparisons:
@@ -123,16 +129,22 @@ def resolve_build(build: str | Callable[[], keras.Model]) -> tuple[str, Callable
 
 
 def run_setting(
-    build: Callable[[], keras.Model], x: Any, y: Any, *, compile_kwargs: Any,
-    batch_size: int, steps_per_execution: int = 1, run_eagerly: bool = False,
-    seed: int = 0, strategy: Any = None,
+    build: Callable[[], keras.Model],
+    x: Any,
+    y: Any,
+    *,
+    compile_kwargs: Any,
+    batch_size: int,
+    steps_per_execution: int = 1,
+    run_eagerly: bool = False,
+    seed: int = 0,
+    strategy: Any = None,
 ) -> tuple[TrainingRecord, dict]:
     """`fit` for one epoch on the given batches, unshuffled; returns what it
     produced and, in a dict, the weights it started from ("start") and the
     weights and `loss` after the first batch ("first", "first_loss")."""
     keras.utils.set_random_seed(seed)
-    kwargs = {"optimizer": keras.optimizers.SGD(0.1),
-              **fresh_compile_kwargs(compile_kwargs)}
+    kwargs = {"optimizer": keras.optimizers.SGD(0.1), **fresh_compile_kwargs(compile_kwargs)}
     kwargs.update(run_eagerly=run_eagerly, steps_per_execution=steps_per_execution)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build()
@@ -154,10 +166,11 @@ def run_setting(
             first.update(first=weights(), first_loss=(logs or {}).get("loss"))
 
     recorder = keras.callbacks.LambdaCallback(
-        on_train_begin=lambda logs: first.update(start=weights()),
-        on_train_batch_end=on_batch_end)
-    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
-                        verbose=0, callbacks=[recorder])
+        on_train_begin=lambda logs: first.update(start=weights()), on_train_batch_end=on_batch_end
+    )
+    history = model.fit(
+        x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[recorder]
+    )
     record = TrainingRecord(
         model_name=type(model).__name__,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
@@ -169,9 +182,16 @@ def run_setting(
 
 
 def check_steps(
-    builds: list[str | Callable[[], keras.Model]], x: Any, y: Any = None, *,
-    compile_kwargs: Any = None, batch_size: int = 32, steps: int = 3,
-    replicas: bool = True, seed: int = 0, timeout: float = 300,
+    builds: list[str | Callable[[], keras.Model]],
+    x: Any,
+    y: Any = None,
+    *,
+    compile_kwargs: Any = None,
+    batch_size: int = 32,
+    steps: int = 3,
+    replicas: bool = True,
+    seed: int = 0,
+    timeout: float = 300,
 ) -> list[StepReport]:
     """`check_step` for several models, with one two-replica process for all."""
     resolved = [resolve_build(build) for build in builds]
@@ -193,7 +213,10 @@ def check_steps(
 
 def _reports(resolved, x, y, steps, two_replicas, timeout, common) -> list[StepReport]:
     compile_kwargs, batch_size, seed = (
-        common["compile_kwargs"], common["batch_size"], common["seed"])
+        common["compile_kwargs"],
+        common["batch_size"],
+        common["seed"],
+    )
     reports = []
     for i, (_, build_fn) in enumerate(resolved):
         reference, first_steps = run_setting(build_fn, x, y, **common)
@@ -205,22 +228,29 @@ def _reports(resolved, x, y, steps, two_replicas, timeout, common) -> list[StepR
         ]
         keras.utils.set_random_seed(seed)
         model = build_fn()
-        model.compile(**{"optimizer": keras.optimizers.SGD(0.1),
-                         **fresh_compile_kwargs(compile_kwargs)})
-        findings = diagnose(model, _take(x, batch_size), _take(y, batch_size),
-                            seed=seed)
+        model.compile(
+            **{"optimizer": keras.optimizers.SGD(0.1), **fresh_compile_kwargs(compile_kwargs)}
+        )
+        findings = diagnose(model, _take(x, batch_size), _take(y, batch_size), seed=seed)
         if two_replicas is not None:
             two, two_first = two_replicas.results(timeout)[i]
-            comparisons.append(_compare(
-                "2 replicas (MirroredStrategy, same global batch)",
-                reference, two, REPLICA_RTOL, REPLICA_ATOL))
+            comparisons.append(
+                _compare(
+                    "2 replicas (MirroredStrategy, same global batch)",
+                    reference,
+                    two,
+                    REPLICA_RTOL,
+                    REPLICA_ATOL,
+                )
+            )
             findings += _replica_findings(first_steps, two_first)
         reports.append(StepReport(comparisons, findings))
     return reports
 
 
-def check_step(build: str | Callable[[], keras.Model], x: Any, y: Any = None,
-               **kwargs: Any) -> StepReport:
+def check_step(
+    build: str | Callable[[], keras.Model], x: Any, y: Any = None, **kwargs: Any
+) -> StepReport:
     return check_steps([build], x, y, **kwargs)[0]
 
 
@@ -253,31 +283,35 @@ def _replica_findings(one: dict, two: dict) -> list[Finding]:
     findings = []
     loss_one, loss_two = one.get("first_loss"), two.get("first_loss")
     if loss_one and loss_two is not None and abs(loss_two / loss_one - 0.5) < 0.05:
-        findings.append(Finding(
-            "loss_tracked_per_replica",
-            f"With two replicas the first batch's `loss` is {loss_two:.6g}, half "
-            f"of the one-replica {loss_one:.6g}: the step reports each "
-            "replica's share of the loss (divided by the number of replicas) "
-            "instead of the whole. Fix: track the loss with "
-            "`self.compute_loss(...)`/`self.compiled_loss(...)` on CustomModel, "
-            "or multiply by `tf.distribute.get_strategy().num_replicas_in_sync` "
-            "before `tracker.update_state(...)`.",
-        ))
+        findings.append(
+            Finding(
+                "loss_tracked_per_replica",
+                f"With two replicas the first batch's `loss` is {loss_two:.6g}, half "
+                f"of the one-replica {loss_one:.6g}: the step reports each "
+                "replica's share of the loss (divided by the number of replicas) "
+                "instead of the whole. Fix: track the loss with "
+                "`self.compute_loss(...)`/`self.compiled_loss(...)` on CustomModel, "
+                "or multiply by `tf.distribute.get_strategy().num_replicas_in_sync` "
+                "before `tracker.update_state(...)`.",
+            )
+        )
     if "first" in one and "first" in two and "start" in one:
         step_one = _distance(one["first"], one["start"])
         step_two = _distance(two["first"], one["start"])
         if step_one > 0 and abs(step_two / step_one - 2.0) < 0.2:
-            findings.append(Finding(
-                "loss_not_scaled_for_replicas",
-                f"With two replicas the first update moves the weights "
-                f"{step_two / step_one:.3g} times as far as with one: each replica differentiates the "
-                "whole loss of its share of the batch, and the optimizer sums "
-                "the replicas' gradients. Fix: compute the loss with "
-                "`self.compute_loss(...)` (it divides by the number of "
-                "replicas), or divide your loss by "
-                "`tf.distribute.get_strategy().num_replicas_in_sync` before "
-                "`tape.gradient`.",
-            ))
+            findings.append(
+                Finding(
+                    "loss_not_scaled_for_replicas",
+                    f"With two replicas the first update moves the weights "
+                    f"{step_two / step_one:.3g} times as far as with one: each replica "
+                    "differentiates the whole loss of its share of the batch, and the "
+                    "optimizer sums the replicas' gradients. Fix: compute the loss with "
+                    "`self.compute_loss(...)` (it divides by the number of "
+                    "replicas), or divide your loss by "
+                    "`tf.distribute.get_strategy().num_replicas_in_sync` before "
+                    "`tape.gradient`.",
+                )
+            )
     return findings
 
 
@@ -331,20 +365,26 @@ class _TwoReplicas:
             elif data is not None:
                 arrays[name] = np.asarray(data)
         np.savez(folder / "data.npz", **arrays)
-        spec = dict(builds=names, batch_size=batch_size, seed=seed,
-                    compile_kwargs=_encode(compile_kwargs or {}),
-                    out=str(folder), data=str(folder / "data.npz"))
+        spec = dict(
+            builds=names,
+            batch_size=batch_size,
+            seed=seed,
+            compile_kwargs=_encode(compile_kwargs or {}),
+            out=str(folder),
+            data=str(folder / "data.npz"),
+        )
         (folder / "spec.json").write_text(json.dumps(spec))
         # The parent's import path, so the build function imports the same way.
         path = [p for p in sys.path if p and os.path.isdir(p)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
-               "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TF_CPP_MIN_LOG_LEVEL": "3"}
         # Output goes to a file: a full pipe would stall the process while
         # this one is busy with the other settings.
         self._log = open(folder / "log.txt", "w")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "customfit._step_check", str(folder / "spec.json")],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def results(self, timeout: float) -> list[tuple[TrainingRecord, dict]]:
@@ -376,7 +416,8 @@ class _TwoReplicas:
                 if meta["has_first"]:
                     first["first"] = [out[f"first{j}"] for j in range(len(weights))]
             self._results.append(
-                (TrainingRecord(meta["model_name"], meta["history"], weights), first))
+                (TrainingRecord(meta["model_name"], meta["history"], weights), first)
+            )
         return self._results
 
     def close(self) -> None:
@@ -391,8 +432,7 @@ def _worker(spec_path: str) -> None:
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
     spec = json.loads(Path(spec_path).read_text())
     with np.load(spec["data"]) as data:
@@ -408,16 +448,30 @@ def _worker(spec_path: str) -> None:
     for i, name in enumerate(spec["builds"]):
         _, build = resolve_build(name)
         record, first = run_setting(
-            build, parts["x"], parts.get("y"),
+            build,
+            parts["x"],
+            parts.get("y"),
             compile_kwargs=_decode(spec["compile_kwargs"]),
-            batch_size=spec["batch_size"], seed=spec["seed"], strategy=strategy)
-        np.savez(out / f"out{i}.npz",
-                 **{f"w{j}": w for j, (_, w) in enumerate(record.weights)},
-                 **{f"first{j}": w for j, w in enumerate(first.get("first", []))})
-        (out / f"out{i}.json").write_text(json.dumps(dict(
-            model_name=record.model_name, history=record.history,
-            paths=[p for p, _ in record.weights],
-            first_loss=first.get("first_loss"), has_first="first" in first)))
+            batch_size=spec["batch_size"],
+            seed=spec["seed"],
+            strategy=strategy,
+        )
+        np.savez(
+            out / f"out{i}.npz",
+            **{f"w{j}": w for j, (_, w) in enumerate(record.weights)},
+            **{f"first{j}": w for j, w in enumerate(first.get("first", []))},
+        )
+        (out / f"out{i}.json").write_text(
+            json.dumps(
+                dict(
+                    model_name=record.model_name,
+                    history=record.history,
+                    paths=[p for p, _ in record.weights],
+                    first_loss=first.get("first_loss"),
+                    has_first="first" in first,
+                )
+            )
+        )
 
 
 if __name__ == "__main__":

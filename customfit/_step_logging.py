@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -127,7 +128,8 @@ class StepLogs:
             return {name: m.result() for name, m in by_name.items()}
         summed = context.all_reduce(
             tf.distribute.ReduceOp.SUM,
-            {name: (tf.identity(m.total), tf.identity(m.count))
-             for name, m in by_name.items()})
-        return {name: tf.math.divide_no_nan(total, count)
-                for name, (total, count) in summed.items()}
+            {name: (tf.identity(m.total), tf.identity(m.count)) for name, m in by_name.items()},
+        )
+        return {
+            name: tf.math.divide_no_nan(total, count) for name, (total, count) in summed.items()
+        }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -44,9 +45,7 @@ def _fresh(value: Any) -> Any:
         return {k: _fresh(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_fresh(v) for v in value)
-    if isinstance(
-        value, (keras.optimizers.Optimizer, keras.losses.Loss, keras.metrics.Metric)
-    ):
+    if isinstance(value, (keras.optimizers.Optimizer, keras.losses.Loss, keras.metrics.Metric)):
         return type(value).from_config(value.get_config())
     return value
 
@@ -73,12 +72,8 @@ def record_training(
         model_name=type(model).__name__,
         history={k: [_value(v) for v in vs] for k, vs in history.history.items()},
         weights=[(w.path, np.array(w.numpy(), copy=True)) for w in model.weights],
-        evaluation=(
-            model.evaluate(x, y, batch_size=batch_size, verbose=0) if evaluate else None
-        ),
-        predictions=(
-            model.predict(x, batch_size=batch_size, verbose=0) if predict else None
-        ),
+        evaluation=(model.evaluate(x, y, batch_size=batch_size, verbose=0) if evaluate else None),
+        predictions=(model.predict(x, batch_size=batch_size, verbose=0) if predict else None),
     )
 
 
@@ -143,8 +138,11 @@ def differences(
 
 
 def format_differences(
-    expected: TrainingRecord, actual: TrainingRecord, lines: list[str],
-    rtol: float, atol: float,
+    expected: TrainingRecord,
+    actual: TrainingRecord,
+    lines: list[str],
+    rtol: float,
+    atol: float,
 ) -> str:
     tolerance = "bit for bit" if rtol == 0 and atol == 0 else f"rtol={rtol}, atol={atol}"
     return (
@@ -209,7 +207,9 @@ def _array_difference(label: str, got: Any, want: Any, rtol: float, atol: float)
 
 
 def _number(value: Any) -> str:
-    return f"{float(value):.9g}" if np.issubdtype(np.asarray(value).dtype, np.number) else repr(value)
+    return (
+        f"{float(value):.9g}" if np.issubdtype(np.asarray(value).dtype, np.number) else repr(value)
+    )
 
 
 def enable_determinism(seed: int) -> None:

@@ -20,13 +20,14 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
-from customfit._keras import internals
 from customfit import _cluster, _fit_call, _optimizers, _resume
+from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
 
 __all__ = [
@@ -90,15 +91,19 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if not internals.checkpoint_should_save(self, epoch, batch, logs, filepath):
             return
         strategy = self.model.distribute_strategy
-        with _cluster.written_to(filepath, strategy) as target, \
-                atomic_destination(target) as temporary:
+        with (
+            _cluster.written_to(filepath, strategy) as target,
+            atomic_destination(target) as temporary,
+        ):
             if self.save_weights_only:
                 self.model.save_weights(temporary, overwrite=True)
             else:
                 self.model.save(temporary, overwrite=True)
         if self.save_best_only and self.best is not None and _cluster.is_chief(strategy):
-            write_text_atomically(self.best_path, json.dumps(
-                {"monitor": self.monitor, "best": float(self.best), "epoch": epoch}))
+            write_text_atomically(
+                self.best_path,
+                json.dumps({"monitor": self.monitor, "best": float(self.best), "epoch": epoch}),
+            )
 
     def _restore_best(self, epoch: int) -> None:
         if not os.path.exists(self.best_path):
@@ -207,11 +212,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not backup_dir:
             raise ValueError("BackupAndRestore needs a backup_dir, got an empty one.")
         if save_freq != "epoch" and (
-                isinstance(save_freq, bool) or not isinstance(save_freq, int)
-                or save_freq < 1):
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
             raise ValueError(
-                f'save_freq must be "epoch" or a number of batches (1 or '
-                f"more), got {save_freq!r}.")
+                f'save_freq must be "epoch" or a number of batches (1 or more), got {save_freq!r}.'
+            )
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
@@ -234,14 +239,16 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "has no weights yet (a subclassed model is built by its first "
                 "call), so a restarted fit could not load its backup. Build it "
                 "before fit(): call it on a batch, model(x[:1]), or call "
-                "model.build(input_shape). Nothing was trained.")
+                "model.build(input_shape). Nothing was trained."
+            )
         require_writable_directory(self.backup_dir, "BackupAndRestore", self.model)
         if self.save_freq != "epoch" and _fit_call.resume_of(self.model) is None:
             raise ValueError(
                 f"BackupAndRestore(save_freq={self.save_freq}) resumes "
                 "mid-epoch through CustomModel.fit; this model is a "
                 f"{type(self.model).__name__}. Build it as a "
-                'customfit.CustomModel, or use save_freq="epoch".')
+                'customfit.CustomModel, or use save_freq="epoch".'
+            )
         state = self._read_state()
         position = [-1, -1] if state is None else [state["epoch"], state.get("batch", 0)]
         if not _cluster.agreed(position, self.model.distribute_strategy):
@@ -249,7 +256,8 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"The workers see different backups in {self.backup_dir} (this "
                 f"one: {'none' if state is None else position}). Put backup_dir "
                 "on a file system all workers share, so that they resume from "
-                "the same backup.")
+                "the same backup."
+            )
         if state is None:
             return
         weights = os.path.join(self.backup_dir, state["weights"])
@@ -271,7 +279,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             raise ValueError(
                 f"The backup in {self.backup_dir} was taken after batch {batch} "
                 f"of epoch {epoch}; resuming mid-epoch needs a "
-                f"customfit.CustomModel, this model is a {type(self.model).__name__}.")
+                f"customfit.CustomModel, this model is a {type(self.model).__name__}."
+            )
         self._resumed_at = (epoch, batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -315,8 +324,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
         strategy = self.model.distribute_strategy
-        with _cluster.written_to(os.path.join(self.backup_dir, weights_name),
-                                 strategy) as target, atomic_destination(target) as temporary:
+        with (
+            _cluster.written_to(os.path.join(self.backup_dir, weights_name), strategy) as target,
+            atomic_destination(target) as temporary,
+        ):
             self.model.save_weights(temporary)
         saved = _resume.capture_state(self.model, batch, _fit_call.resume_of(self.model))
         if not _cluster.is_chief(strategy):
@@ -324,17 +335,25 @@ class BackupAndRestore(keras.callbacks.Callback):
         with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
             with open(temporary, "wb") as f:
                 np.savez(f, **saved)
-        write_text_atomically(self.state_path, json.dumps({
-            "format": _FORMAT,
-            "epoch": epoch,
-            "batch": batch,
-            "weights": weights_name,
-            "state": state_name,
-            "model": _fingerprint(self.model),
-        }))
+        write_text_atomically(
+            self.state_path,
+            json.dumps(
+                {
+                    "format": _FORMAT,
+                    "epoch": epoch,
+                    "batch": batch,
+                    "weights": weights_name,
+                    "state": state_name,
+                    "model": _fingerprint(self.model),
+                }
+            ),
+        )
         for name in os.listdir(self.backup_dir):
-            if _is_backup_leftover(name) and name not in (weights_name, state_name) \
-                    and not name.startswith(".tmp-"):
+            if (
+                _is_backup_leftover(name)
+                and name not in (weights_name, state_name)
+                and not name.startswith(".tmp-")
+            ):
                 os.remove(os.path.join(self.backup_dir, name))
 
     def _read_saved_state(self, state: dict) -> dict:
@@ -381,8 +400,9 @@ class BackupAndRestore(keras.callbacks.Callback):
 
 def _is_backup_leftover(name: str) -> bool:
     """Files a kill can leave behind without a committed `backup.json`."""
-    return name.startswith(".tmp-") or (name.startswith("epoch-") and (
-        name.endswith(".weights.h5") or name.endswith(".state.npz")))
+    return name.startswith(".tmp-") or (
+        name.startswith("epoch-") and (name.endswith(".weights.h5") or name.endswith(".state.npz"))
+    )
 
 
 def _fingerprint(model: keras.Model) -> dict:
@@ -483,8 +503,7 @@ class TrainingPlot(keras.callbacks.Callback):
             return self.files
         Figure, FigureCanvasAgg = _require_matplotlib()
         names = [n for n in self.history if not n.startswith("val_")]
-        names += [n[4:] for n in self.history
-                  if n.startswith("val_") and n[4:] not in self.history]
+        names += [n[4:] for n in self.history if n.startswith("val_") and n[4:] not in self.history]
         names.sort(key=lambda n: n != self.batch_metric)  # its curve first
         panels = 1 + len(names)
         columns = min(panels, 3)
@@ -513,8 +532,7 @@ class TrainingPlot(keras.callbacks.Callback):
         for i, epoch in enumerate(epochs):
             values = self.batch_values[epoch]
             colour = colormap(i / max(len(epochs) - 1, 1))
-            ax.plot(range(1, len(values) + 1), values, color=colour,
-                    label=f"epoch {epoch + 1}")
+            ax.plot(range(1, len(values) + 1), values, color=colour, label=f"epoch {epoch + 1}")
         ax.set_title(f"{self.batch_metric} within each epoch")
         ax.set_xlabel("batch")
         ax.set_ylabel(f"{self.batch_metric} (mean of the epoch so far)")
@@ -523,8 +541,7 @@ class TrainingPlot(keras.callbacks.Callback):
             ax.legend(fontsize="small", ncols=1 + len(epochs) // 8)
 
     def _draw_history(self, ax: Any, name: str) -> None:
-        for key, style, label in ((name, "o-", "training"),
-                                  (f"val_{name}", "s--", "validation")):
+        for key, style, label in ((name, "o-", "training"), (f"val_{name}", "s--", "validation")):
             points = self.history.get(key)
             if points:
                 ax.plot(*zip(*points), style, label=label)
@@ -611,8 +628,7 @@ class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch: sets each optimizer's learning rate."""
         for name, optimizer in self._optimizers().items():
-            schedule = (self.schedule[name] if isinstance(self.schedule, Mapping)
-                        else self.schedule)
+            schedule = self.schedule[name] if isinstance(self.schedule, Mapping) else self.schedule
             current = _optimizers.rate(optimizer)
             try:
                 learning_rate = schedule(epoch, current)
@@ -625,8 +641,10 @@ class LearningRateScheduler(keras.callbacks.LearningRateScheduler):
                 )
             optimizer.learning_rate = float(learning_rate)
             if self.verbose > 0:
-                print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting "
-                      f"{name} learning rate to {float(learning_rate)}.")
+                print(
+                    f"\nEpoch {epoch + 1}: LearningRateScheduler setting "
+                    f"{name} learning rate to {float(learning_rate)}."
+                )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Runs after each epoch: adds the learning rates to the logs."""
@@ -670,9 +688,17 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
                 "ReduceLROnPlateau got optimizers=[]: name at least one, or "
                 "pass None to reduce all of the model's optimizers."
             )
-        super().__init__(monitor=monitor, factor=factor, patience=patience,
-                         verbose=verbose, mode=mode, min_delta=min_delta,
-                         cooldown=cooldown, min_lr=min_lr, **kwargs)
+        super().__init__(
+            monitor=monitor,
+            factor=factor,
+            patience=patience,
+            verbose=verbose,
+            mode=mode,
+            min_delta=min_delta,
+            cooldown=cooldown,
+            min_lr=min_lr,
+            **kwargs,
+        )
         self.optimizers = None if optimizers is None else list(optimizers)
 
     def _optimizers(self) -> dict[str, Any]:
@@ -707,8 +733,9 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
         elif not self.in_cooldown():
             self.wait += 1
             if self.wait >= self.patience:
-                reduced = [self._reduce(name, optimizer, epoch)
-                           for name, optimizer in optimizers.items()]
+                reduced = [
+                    self._reduce(name, optimizer, epoch) for name, optimizer in optimizers.items()
+                ]
                 if any(reduced):
                     self.cooldown_counter = self.cooldown
                     self.wait = 0
@@ -720,20 +747,16 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
         new = max(old * self.factor, self.min_lr)
         optimizer.learning_rate = new
         if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing {name} "
-                  f"learning rate to {new}.")
+            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing {name} learning rate to {new}.")
         return True
 
 
-def require_writable_directory(
-    directory: str, callback: str, model: keras.Model | None
-) -> None:
+def require_writable_directory(directory: str, callback: str, model: keras.Model | None) -> None:
     """Refuses, before the first batch, a directory a callback would fail to
     write to at its first save, after training up to it. Created if absent,
     as the callback would. Only the chief writes (see `_cluster`); a callback
     driven without a model writes from this process."""
-    if not directory or (model is not None
-                         and not _cluster.is_chief(model.distribute_strategy)):
+    if not directory or (model is not None and not _cluster.is_chief(model.distribute_strategy)):
         return
     try:
         os.makedirs(directory, exist_ok=True)
@@ -743,4 +766,5 @@ def require_writable_directory(
         raise OSError(
             f"{callback} cannot write to {directory}: {error.strerror or error}. "
             "Give it a directory this process can create and write to. Nothing "
-            "was trained.") from error
+            "was trained."
+        ) from error

@@ -12,13 +12,14 @@ package's `pytest11` entry point) seeds a test and turns on op determinism.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 
 from customfit._diagnose import Finding
-from customfit._model import CustomModel
 from customfit._diagnose import diagnose as _diagnose
+from customfit._model import CustomModel
 from customfit._step_check import Comparison, StepReport
 from customfit._step_check import check_step as _check_step
 from customfit._training_parity import (
@@ -100,8 +101,7 @@ def assert_trains_like_keras(
     """
     if model_class is None:
         model_class = CustomModel
-    common = dict(compile_kwargs=compile_kwargs, fit_kwargs=fit_kwargs,
-                  epochs=epochs, seed=seed)
+    common = dict(compile_kwargs=compile_kwargs, fit_kwargs=fit_kwargs, epochs=epochs, seed=seed)
     enable_determinism(seed)
     reference = record_training(lambda: build(reference_class), x, y, **common)
     actual = record_training(lambda: build(model_class), x, y, **common)
@@ -110,8 +110,11 @@ def assert_trains_like_keras(
 
 
 def assert_same_training(
-    expected: TrainingRecord, actual: TrainingRecord, *,
-    rtol: float = 0.0, atol: float = 0.0,
+    expected: TrainingRecord,
+    actual: TrainingRecord,
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
 ) -> None:
     """Asserts two `TrainingRecord`s agree, with the same readable diff as
     `assert_trains_like_keras`. Use it with `record_training` when the
@@ -150,9 +153,17 @@ def record_training(
     assert_same_training(expected, actual)
     ```
     """
-    return _record_training(build, x, y, compile_kwargs=compile_kwargs,
-                            fit_kwargs=fit_kwargs, epochs=epochs, seed=seed,
-                            evaluate=evaluate, predict=predict)
+    return _record_training(
+        build,
+        x,
+        y,
+        compile_kwargs=compile_kwargs,
+        fit_kwargs=fit_kwargs,
+        epochs=epochs,
+        seed=seed,
+        evaluate=evaluate,
+        predict=predict,
+    )
 
 
 def check_step(
@@ -210,14 +221,26 @@ def check_step(
         assert report.ok, report
     ```
     """
-    return _check_step(build, x, y, compile_kwargs=compile_kwargs,
-                       batch_size=batch_size, steps=steps, replicas=replicas,
-                       seed=seed, timeout=timeout)
+    return _check_step(
+        build,
+        x,
+        y,
+        compile_kwargs=compile_kwargs,
+        batch_size=batch_size,
+        steps=steps,
+        replicas=replicas,
+        seed=seed,
+        timeout=timeout,
+    )
 
 
 def diagnose(
-    model: keras.Model, x: Any, y: Any = None, sample_weight: Any = None,
-    *, seed: int = 0,
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    *,
+    seed: int = 0,
 ) -> list[Finding]:
     """Looks for the usual mistakes in `model.train_step` on one batch.
 

@@ -11,7 +11,8 @@ loudly when a Keras release changes one of them.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -109,9 +110,7 @@ def tensorboard_batch_count(callback: keras.callbacks.TensorBoard, phase: str) -
     return callback._global_test_batch
 
 
-def symbolic_build(
-    model: keras.Model, iterator: Any = None, data_batch: Any = None
-) -> None:
+def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
     """Keras' `_maybe_symbolic_build`, working under every strategy.
 
     Before `fit`/`evaluate` under a strategy, Keras builds the model from the
@@ -155,7 +154,6 @@ def loss_scale_in_use(optimizer: Any) -> tf.Tensor | float | None:
     if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return None
     return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
-
 
 
 def compiled_metric_log_names(compile_metrics: Any) -> dict[str, Any]:

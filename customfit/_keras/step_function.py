@@ -27,7 +27,8 @@ laid out, not what it computes).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -35,6 +36,7 @@ import tensorflow as tf
 from keras import tree
 
 from customfit._keras import internals
+
 
 def make_function(model: keras.Model, step_function: Callable, channel: Any) -> Callable:
     """Keras' `_make_function(step_function)`, with per-step logs and the
@@ -51,9 +53,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
     def one_step_on_data(data):
         """Runs a single training step on a batch of data."""
         outputs = model.distribute_strategy.run(step_function, args=(data,))
-        return internals.reduce_per_replica(
-            outputs, model.distribute_strategy, reduction="auto"
-        )
+        return internals.reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
 
     if not model.run_eagerly:
         one_step_on_data = tf.function(
@@ -113,11 +113,15 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
             )
 
         rows = tf.TensorArray(
-            tf.float64, size=0, dynamic_size=True, infer_shape=False,
+            tf.float64,
+            size=0,
+            dynamic_size=True,
+            infer_shape=False,
             element_shape=tf.TensorShape([None]),
         )
         _, final_optional_outputs, _, rows = tf.while_loop(
-            cond, body,
+            cond,
+            body,
             loop_vars=[tf.constant(0), empty_outputs, iterator.get_next_as_optional(), rows],
         )
         final_optional_outputs._element_spec = empty_outputs.element_spec
@@ -198,15 +202,18 @@ def flat_row(outputs: Any) -> tf.Tensor:
         raise ValueError(
             "With steps_per_execution > 1, every value a step returns needs a "
             f"static shape; got shapes {unknown}. Give the metric a fixed "
-            "shape, or use steps_per_execution=1.")
+            "shape, or use steps_per_execution=1."
+        )
     return tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in values], 0)
 
 
 def layout(outputs: Any) -> list[tuple[str, tuple, Any]]:
     """`(name, shape, dtype)` of each log, in the order `flat_row` stacks
     their values."""
-    return [(name, tuple(outputs[name].shape), outputs[name].dtype.as_numpy_dtype)
-            for name in tree.flatten({name: name for name in outputs})]
+    return [
+        (name, tuple(outputs[name].shape), outputs[name].dtype.as_numpy_dtype)
+        for name in tree.flatten({name: name for name in outputs})
+    ]
 
 
 def row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str, Any]:
@@ -218,7 +225,7 @@ def row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str
     for name, shape, dtype in layout:
         size = int(np.prod(shape, dtype=np.int64))
         if shape:
-            logs[name] = np.asarray(row[start:start + size]).astype(dtype).reshape(shape)
+            logs[name] = np.asarray(row[start : start + size]).astype(dtype).reshape(shape)
         else:
             logs[name] = row[start]
         start += size

@@ -18,7 +18,8 @@ import hashlib
 import importlib
 import inspect
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -66,42 +67,86 @@ def _attribute(module: str, *path: str) -> Callable[[], Any]:
 
 
 COPIES = (
-    Copy("keras.Model._make_function", "_keras.step_function.make_function",
-         _attribute("keras", "Model", "_make_function"),
-         {"55eb952812cac1fb": "3.10, 3.11", "bb33b7a0da3d2740": "3.12 to 3.15"}),
-    Copy("keras.Model.train_step", "CustomModel.train_step and its hooks",
-         _attribute("keras", "Model", "train_step"),
-         {"38eff65a3e8e6447": "3.10, 3.11", "debf0efab9d5794b": "3.12 to 3.15"}),
-    Copy("keras.Model.test_step", "CustomModel.test_step",
-         _attribute("keras", "Model", "test_step"),
-         {"4af0440af44a0942": "3.10, 3.11", "a8f04a25512e74e2": "3.12 to 3.15"}),
-    Copy("keras.Model.fit", "_per_batch.per_batch_callbacks (fit's callback list)",
-         _attribute("keras", "Model", "fit"),
-         {"12c8c097be1a542e": "3.10", "946e5ec0372b2063": "3.11",
-          "6bf8bc1004adaba6": "3.12 to 3.14", "a9a6dc02a7ddafa8": "3.15"}),
-    Copy("keras.Model.evaluate", "_per_batch.per_batch_callbacks (evaluate's callback list)",
-         _attribute("keras", "Model", "evaluate"),
-         {"4dae71b7d80d5fe6": "3.10", "a66ed09447a60ba9": "3.11 to 3.13",
-          "c65ec35aaa20e84e": "3.14", "a1facf6528168e8d": "3.15"}),
-    Copy("keras.Model._maybe_symbolic_build", "internals.symbolic_build",
-         _attribute("keras", "Model", "_maybe_symbolic_build"),
-         {"181752273e37d689": "3.10", "92a504f5eba9b29f": "3.11 to 3.15"}),
-    Copy("keras.Model._symbolic_build", "internals.symbolic_build",
-         _attribute("keras", "Model", "_symbolic_build"),
-         {"330210b83242a6af": "3.10", "9e2c2441c8d68292": "3.11 to 3.13",
-          "96220cc3b88fe768": "3.14, 3.15"}),
-    Copy("keras.Model.compute_loss", "_keras2.CompiledLoss",
-         _attribute("keras", "Model", "compute_loss"),
-         {"450e48288d4857f0": "3.10 to 3.15"}),
-    Copy("CompileMetrics.result", "internals.compiled_metric_log_names",
-         _attribute("keras.src.trainers.compile_utils", "CompileMetrics", "result"),
-         {"b59a450dfa96fc55": "3.10 to 3.15"}),
-    Copy("keras.src.utils.python_utils.pythonify_logs", "_model._flattened (log flattening)",
-         _attribute("keras.src.utils.python_utils", "pythonify_logs"),
-         {"e604d7807d5593e7": "3.10, 3.11", "ecbf66de4514267d": "3.12 to 3.15"}),
-    Copy("array_slicing.train_validation_split", "_dev_modes (validation_split)",
-         _attribute("keras.src.trainers.data_adapters.array_slicing", "train_validation_split"),
-         {"97e71878bad61504": "3.10 to 3.15"}),
+    Copy(
+        "keras.Model._make_function",
+        "_keras.step_function.make_function",
+        _attribute("keras", "Model", "_make_function"),
+        {"55eb952812cac1fb": "3.10, 3.11", "bb33b7a0da3d2740": "3.12 to 3.15"},
+    ),
+    Copy(
+        "keras.Model.train_step",
+        "CustomModel.train_step and its hooks",
+        _attribute("keras", "Model", "train_step"),
+        {"38eff65a3e8e6447": "3.10, 3.11", "debf0efab9d5794b": "3.12 to 3.15"},
+    ),
+    Copy(
+        "keras.Model.test_step",
+        "CustomModel.test_step",
+        _attribute("keras", "Model", "test_step"),
+        {"4af0440af44a0942": "3.10, 3.11", "a8f04a25512e74e2": "3.12 to 3.15"},
+    ),
+    Copy(
+        "keras.Model.fit",
+        "_per_batch.per_batch_callbacks (fit's callback list)",
+        _attribute("keras", "Model", "fit"),
+        {
+            "12c8c097be1a542e": "3.10",
+            "946e5ec0372b2063": "3.11",
+            "6bf8bc1004adaba6": "3.12 to 3.14",
+            "a9a6dc02a7ddafa8": "3.15",
+        },
+    ),
+    Copy(
+        "keras.Model.evaluate",
+        "_per_batch.per_batch_callbacks (evaluate's callback list)",
+        _attribute("keras", "Model", "evaluate"),
+        {
+            "4dae71b7d80d5fe6": "3.10",
+            "a66ed09447a60ba9": "3.11 to 3.13",
+            "c65ec35aaa20e84e": "3.14",
+            "a1facf6528168e8d": "3.15",
+        },
+    ),
+    Copy(
+        "keras.Model._maybe_symbolic_build",
+        "internals.symbolic_build",
+        _attribute("keras", "Model", "_maybe_symbolic_build"),
+        {"181752273e37d689": "3.10", "92a504f5eba9b29f": "3.11 to 3.15"},
+    ),
+    Copy(
+        "keras.Model._symbolic_build",
+        "internals.symbolic_build",
+        _attribute("keras", "Model", "_symbolic_build"),
+        {
+            "330210b83242a6af": "3.10",
+            "9e2c2441c8d68292": "3.11 to 3.13",
+            "96220cc3b88fe768": "3.14, 3.15",
+        },
+    ),
+    Copy(
+        "keras.Model.compute_loss",
+        "_keras2.CompiledLoss",
+        _attribute("keras", "Model", "compute_loss"),
+        {"450e48288d4857f0": "3.10 to 3.15"},
+    ),
+    Copy(
+        "CompileMetrics.result",
+        "internals.compiled_metric_log_names",
+        _attribute("keras.src.trainers.compile_utils", "CompileMetrics", "result"),
+        {"b59a450dfa96fc55": "3.10 to 3.15"},
+    ),
+    Copy(
+        "keras.src.utils.python_utils.pythonify_logs",
+        "_model._flattened (log flattening)",
+        _attribute("keras.src.utils.python_utils", "pythonify_logs"),
+        {"e604d7807d5593e7": "3.10, 3.11", "ecbf66de4514267d": "3.12 to 3.15"},
+    ),
+    Copy(
+        "array_slicing.train_validation_split",
+        "_dev_modes (validation_split)",
+        _attribute("keras.src.trainers.data_adapters.array_slicing", "train_validation_split"),
+        {"97e71878bad61504": "3.10 to 3.15"},
+    ),
 )
 
 
@@ -125,22 +170,29 @@ def problems() -> list[str]:
     """What customfit does not know about the installed Keras and
     TensorFlow, one sentence each; empty on a tested stack."""
     found = []
-    for name, version, tested in (("Keras", keras.version(), TESTED_KERAS),
-                                  ("TensorFlow", tf.__version__, TESTED_TENSORFLOW)):
+    for name, version, tested in (
+        ("Keras", keras.version(), TESTED_KERAS),
+        ("TensorFlow", tf.__version__, TESTED_TENSORFLOW),
+    ):
         if not tested[0] <= release(version) <= tested[1]:
-            found.append(f"{name} {version} is installed; customfit is tested with "
-                         f"{name} {_range(tested)}.")
+            found.append(
+                f"{name} {version} is installed; customfit is tested with {name} {_range(tested)}."
+            )
     for copy in COPIES:
         try:
             digest = source_hash(copy.find())
         except (AttributeError, ImportError, OSError, TypeError):
-            found.append(f"Keras {keras.version()} has no {copy.keras_name}, which "
-                         f"{copy.customfit_name} reproduces.")
+            found.append(
+                f"Keras {keras.version()} has no {copy.keras_name}, which "
+                f"{copy.customfit_name} reproduces."
+            )
             continue
         if digest not in copy.known:
-            found.append(f"{copy.keras_name} in Keras {keras.version()} differs from "
-                         f"the releases {copy.customfit_name} was checked against "
-                         f"({'; '.join(copy.known.values())}).")
+            found.append(
+                f"{copy.keras_name} in Keras {keras.version()} differs from "
+                f"the releases {copy.customfit_name} was checked against "
+                f"({'; '.join(copy.known.values())})."
+            )
     return found
 
 
@@ -155,10 +207,14 @@ def check_once() -> None:
     _checked = True
     found = problems()
     if found:
-        warnings.warn(CompatibilityWarning(
-            "customfit may not train like stock Keras on this install: "
-            + " ".join(found)
-            + " Run `python -m customfit check` to compare CustomModel with "
-            "stock fit here, or install tested versions (pip install "
-            f"'keras>={_range(TESTED_KERAS).split(' to ')[0]},"
-            f"<{TESTED_KERAS[1][0]}.{TESTED_KERAS[1][1] + 1}')."), stacklevel=3)
+        warnings.warn(
+            CompatibilityWarning(
+                "customfit may not train like stock Keras on this install: "
+                + " ".join(found)
+                + " Run `python -m customfit check` to compare CustomModel with "
+                "stock fit here, or install tested versions (pip install "
+                f"'keras>={_range(TESTED_KERAS).split(' to ')[0]},"
+                f"<{TESTED_KERAS[1][0]}.{TESTED_KERAS[1][1] + 1}')."
+            ),
+            stacklevel=3,
+        )

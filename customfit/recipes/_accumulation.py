@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -111,7 +112,7 @@ class GradientAccumulation(CustomModel):
         self._accumulation_state(create=True)
         return super().make_train_function(force)
 
-    def _accumulation_state(self, create: bool) -> "_State | None":
+    def _accumulation_state(self, create: bool) -> _State | None:
         variables = self.trainable_weights
         state = self.__dict__.get("_accumulation")
         if state is not None and state.matches(variables):
@@ -195,13 +196,21 @@ class _State:
     def __init__(self, variables: list) -> None:
         self._ids = [id(v) for v in variables]
         self.count = keras.Variable(
-            0, dtype="int64", trainable=False, aggregation="only_first_replica",
+            0,
+            dtype="int64",
+            trainable=False,
+            aggregation="only_first_replica",
             name="accumulation_count",
         )
         self.sums = [
             keras.Variable(
-                "zeros", shape=v.shape, dtype=v.dtype, trainable=False,
-                autocast=False, synchronization="on_read", aggregation="sum",
+                "zeros",
+                shape=v.shape,
+                dtype=v.dtype,
+                trainable=False,
+                autocast=False,
+                synchronization="on_read",
+                aggregation="sum",
                 name=f"accumulation_{i}",
             )
             for i, v in enumerate(variables)

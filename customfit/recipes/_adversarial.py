@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -59,11 +60,10 @@ def adversarial_examples(
         The adversarial inputs, in the structure of `x`.
     """
     epsilon, steps, step_size, input_range = _attack_options(
-        "adversarial_examples", epsilon, steps, step_size, input_range, "steps",
-        "step_size")
+        "adversarial_examples", epsilon, steps, step_size, input_range, "steps", "step_size"
+    )
     flat = tf.nest.flatten(x)
-    floating = [i for i, t in enumerate(flat)
-                if t is not None and tf.as_dtype(t.dtype).is_floating]
+    floating = [i for i, t in enumerate(flat) if t is not None and tf.as_dtype(t.dtype).is_floating]
     if not floating:
         raise ValueError(
             "adversarial_examples: the inputs have no floating-point tensor to "
@@ -83,7 +83,11 @@ def adversarial_examples(
             inputs = tf.nest.pack_sequence_as(x, flat)
             y_pred = model(inputs, training=False)
             loss = internals.compute_loss(
-                model, x=inputs, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                model,
+                x=inputs,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
                 training=False,
             )
             if getattr(model, "optimizer", None) is not None:
@@ -101,30 +105,32 @@ def adversarial_examples(
 def _step(adversarial, clean, gradient, epsilon, step_size, input_range):
     if gradient is None:  # this input does not affect the loss
         return adversarial
-    direction = tf.sign(tf.where(tf.math.is_finite(gradient), gradient,
-                                 tf.zeros_like(gradient)))
+    direction = tf.sign(tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient)))
     dtype = adversarial.dtype
     moved = adversarial + tf.cast(step_size, dtype) * tf.cast(direction, dtype)
-    moved = tf.clip_by_value(moved, clean - tf.cast(epsilon, dtype),
-                             clean + tf.cast(epsilon, dtype))
+    moved = tf.clip_by_value(
+        moved, clean - tf.cast(epsilon, dtype), clean + tf.cast(epsilon, dtype)
+    )
     if input_range is not None:
-        moved = tf.clip_by_value(moved, tf.cast(input_range[0], dtype),
-                                 tf.cast(input_range[1], dtype))
+        moved = tf.clip_by_value(
+            moved, tf.cast(input_range[0], dtype), tf.cast(input_range[1], dtype)
+        )
     return tf.stop_gradient(moved)
 
 
-def _attack_options(recipe, epsilon, steps, step_size, input_range, steps_name,
-                    step_size_name):
+def _attack_options(recipe, epsilon, steps, step_size, input_range, steps_name, step_size_name):
     epsilon = options.number(recipe, "epsilon", epsilon)
     steps = options.integer(recipe, steps_name, steps)
     if step_size is None:
         step_size = epsilon if steps == 1 else 2.5 * epsilon / steps
     step_size = options.number(recipe, step_size_name, step_size)
     if input_range is not None:
-        ok = (isinstance(input_range, (tuple, list)) and len(input_range) == 2)
+        ok = isinstance(input_range, (tuple, list)) and len(input_range) == 2
         if ok:
-            low, high = (options.number(recipe, "input_range[0]", v, minimum=-float("inf"))
-                         for v in input_range)
+            low, high = (
+                options.number(recipe, "input_range[0]", v, minimum=-float("inf"))
+                for v in input_range
+            )
             ok = low < high
         if not ok:
             raise ValueError(
@@ -196,8 +202,8 @@ class AdversarialTraining(CustomModel):
         attack = options.choice(recipe, "attack", attack, ATTACKS)
         train_on = options.choice(recipe, "train_on", train_on, TRAIN_ON)
         epsilon, pgd_steps, step_size, input_range = _attack_options(
-            recipe, epsilon, pgd_steps, pgd_step_size, input_range, "pgd_steps",
-            "pgd_step_size")
+            recipe, epsilon, pgd_steps, pgd_step_size, input_range, "pgd_steps", "pgd_step_size"
+        )
         super().__init__(*args, **kwargs)
         self.epsilon = epsilon
         self.attack = attack
@@ -209,7 +215,9 @@ class AdversarialTraining(CustomModel):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
-            epsilon=self.epsilon, attack=self.attack, pgd_steps=self.pgd_steps,
+            epsilon=self.epsilon,
+            attack=self.attack,
+            pgd_steps=self.pgd_steps,
             pgd_step_size=self.pgd_step_size,
             input_range=None if self.input_range is None else list(self.input_range),
             train_on=self.train_on,
@@ -224,20 +232,28 @@ class AdversarialTraining(CustomModel):
         else:
             steps, step_size = self.pgd_steps, self.pgd_step_size
         return adversarial_examples(
-            self, x, y, sample_weight, epsilon=self.epsilon, steps=steps,
-            step_size=step_size, input_range=self.input_range,
+            self,
+            x,
+            y,
+            sample_weight,
+            epsilon=self.epsilon,
+            steps=steps,
+            step_size=step_size,
+            input_range=self.input_range,
         )
 
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x_adv = self.adversarial_examples(x, y, sample_weight)
         if self.train_on == "both":
-            x, y, sample_weight = (_concat(x, x_adv), _concat(y, y),
-                                   _concat(sample_weight, sample_weight))
+            x, y, sample_weight = (
+                _concat(x, x_adv),
+                _concat(y, y),
+                _concat(sample_weight, sample_weight),
+            )
         else:
             x = x_adv
-        return super().train_step(
-            keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+        return super().train_step(keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
 
 
 def _concat(first: Any, second: Any) -> Any:

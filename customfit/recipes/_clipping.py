@@ -46,10 +46,10 @@ class GlobalNormClipping(CustomModel):
     ```
     """
 
-    def __init__(self, *args: Any, clip_norm: float = 1.0,
-                 log_name: str = "grad_norm", **kwargs: Any) -> None:
-        clip_norm = options.number("GlobalNormClipping", "clip_norm", clip_norm,
-                                   inclusive=False)
+    def __init__(
+        self, *args: Any, clip_norm: float = 1.0, log_name: str = "grad_norm", **kwargs: Any
+    ) -> None:
+        clip_norm = options.number("GlobalNormClipping", "clip_norm", clip_norm, inclusive=False)
         log_name = options.log_name("GlobalNormClipping", log_name)
         super().__init__(*args, **kwargs)
         self.clip_norm = clip_norm
@@ -61,9 +61,7 @@ class GlobalNormClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        norm = tf.linalg.global_norm(
-            [g for g in options.replica_sum(gradients) if g is not None]
-        )
+        norm = tf.linalg.global_norm([g for g in options.replica_sum(gradients) if g is not None])
         self.log(self.log_name, norm)
         clipped, _ = tf.clip_by_global_norm(gradients, self.clip_norm, use_norm=norm)
         return super().transform_gradients(clipped, variables)
@@ -116,13 +114,17 @@ class AdaptiveGradientClipping(CustomModel):
     ```
     """
 
-    def __init__(self, *args: Any, clip_factor: float = 0.01,
-                 unit_epsilon: float = 1e-3, log_name: str = "grad_norm",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        clip_factor: float = 0.01,
+        unit_epsilon: float = 1e-3,
+        log_name: str = "grad_norm",
+        **kwargs: Any,
+    ) -> None:
         recipe = "AdaptiveGradientClipping"
         clip_factor = options.number(recipe, "clip_factor", clip_factor, inclusive=False)
-        unit_epsilon = options.number(recipe, "unit_epsilon", unit_epsilon,
-                                      inclusive=False)
+        unit_epsilon = options.number(recipe, "unit_epsilon", unit_epsilon, inclusive=False)
         log_name = options.log_name(recipe, log_name)
         super().__init__(*args, **kwargs)
         self.clip_factor = clip_factor
@@ -131,14 +133,14 @@ class AdaptiveGradientClipping(CustomModel):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(clip_factor=self.clip_factor, unit_epsilon=self.unit_epsilon,
-                      log_name=self.log_name)
+        config.update(
+            clip_factor=self.clip_factor, unit_epsilon=self.unit_epsilon, log_name=self.log_name
+        )
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
         totals = options.replica_sum(gradients)
-        self.log(self.log_name,
-                 tf.linalg.global_norm([g for g in totals if g is not None]))
+        self.log(self.log_name, tf.linalg.global_norm([g for g in totals if g is not None]))
         clipped = [
             None if g is None else g * self._unit_factor(total, variable)
             for g, total, variable in zip(gradients, totals, variables)
@@ -148,8 +150,7 @@ class AdaptiveGradientClipping(CustomModel):
     def _unit_factor(self, total: tf.Tensor, variable: Any) -> tf.Tensor:
         """Per unit: 1, or the factor that brings `||G_u||` down to the bound."""
         weight = tf.cast(variable.value, total.dtype)
-        max_norm = self.clip_factor * tf.maximum(unitwise_norm(weight),
-                                                 self.unit_epsilon)
+        max_norm = self.clip_factor * tf.maximum(unitwise_norm(weight), self.unit_epsilon)
         grad_norm = unitwise_norm(total)
         factor = max_norm / tf.maximum(grad_norm, 1e-6)
         return tf.where(grad_norm > max_norm, factor, tf.ones_like(factor))

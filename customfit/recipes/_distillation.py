@@ -66,8 +66,7 @@ class Distiller(CustomModel):
         for role, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, keras.Model):
                 raise TypeError(
-                    f"Distiller needs a keras.Model as {role}; got "
-                    f"{type(model).__name__}."
+                    f"Distiller needs a keras.Model as {role}; got {type(model).__name__}."
                 )
         if student is teacher:
             raise ValueError("student and teacher are the same model; pass two models.")
@@ -75,8 +74,7 @@ class Distiller(CustomModel):
             raise ValueError(f"temperature must be a number > 0; got {temperature!r}.")
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(
-                f"alpha must be a number in [0, 1] (the weight of the label loss); "
-                f"got {alpha!r}."
+                f"alpha must be a number in [0, 1] (the weight of the label loss); got {alpha!r}."
             )
         self.student = student
         self.teacher = teacher
@@ -119,8 +117,7 @@ class Distiller(CustomModel):
         _track_like_loss(self.distillation_loss_tracker, soft, batch_of=x)
         losses = [self.alpha * hard + (1.0 - self.alpha) * soft]
         losses.extend(
-            internals.aggregate_additional_loss(self, extra)
-            for extra in self.student.losses
+            internals.aggregate_additional_loss(self, extra) for extra in self.student.losses
         )
         return losses[0] if len(losses) == 1 else keras.ops.sum(losses)
 
@@ -158,7 +155,7 @@ class Distiller(CustomModel):
         return config
 
     @classmethod
-    def from_config(cls, config: dict) -> "Distiller":
+    def from_config(cls, config: dict) -> Distiller:
         config = dict(config)
         for key in ("student", "teacher"):
             config[key] = deserialize_wrapped(config[key])

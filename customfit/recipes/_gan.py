@@ -7,8 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit._keras import internals
 from customfit import _step
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
@@ -136,7 +136,10 @@ class GAN(CustomModel):
         self.from_logits = bool(from_logits)
         self.gradient_penalty_weight = float(gradient_penalty_weight)
         self.steps = keras.Variable(
-            0, dtype="int64", trainable=False, name="steps",
+            0,
+            dtype="int64",
+            trainable=False,
+            name="steps",
             aggregation="only_first_replica",
         )
         object.__setattr__(self, "_discriminator_update", 0)  # see train_step
@@ -177,8 +180,7 @@ class GAN(CustomModel):
             **kwargs: `run_eagerly`, `steps_per_execution`, `jit_compile`, as
                 for `keras.Model.compile`.
         """
-        for unsupported in ("optimizer", "loss", "loss_weights", "metrics",
-                            "weighted_metrics"):
+        for unsupported in ("optimizer", "loss", "loss_weights", "metrics", "weighted_metrics"):
             if unsupported in kwargs:
                 raise TypeError(
                     f"GAN.compile() takes no {unsupported}=: pass "
@@ -197,7 +199,8 @@ class GAN(CustomModel):
         super().compile(optimizer=None, **kwargs)
         if self.dtype_policy.name == "mixed_float16":
             g_opt, d_opt = (
-                opt if isinstance(opt, keras.optimizers.LossScaleOptimizer)
+                opt
+                if isinstance(opt, keras.optimizers.LossScaleOptimizer)
                 else keras.optimizers.LossScaleOptimizer(opt, name=f"{role}_loss_scale")
                 for opt, role in ((g_opt, "generator"), (d_opt, "discriminator"))
             )
@@ -208,11 +211,15 @@ class GAN(CustomModel):
         self.generator_optimizer = g_opt
         self.discriminator_optimizer = d_opt
         # A plain attribute: what compile() was given, not state to track.
-        object.__setattr__(self, "_gan_compile_config", {
-            "generator_optimizer": generator_optimizer,
-            "discriminator_optimizer": discriminator_optimizer,
-            **kwargs,
-        })
+        object.__setattr__(
+            self,
+            "_gan_compile_config",
+            {
+                "generator_optimizer": generator_optimizer,
+                "discriminator_optimizer": discriminator_optimizer,
+                **kwargs,
+            },
+        )
 
     def get_compile_config(self) -> dict:
         if not self.compiled:
@@ -244,8 +251,9 @@ class GAN(CustomModel):
         if self.objective == "wasserstein":
             return tf.reduce_mean(fake_output) - tf.reduce_mean(real_output)
         if self.objective == "hinge":
-            return (tf.reduce_mean(tf.nn.relu(1.0 - real_output))
-                    + tf.reduce_mean(tf.nn.relu(1.0 + fake_output)))
+            return tf.reduce_mean(tf.nn.relu(1.0 - real_output)) + tf.reduce_mean(
+                tf.nn.relu(1.0 + fake_output)
+            )
         bce = keras.losses.binary_crossentropy
         real = bce(tf.ones_like(real_output), real_output, from_logits=self.from_logits)
         fake = bce(tf.zeros_like(fake_output), fake_output, from_logits=self.from_logits)
@@ -263,7 +271,8 @@ class GAN(CustomModel):
             return -tf.reduce_mean(fake_output)
         bce = keras.losses.binary_crossentropy
         return tf.reduce_mean(
-            bce(tf.ones_like(fake_output), fake_output, from_logits=self.from_logits))
+            bce(tf.ones_like(fake_output), fake_output, from_logits=self.from_logits)
+        )
 
     def gradient_penalty(self, real: tf.Tensor, fake: tf.Tensor) -> tf.Tensor:
         """A term added to the discriminator's loss, already weighted.
@@ -317,7 +326,8 @@ class GAN(CustomModel):
             with tf.GradientTape() as tape:
                 fake = self.generator(z, training=True)
                 d_loss = self.discriminator_loss(
-                    self._outputs(real, training=True), self._outputs(fake, training=True))
+                    self._outputs(real, training=True), self._outputs(fake, training=True)
+                )
                 if self._penalized:
                     penalty = _scalar(self.gradient_penalty(real, fake), "gradient_penalty()")
                     d_loss = d_loss + penalty
@@ -328,9 +338,7 @@ class GAN(CustomModel):
         z = self._latent(batch, stream=self.discriminator_steps)
         with tf.GradientTape() as tape:
             fake = self.generator(z, training=True)
-            g_loss = self._replica_loss(
-                self.generator_loss(self._outputs(fake, training=True))
-            )
+            g_loss = self._replica_loss(self.generator_loss(self._outputs(fake, training=True)))
             scaled = self.generator_optimizer.scale_loss(g_loss)
         self._update(self.generator_optimizer, tape.gradient(scaled, g_vars), g_vars)
 
@@ -378,8 +386,10 @@ class GAN(CustomModel):
 
     @property
     def _penalized(self) -> bool:
-        return (self.gradient_penalty_weight > 0
-                or type(self).gradient_penalty is not GAN.gradient_penalty)
+        return (
+            self.gradient_penalty_weight > 0
+            or type(self).gradient_penalty is not GAN.gradient_penalty
+        )
 
     def _latent(self, batch: tf.Tensor, stream: int) -> tf.Tensor:
         """This replica's rows of the global batch's latent vectors; stream
@@ -426,8 +436,8 @@ class GAN(CustomModel):
         if scale is not None:
             gradients = [_step.multiply(g, 1.0 / scale) for g in gradients]
         gradients = _step.checked_gradients(
-            self.transform_gradients(gradients, variables), variables,
-            self.require_all_gradients)
+            self.transform_gradients(gradients, variables), variables, self.require_all_gradients
+        )
         if scale is not None:
             # Exact (a power of two); keeps the optimizer's finite check and
             # dynamic scale update working.
@@ -436,9 +446,7 @@ class GAN(CustomModel):
 
     def _report(self, d_loss: tf.Tensor, g_loss: tf.Tensor, batch: tf.Tensor) -> dict:
         for tracker, loss in ((self.d_loss_tracker, d_loss), (self.g_loss_tracker, g_loss)):
-            tracker.update_state(
-                internals.unscale_loss_for_distribution(loss), sample_weight=batch
-            )
+            tracker.update_state(internals.unscale_loss_for_distribution(loss), sample_weight=batch)
         return self.get_metrics_result()
 
     # ---------------------------------------------------------------- config
@@ -458,12 +466,11 @@ class GAN(CustomModel):
         return config
 
     @classmethod
-    def from_config(cls, config: dict) -> "GAN":
+    def from_config(cls, config: dict) -> GAN:
         config = dict(config)
         for key in ("generator", "discriminator"):
             config[key] = deserialize_wrapped(config[key])
         return cls(**config)
-
 
 
 OBJECTIVES = ("non_saturating", "wasserstein", "hinge")
@@ -472,25 +479,32 @@ OBJECTIVES = ("non_saturating", "wasserstein", "hinge")
 def _check_options(
     discriminator_steps: Any, objective: Any, from_logits: Any, penalty_weight: Any
 ) -> None:
-    if (not isinstance(discriminator_steps, int) or isinstance(discriminator_steps, bool)
-            or discriminator_steps < 1):
+    if (
+        not isinstance(discriminator_steps, int)
+        or isinstance(discriminator_steps, bool)
+        or discriminator_steps < 1
+    ):
         raise ValueError(
             "discriminator_steps must be a positive int (discriminator updates "
-            f"per generator update); got {discriminator_steps!r}.")
+            f"per generator update); got {discriminator_steps!r}."
+        )
     if objective not in OBJECTIVES:
         raise ValueError(
             f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got "
             f"{objective!r}. Override discriminator_loss() and generator_loss() "
-            "for another.")
+            "for another."
+        )
     if not from_logits and objective != "non_saturating":
         raise ValueError(
-            f'from_logits=False (a discriminator ending in a sigmoid) is for the '
+            f"from_logits=False (a discriminator ending in a sigmoid) is for the "
             f'"non_saturating" objective; a {objective} critic outputs unbounded '
-            "scores. Remove the sigmoid and use from_logits=True.")
+            "scores. Remove the sigmoid and use from_logits=True."
+        )
     if not isinstance(penalty_weight, (int, float)) or not penalty_weight >= 0:
         raise ValueError(
             "gradient_penalty_weight must be a number >= 0 (0 turns the penalty "
-            f"off; WGAN-GP uses 10); got {penalty_weight!r}.")
+            f"off; WGAN-GP uses 10); got {penalty_weight!r}."
+        )
 
 
 def _scalar(loss: Any, source: str) -> tf.Tensor:

@@ -8,8 +8,9 @@ from typing import Any
 import tensorflow as tf
 
 
-def number(recipe: str, name: str, value: Any, *, minimum: float = 0.0,
-           inclusive: bool = True) -> float:
+def number(
+    recipe: str, name: str, value: Any, *, minimum: float = 0.0, inclusive: bool = True
+) -> float:
     """`value` as a float >= (or >) `minimum`, or a ValueError naming the fix."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
@@ -27,8 +28,7 @@ def number(recipe: str, name: str, value: Any, *, minimum: float = 0.0,
 
 def integer(recipe: str, name: str, value: Any, *, minimum: int = 1) -> int:
     """`value` as an int >= `minimum`, or a ValueError naming the fix."""
-    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-            or value < minimum):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(
             f"{recipe}: {name} must be an integer >= {minimum}; got {value!r}. "
             f"Pass e.g. {name}={_example(name)}."
@@ -39,8 +39,7 @@ def integer(recipe: str, name: str, value: Any, *, minimum: int = 1) -> int:
 def choice(recipe: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(
-            f"{recipe}: {name} must be one of {', '.join(map(repr, choices))}; "
-            f"got {value!r}."
+            f"{recipe}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}."
         )
     return value
 
@@ -54,9 +53,16 @@ def log_name(recipe: str, value: Any) -> str:
     return value
 
 
-_EXAMPLES = {"rho": "0.05", "accumulation_steps": "4", "clip_norm": "1.0",
-             "clip_factor": "0.01", "epsilon": "0.1", "pgd_steps": "10",
-             "pgd_step_size": "0.025", "unit_epsilon": "1e-3"}
+_EXAMPLES = {
+    "rho": "0.05",
+    "accumulation_steps": "4",
+    "clip_norm": "1.0",
+    "clip_factor": "0.01",
+    "epsilon": "0.1",
+    "pgd_steps": "10",
+    "pgd_step_size": "0.025",
+    "unit_epsilon": "1e-3",
+}
 
 
 def _example(name: str) -> str:

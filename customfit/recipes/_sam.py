@@ -7,8 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit._keras import internals
 from customfit import _step
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
@@ -108,8 +108,7 @@ class SAM(CustomModel):
         norm = tf.linalg.global_norm([g for g in gradients if g is not None])
         scale = self.rho / (norm + _NORM_FLOOR)
         perturbed = [
-            tf.identity(v.value) if g is None
-            else v.value + g * tf.cast(scale, g.dtype)
+            tf.identity(v.value) if g is None else v.value + g * tf.cast(scale, g.dtype)
             for g, v in zip(gradients, variables)
         ]
         mapping = list(zip(variables, perturbed)) + state
@@ -120,7 +119,11 @@ class SAM(CustomModel):
             ):
                 y_pred = _step.forward(self, x, training=True)
                 loss = internals.compute_loss(
-                    self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                    self,
+                    x=x,
+                    y=y,
+                    y_pred=y_pred,
+                    sample_weight=sample_weight,
                     training=True,
                 )
             if self.optimizer is not None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
 
-from customfit._keras import internals
 from customfit import _saving
+from customfit._keras import internals
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
@@ -91,23 +92,31 @@ class SkipNonFinite(CustomModel):
     ```
     """
 
-    def __init__(self, *args: Any, max_consecutive_skips: int | None = 10,
-                 max_skipped_steps: int | None = None,
-                 count_log_name: str | None = "skipped_steps",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_consecutive_skips: int | None = 10,
+        max_skipped_steps: int | None = None,
+        count_log_name: str | None = "skipped_steps",
+        **kwargs: Any,
+    ) -> None:
         recipe = "SkipNonFinite"
         if max_consecutive_skips is not None:
             max_consecutive_skips = options.integer(
-                recipe, "max_consecutive_skips", max_consecutive_skips, minimum=0)
+                recipe, "max_consecutive_skips", max_consecutive_skips, minimum=0
+            )
         if max_skipped_steps is not None:
             max_skipped_steps = options.integer(
-                recipe, "max_skipped_steps", max_skipped_steps, minimum=0)
+                recipe, "max_skipped_steps", max_skipped_steps, minimum=0
+            )
         if count_log_name is not None and (
-                not isinstance(count_log_name, str) or not count_log_name):
+            not isinstance(count_log_name, str) or not count_log_name
+        ):
             raise ValueError(
                 f"{recipe}: count_log_name must be a non-empty string (the "
                 f"History column) or None; got {count_log_name!r}. Pass e.g. "
-                'count_log_name="skipped_steps".')
+                'count_log_name="skipped_steps".'
+            )
         _check_bases(type(self))
         super().__init__(*args, **kwargs)
         self.max_consecutive_skips = max_consecutive_skips
@@ -120,9 +129,11 @@ class SkipNonFinite(CustomModel):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(max_consecutive_skips=self.max_consecutive_skips,
-                      max_skipped_steps=self.max_skipped_steps,
-                      count_log_name=self.count_log_name)
+        config.update(
+            max_consecutive_skips=self.max_consecutive_skips,
+            max_skipped_steps=self.max_skipped_steps,
+            count_log_name=self.count_log_name,
+        )
         return config
 
     @property
@@ -182,20 +193,23 @@ class SkipNonFinite(CustomModel):
             # allowed inside a tf.cond taken per replica (as in Keras'
             # LossScaleOptimizer): decide once in cross-replica context, on
             # the all-reduced flag, then update on every replica.
-            def decide(strategy: tf.distribute.Strategy, skip: Any,
-                       gradients: list) -> None:
+            def decide(strategy: tf.distribute.Strategy, skip: Any, gradients: list) -> None:
                 skip = strategy.experimental_local_results(skip)[0]
                 tf.cond(
                     state.halted.value | skip,
                     self._count_skip,
-                    lambda: self._updated(lambda: strategy.extended.call_for_each_replica(
-                        update, args=(gradients,))),
+                    lambda: self._updated(
+                        lambda: strategy.extended.call_for_each_replica(update, args=(gradients,))
+                    ),
                 )
 
             context.merge_call(decide, args=(skip, list(gradients)))
         else:
-            tf.cond(state.halted.value | skip, self._count_skip,
-                    lambda: self._updated(lambda: update(gradients)))
+            tf.cond(
+                state.halted.value | skip,
+                self._count_skip,
+                lambda: self._updated(lambda: update(gradients)),
+            )
 
     def _replica_skips(self, loss: tf.Tensor, gradients: list) -> tf.Tensor:
         """This replica's decision: non-finite loss or gradients (gradients
@@ -208,7 +222,8 @@ class SkipNonFinite(CustomModel):
             raise TypeError(
                 "should_skip_update() must return a boolean scalar; got "
                 f"{wanted.dtype.name} of shape {wanted.shape}. Return e.g. "
-                "tf.linalg.global_norm(gradients) > 1e3.")
+                "tf.linalg.global_norm(gradients) > 1e3."
+            )
         return skip | tf.reshape(wanted, ())
 
     def _count_skip(self) -> None:
@@ -257,15 +272,18 @@ class SkipNonFinite(CustomModel):
         total = int(state.total.numpy())
         consecutive = int(state.consecutive.numpy())
         state.halted.assign(False)
-        if (self.max_consecutive_skips is not None
-                and consecutive > self.max_consecutive_skips):
-            what = (f"{consecutive} training steps in a row were skipped "
-                    f"(max_consecutive_skips={self.max_consecutive_skips}; "
-                    f"{total} skipped in all)")
+        if self.max_consecutive_skips is not None and consecutive > self.max_consecutive_skips:
+            what = (
+                f"{consecutive} training steps in a row were skipped "
+                f"(max_consecutive_skips={self.max_consecutive_skips}; "
+                f"{total} skipped in all)"
+            )
             limit = "max_consecutive_skips"
         else:
-            what = (f"{total} training steps were skipped in all "
-                    f"(max_skipped_steps={self.max_skipped_steps})")
+            what = (
+                f"{total} training steps were skipped in all "
+                f"(max_skipped_steps={self.max_skipped_steps})"
+            )
             limit = "max_skipped_steps"
         raise RuntimeError(
             f"SkipNonFinite stopped training: {what}, because their loss or "
@@ -273,7 +291,8 @@ class SkipNonFinite(CustomModel):
             "returned True. Their updates were not applied: the weights are "
             "finite. Lower the learning rate (or clip the gradients), check "
             "the data for NaN/inf (e.g. np.isfinite(x).all()), or raise "
-            f"{limit} (None for no limit).")
+            f"{limit} (None for no limit)."
+        )
 
     # ---------------------------------------------------------------- saving
 
@@ -298,8 +317,9 @@ class _State:
 
     def __init__(self) -> None:
         def counter(name: str, dtype: str = "int64") -> keras.Variable:
-            return keras.Variable(0, dtype=dtype, trainable=False,
-                                  aggregation="only_first_replica", name=name)
+            return keras.Variable(
+                0, dtype=dtype, trainable=False, aggregation="only_first_replica", name=name
+            )
 
         self.total = counter("skipped_steps")
         self.consecutive = counter("consecutive_skipped_steps")
@@ -343,10 +363,10 @@ def _overflowed_everywhere(overflow: tf.Tensor, gradients: list) -> list:
 
 def _check_bases(cls: type) -> None:
     mro = cls.__mro__
-    if GradientAccumulation in mro and mro.index(GradientAccumulation) < mro.index(
-            SkipNonFinite):
+    if GradientAccumulation in mro and mro.index(GradientAccumulation) < mro.index(SkipNonFinite):
         raise TypeError(
             f"{cls.__name__} lists GradientAccumulation before SkipNonFinite; "
             "list SkipNonFinite first, e.g. class Net(SkipNonFinite, "
             "GradientAccumulation), so a bad micro-batch is skipped before it "
-            "reaches the accumulators.")
+            "reaches the accumulators."
+        )
