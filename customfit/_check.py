@@ -15,6 +15,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -67,7 +68,7 @@ def mlp(base: type) -> keras.Model:
 class Keras2Step(CustomModel):
     """A whole `train_step` the tf.keras way, with the Keras-2 helpers."""
 
-    def train_step(self, data):
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, y = data
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
@@ -81,7 +82,9 @@ class Keras2Step(CustomModel):
 class Logging(CustomModel):
     """A hook that logs the gradient norm and leaves the gradients alone."""
 
-    def transform_gradients(self, gradients, variables):
+    def transform_gradients(
+        self, gradients: list[tf.Tensor], variables: list[tf.Variable]
+    ) -> list[tf.Tensor]:
         self.log("grad_norm", tf.linalg.global_norm(gradients))
         return gradients
 

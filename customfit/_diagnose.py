@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -111,7 +112,14 @@ def diagnose(
     return findings
 
 
-def _replay(model, step, data, state: _State, seed: int, check_reset: bool = False) -> _Replay:
+def _replay(
+    model: keras.Model,
+    step: Callable[[keras.Model, Any], Any],
+    data: tuple[Any, ...],
+    state: _State,
+    seed: int,
+    check_reset: bool = False,
+) -> _Replay:
     state.restore()
     model.reset_metrics()
     tracker = internals.loss_tracker(model)
@@ -122,10 +130,11 @@ def _replay(model, step, data, state: _State, seed: int, check_reset: bool = Fal
     keras.utils.set_random_seed(seed)
     replay = _Replay()
     optimizer = model.optimizer
-    original_apply = optimizer.apply if optimizer is not None else None
+    # None only without an optimizer, when `recording_apply` is never installed.
+    original_apply: Any = optimizer.apply if optimizer is not None else None
     original_call = model.call
 
-    def recording_call(*args, **kwargs):
+    def recording_call(*args: Any, **kwargs: Any) -> Any:
         replay.training.append(kwargs.get("training"))
         outputs = original_call(*args, **kwargs)
         replay.predictions.append(outputs)
@@ -134,7 +143,7 @@ def _replay(model, step, data, state: _State, seed: int, check_reset: bool = Fal
             replay.regularization = float(sum(float(loss) for loss in model.losses))
         return outputs
 
-    def recording_apply(grads, trainable_variables=None):
+    def recording_apply(grads: Any, trainable_variables: Any = None) -> Any:
         if replay.gradients is None:
             replay.gradients = list(grads)
             replay.variables = (
@@ -178,7 +187,7 @@ def _scalars(logs: Any) -> dict[str, float]:
     return scalars
 
 
-def _training_changes_outputs(model, x, state: _State, seed: int) -> bool:
+def _training_changes_outputs(model: keras.Model, x: Any, state: _State, seed: int) -> bool:
     """Whether `training=True` changes the outputs (Dropout, BatchNorm...)."""
     results = []
     for training in (True, False):
@@ -239,7 +248,7 @@ def _loss_findings(stock: _Replay, user: _Replay) -> list[Finding]:
     return []
 
 
-def _attribute_metrics(model) -> list[keras.metrics.Metric]:
+def _attribute_metrics(model: keras.Model) -> list[keras.metrics.Metric]:
     """Metrics held by the model's attributes (also in lists and dicts)."""
     found: dict[int, keras.metrics.Metric] = {}
     pending = list(vars(model).values())
@@ -254,7 +263,7 @@ def _attribute_metrics(model) -> list[keras.metrics.Metric]:
     return list(found.values())
 
 
-def _values(metric) -> list[np.ndarray]:
+def _values(metric: keras.metrics.Metric) -> list[np.ndarray]:
     return [np.array(v.numpy(), copy=True) for v in metric.variables]
 
 
@@ -262,7 +271,7 @@ def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def _is_reset(metric) -> bool:
+def _is_reset(metric: keras.metrics.Metric) -> bool:
     return all(not np.any(v) for v in _values(metric))
 
 
@@ -299,7 +308,7 @@ def _training_findings(stock: _Replay, user: _Replay, matters: bool) -> list[Fin
     ]
 
 
-def _gradient_findings(model, user: _Replay) -> list[Finding]:
+def _gradient_findings(model: keras.Model, user: _Replay) -> list[Finding]:
     findings = []
     if user.variables is not None:
         frozen = [v.path for v in user.variables if not v.trainable]

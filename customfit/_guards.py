@@ -58,8 +58,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -142,7 +142,8 @@ class StepGuards:
                 _active.pop(key, None)
                 self._running -= 1
                 if self._running == 0:
-                    stack, self._stack = self._stack, None
+                    # Set by `_install` while any step is running.
+                    stack, self._stack = cast(contextlib.ExitStack, self._stack), None
                     stack.close()
                     if completed:
                         self._armed = False
@@ -172,10 +173,10 @@ def _loss_scale_optimizers(model: keras.Model) -> list:
     ]
 
 
-def _recording_scale_loss(optimizer: Any):
+def _recording_scale_loss(optimizer: Any) -> Callable[[Any], Any]:
     original = optimizer.scale_loss
 
-    def scale_loss(loss):
+    def scale_loss(loss: Any) -> Any:
         record = _current()
         if record is not None:
             record.scaled.add(id(optimizer))
@@ -184,10 +185,10 @@ def _recording_scale_loss(optimizer: Any):
     return scale_loss
 
 
-def _checking_apply(optimizer: Any):
+def _checking_apply(optimizer: Any) -> Callable[..., Any]:
     original = optimizer.apply
 
-    def apply(grads, trainable_variables=None):
+    def apply(grads: Any, trainable_variables: Any = None) -> Any:
         record = _current()
         if record is not None and id(optimizer) not in record.scaled:
             raise TrainingGuardError(_unscaled_message(optimizer))
@@ -428,12 +429,12 @@ class _Classifier:
             denominator = op.inputs[1]
             if self._is(denominator, float(self._replicas)):
                 return _SCALED, data
-            top = inputs[0][0]
-            if top == _SUMMED:
+            numerator = inputs[0][0]
+            if numerator == _SUMMED:
                 if self._static(denominator) is not None or self._mentions_replicas(denominator):
                     return _SCALED, data  # a sum over the global batch size
                 return _UNSCALED, data  # a mean over this replica's batch
-            return top, data
+            return numerator, data
         if kind in ("Mean", "Sum"):
             top = inputs[0]
             over_batch = self._reduces_batch(op)

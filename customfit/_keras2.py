@@ -90,7 +90,7 @@ class CompiledMetrics:
     def __init__(self, model: keras.Model) -> None:
         self._model = model
 
-    def _compile_metrics(self):
+    def _compile_metrics(self) -> Any:
         return internals.compiled_metrics_object(self._model)
 
     def update_state(self, y: Any, y_pred: Any, sample_weight: Any = None) -> None:
@@ -147,7 +147,7 @@ class _NamedMetric(internals.MetricsList):
     def __init__(self, metric: keras.metrics.Metric, name: str) -> None:
         super().__init__([metric], name=name)
 
-    def result(self):
+    def result(self) -> tf.Tensor:
         return self.metrics[0].result()
 
 

@@ -370,7 +370,8 @@ class CustomModel(keras.Model):
         # model can take back.
         _optimizers.build_unbuilt(self)
         if self.train_function is None or force:
-            self.train_function = step_function.make_function(
+            # Keras' attribute (None until made), declared for mypy.
+            self.train_function: Callable | None = step_function.make_function(
                 self,
                 _step.checked(self, self.train_step, "train"),
                 self._per_batch_channel,
@@ -379,7 +380,8 @@ class CustomModel(keras.Model):
 
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
-            self.test_function = step_function.make_function(
+            # Keras' attribute, as above.
+            self.test_function: Callable | None = step_function.make_function(
                 self,
                 _step.checked(self, self.test_step, "test"),
                 self._per_batch_channel,
@@ -486,7 +488,7 @@ class CustomModel(keras.Model):
 
     def _metric_names(self) -> set[str]:
         """The log names of the model's metrics (compiled ones once built)."""
-        names = set()
+        names: set[str] = set()
         for metric in self.metrics:
             if isinstance(metric, internals.CompileMetrics):
                 if metric.built:

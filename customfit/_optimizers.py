@@ -63,7 +63,7 @@ def built_over_all_when_first_applied(model: keras.Model) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for optimizer in unbuilt:
 
-            def build(variables, optimizer=optimizer):
+            def build(variables: Any, optimizer: Any = optimizer) -> None:
                 type(optimizer).build(optimizer, model.trainable_variables)
 
             stack.enter_context(internals.intercepted(optimizer, "build", build))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -179,7 +179,9 @@ class FitResume:
         return self._dataset
 
     def _train_function(self, iterator: Any) -> Any:
-        callbacks = self.callbacks
+        # Installed by `restore` only with the callbacks' list known and the
+        # original train function saved; `__exit__` uninstalls it.
+        callbacks = cast(ResumeCallbackList, self.callbacks)
         if callbacks.step is not None and callbacks.step < callbacks.skip_below:
             self._skip(iterator, callbacks.step, callbacks.skip_below)
             return {}
@@ -189,7 +191,7 @@ class FitResume:
                 trace_ahead(iterator)
             restore_metrics(self.model, self._metric_values)
             self._metric_values = None
-        return self._original_train_function(iterator)
+        return cast(Callable, self._original_train_function)(iterator)
 
     def _skip(self, iterator: Any, step: int, skip_below: int) -> None:
         for _ in range(self.model.steps_per_execution):

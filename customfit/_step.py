@@ -114,14 +114,14 @@ def checked(model: keras.Model, step: Callable, phase: str) -> Callable:
     guards = _guards.StepGuards(model) if phase == "train" else None
     step_logs = model._step_logs
 
-    def checked_step(data):
+    def checked_step(data: Any) -> Any:
         with step_logs.in_phase(phase):
             if guards is None:
                 return checked_logs(step(data))
             with guards.watching(), _optimizers.built_over_all_when_first_applied(model):
                 return checked_logs(step(data))
 
-    def checked_logs(logs):
+    def checked_logs(logs: Any) -> dict[str, Any]:
         if not isinstance(logs, Mapping):
             raise TypeError(_bad_logs_message(step_name, logs))
         logs = _flattened(logs, step_name)
@@ -197,6 +197,7 @@ def _is_numeric(value: Any) -> bool:
 
 
 def _bad_logs_message(step_name: str, logs: Any) -> str:
+    got: dict[Any, Any] | str
     if isinstance(logs, Mapping):
         got = {k: getattr(v, "shape", type(v).__name__) for k, v in logs.items()}
     else:

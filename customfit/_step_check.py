@@ -103,6 +103,7 @@ def resolve_build(build: str | Callable[[], keras.Model]) -> tuple[str, Callable
         "so it needs a function defined at module level in an importable "
         "module, passed as the function itself or as 'package.module:function'."
     )
+    module_name: str | None
     if isinstance(build, str):
         module_name, _, qualname = build.partition(":")
         if not module_name or not qualname:
@@ -158,10 +159,10 @@ def run_setting(
             model(_take(x, 1))
     first: dict[str, Any] = {}
 
-    def weights():
+    def weights() -> list[np.ndarray]:
         return [np.array(w.numpy(), copy=True) for w in model.weights]
 
-    def on_batch_end(batch, logs):
+    def on_batch_end(batch: int, logs: dict | None) -> None:
         if batch == 0:
             first.update(first=weights(), first_loss=(logs or {}).get("loss"))
 
@@ -211,7 +212,15 @@ def check_steps(
             two_replicas.close()
 
 
-def _reports(resolved, x, y, steps, two_replicas, timeout, common) -> list[StepReport]:
+def _reports(
+    resolved: list[tuple[str, Callable]],
+    x: Any,
+    y: Any,
+    steps: int,
+    two_replicas: _TwoReplicas | None,
+    timeout: float,
+    common: dict[str, Any],
+) -> list[StepReport]:
     compile_kwargs, batch_size, seed = (
         common["compile_kwargs"],
         common["batch_size"],
@@ -264,7 +273,9 @@ def _take(data: Any, n: int) -> Any:
     return data[:n]
 
 
-def _compare(setting, reference, other, rtol, atol) -> Comparison:
+def _compare(
+    setting: str, reference: TrainingRecord, other: TrainingRecord, rtol: float, atol: float
+) -> Comparison:
     lines = differences(reference, other, rtol=rtol, atol=atol)
     diffs = [0.0]
     for key, values in reference.history.items():
@@ -351,14 +362,24 @@ def _decode(value: Any) -> Any:
 class _TwoReplicas:
     """The two-replica runs, in a fresh Python started at construction."""
 
-    def __init__(self, names, x, y, *, compile_kwargs, batch_size, seed) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        x: Any,
+        y: Any,
+        *,
+        compile_kwargs: Any,
+        batch_size: int,
+        seed: int,
+    ) -> None:
         if callable(compile_kwargs):
             compile_kwargs = compile_kwargs()
         self._names = names
-        self._results = None
+        self._results: list[tuple[TrainingRecord, dict]] | None = None
         self._temp = tempfile.TemporaryDirectory()
         self._folder = folder = Path(self._temp.name)
-        arrays = {}
+        # Any values: numpy's stubs would match an ndarray to savez's allow_pickle.
+        arrays: dict[str, Any] = {}
         for name, data in (("x", x), ("y", y)):
             if isinstance(data, dict):
                 arrays.update({f"{name}.{k}": np.asarray(v) for k, v in data.items()})
@@ -456,11 +477,10 @@ def _worker(spec_path: str) -> None:
             seed=spec["seed"],
             strategy=strategy,
         )
-        np.savez(
-            out / f"out{i}.npz",
-            **{f"w{j}": w for j, (_, w) in enumerate(record.weights)},
-            **{f"first{j}": w for j, w in enumerate(first.get("first", []))},
-        )
+        # Any values: numpy's stubs would match an ndarray to savez's allow_pickle.
+        weights: dict[str, Any] = {f"w{j}": w for j, (_, w) in enumerate(record.weights)}
+        firsts: dict[str, Any] = {f"first{j}": w for j, w in enumerate(first.get("first", []))}
+        np.savez(out / f"out{i}.npz", **weights, **firsts)
         (out / f"out{i}.json").write_text(
             json.dumps(
                 dict(

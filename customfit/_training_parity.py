@@ -85,6 +85,9 @@ def differences(
 ) -> list[str]:
     """One readable line per difference beyond `atol + rtol * |expected|`."""
     lines: list[str] = []
+    # Reused below for History values, weights, evaluate() and predict() results.
+    want: Any
+    got: Any
     missing = [k for k in expected.history if k not in actual.history]
     extra = [k for k in actual.history if k not in expected.history]
     if missing or extra:

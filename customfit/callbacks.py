@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import keras
 import numpy as np
@@ -73,7 +73,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self._first_epoch_of_fit = True
         directory = os.path.dirname(self.filepath)
         if "{" not in directory:  # else it depends on the epoch or the logs
-            require_writable_directory(directory, "ModelCheckpoint", self.model)
+            _require_writable_directory(directory, "ModelCheckpoint", self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch; on the first of a resumed `fit`, reads the
@@ -241,7 +241,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "before fit(): call it on a batch, model(x[:1]), or call "
                 "model.build(input_shape). Nothing was trained."
             )
-        require_writable_directory(self.backup_dir, "BackupAndRestore", self.model)
+        _require_writable_directory(self.backup_dir, "BackupAndRestore", self.model)
         if self.save_freq != "epoch" and _fit_call.resume_of(self.model) is None:
             raise ValueError(
                 f"BackupAndRestore(save_freq={self.save_freq}) resumes "
@@ -301,7 +301,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         the previous batches once N more have run since the last backup."""
         if self.save_freq == "epoch" or _fit_call.replayed_begin(self.model):
             return  # replayed after its execution ran: not the state before it
-        if batch // self.save_freq > self._last_backup_batch // self.save_freq:
+        save_freq = cast(int, self.save_freq)  # not "epoch": a number of batches
+        if batch // save_freq > self._last_backup_batch // save_freq:
             self._save(self._epoch, batch)
             self._last_backup_batch = batch
 
@@ -329,7 +330,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             atomic_destination(target) as temporary,
         ):
             self.model.save_weights(temporary)
-        saved = _resume.capture_state(self.model, batch, _fit_call.resume_of(self.model))
+        # Any values: numpy's stubs would match an ndarray to savez's allow_pickle.
+        saved: dict[str, Any] = _resume.capture_state(
+            self.model, batch, _fit_call.resume_of(self.model)
+        )
         if not _cluster.is_chief(strategy):
             return
         with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
@@ -468,7 +472,7 @@ class TrainingPlot(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Runs when `fit` starts, before any batch: checks that the files'
         directory can be written."""
-        require_writable_directory(os.path.dirname(self.path), "TrainingPlot", self.model)
+        _require_writable_directory(os.path.dirname(self.path), "TrainingPlot", self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Runs before each epoch: starts its per-batch line."""
@@ -728,7 +732,7 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
             self.cooldown_counter -= 1
             self.wait = 0
         if internals.monitor_improved(self, current, self.best):
-            self.best = current
+            self.best: float = current  # Keras' attribute, declared for mypy
             self.wait = 0
         elif not self.in_cooldown():
             self.wait += 1
@@ -737,7 +741,7 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
                     self._reduce(name, optimizer, epoch) for name, optimizer in optimizers.items()
                 ]
                 if any(reduced):
-                    self.cooldown_counter = self.cooldown
+                    self.cooldown_counter: int = self.cooldown  # Keras' attribute, as above
                     self.wait = 0
 
     def _reduce(self, name: str, optimizer: Any, epoch: int) -> bool:
@@ -751,7 +755,7 @@ class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
         return True
 
 
-def require_writable_directory(directory: str, callback: str, model: keras.Model | None) -> None:
+def _require_writable_directory(directory: str, callback: str, model: keras.Model | None) -> None:
     """Refuses, before the first batch, a directory a callback would fail to
     write to at its first save, after training up to it. Created if absent,
     as the callback would. Only the chief writes (see `_cluster`); a callback

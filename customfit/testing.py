@@ -71,7 +71,8 @@ def assert_trains_like_keras(
         build: `build(base)` builds the model on the base class it is given:
             `base(inputs, outputs)` for a functional model, or a subclass of
             `base` defined inside `build`.
-        x, y: Training data, as for `fit`.
+        x: Training inputs, as for `fit`.
+        y: Training targets, as for `fit`.
         model_class: The class under test (default `customfit.CustomModel`).
         reference_class: The class of the reference (default `keras.Model`).
         compile_kwargs: Arguments for `compile()`, or a function returning
@@ -81,7 +82,8 @@ def assert_trains_like_keras(
             `sample_weight`...); `verbose=0` unless given.
         epochs: Epochs to train.
         seed: Passed to `keras.utils.set_random_seed` before each build.
-        rtol, atol: Tolerance; 0 means equal.
+        rtol: Relative tolerance; 0 (with `atol=0`) means equal.
+        atol: Absolute tolerance.
 
     Returns:
         The two records `(reference, actual)`, for further checks.
@@ -101,7 +103,9 @@ def assert_trains_like_keras(
     """
     if model_class is None:
         model_class = CustomModel
-    common = dict(compile_kwargs=compile_kwargs, fit_kwargs=fit_kwargs, epochs=epochs, seed=seed)
+    common: dict[str, Any] = dict(
+        compile_kwargs=compile_kwargs, fit_kwargs=fit_kwargs, epochs=epochs, seed=seed
+    )
     enable_determinism(seed)
     reference = record_training(lambda: build(reference_class), x, y, **common)
     actual = record_training(lambda: build(model_class), x, y, **common)
@@ -199,7 +203,8 @@ def check_step(
         build: A function with no arguments returning the (uncompiled) model,
             defined at module level of an importable module, or its name as
             "package.module:function": the two-replica process imports it.
-        x, y: Data; the first `batch_size * steps` samples are used.
+        x: Inputs; the first `batch_size * steps` samples are used.
+        y: Targets, as many.
         compile_kwargs: Arguments for `compile()`; the optimizer defaults to
             `SGD(0.1)` (adaptive optimizers such as Adam hide a gradient
             scaled by a constant). Strings, numbers and Keras objects only.
@@ -263,7 +268,9 @@ def diagnose(
 
     Args:
         model: A compiled model.
-        x, y, sample_weight: One batch.
+        x: One batch of inputs.
+        y: Its targets.
+        sample_weight: Its sample weights, or None.
         seed: For `keras.utils.set_random_seed` before each replay.
 
     Returns:

@@ -128,7 +128,7 @@ def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = N
             data_batch = next(batches)
             break
 
-    def one_replica(value):
+    def one_replica(value: Any) -> Any:
         if isinstance(value, tf.distribute.DistributedValues):
             return strategy.experimental_local_results(value)[0]
         return value
@@ -167,10 +167,10 @@ def compiled_metric_log_names(compile_metrics: Any) -> dict[str, Any]:
     named: dict[str, Any] = {}
     counters: dict[str, int] = {}
 
-    def prefixed(metric_list, name):
+    def prefixed(metric_list: Any, name: str) -> str:
         return f"{metric_list.output_name}_{name}" if metric_list.output_name else name
 
-    def deduplicated(name):
+    def deduplicated(name: str) -> str:
         if name not in counters:
             counters[name] = 1
             return name

@@ -38,7 +38,7 @@ from keras import tree
 from customfit._keras import internals
 
 
-def make_function(model: keras.Model, step_function: Callable, channel: Any) -> Callable:
+def make_function(model: keras.Model, step_function: Callable, channel: Any) -> StepFunction:
     """Keras' `_make_function(step_function)`, with per-step logs and the
     real batch step for summaries (see the module docstring).
 
@@ -50,7 +50,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
     """
 
     @tf.autograph.experimental.do_not_convert
-    def one_step_on_data(data):
+    def one_step_on_data(data: Any) -> Any:
         """Runs a single training step on a batch of data."""
         outputs = model.distribute_strategy.run(step_function, args=(data,))
         return internals.reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
@@ -61,7 +61,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
         )
     one_step_on_data = internals.autoconvert_optionals(model, one_step_on_data)
 
-    def step_at(data, summary, offset):
+    def step_at(data: Any, summary: Any, offset: Any) -> Any:
         """`one_step_on_data(data)`; with `summary=(first_step, every)`, as
         batch `first_step + offset` for `tf.summary`."""
         if summary is None:
@@ -77,7 +77,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
             tf.summary.experimental.set_step(previous)
 
     @tf.autograph.experimental.do_not_convert
-    def multi_step_on_iterator(iterator, summary=None):
+    def multi_step_on_iterator(iterator: Any, summary: Any = None) -> tuple[Any, Any]:
         steps_per_execution = model.steps_per_execution
         if steps_per_execution == 1:
             outputs = step_at(iterator.get_next(), summary, 0)
@@ -87,13 +87,17 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
         empty_outputs = tf.experimental.Optional.empty(None)
         width: list[int] = []  # logs per step, known once a step is traced
 
-        def cond(execution_step, optional_outputs, next_optional_inputs, rows):
+        def cond(
+            execution_step: Any, optional_outputs: Any, next_optional_inputs: Any, rows: Any
+        ) -> Any:
             return tf.logical_and(
                 tf.less(execution_step, steps_per_execution),
                 next_optional_inputs.has_value(),
             )
 
-        def body(execution_step, optional_outputs, next_optional_inputs, rows):
+        def body(
+            execution_step: Any, optional_outputs: Any, next_optional_inputs: Any, rows: Any
+        ) -> tuple[Any, Any, Any, Any]:
             # Keras wraps this step in a `tf.cond` on the loop condition,
             # which `cond` already guarantees; see the docstring.
             outputs = step_at(next_optional_inputs.get_value(), summary, execution_step)
@@ -137,7 +141,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
     if not model.run_eagerly:
         multi_step_on_iterator = tf.function(multi_step_on_iterator, reduce_retracing=True)
 
-    def function(iterator):
+    def function(iterator: Any) -> Any:
         channel.rows = None
         if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
             summary = channel.summary

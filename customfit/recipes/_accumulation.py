@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import keras
 import tensorflow as tf
@@ -111,6 +111,12 @@ class GradientAccumulation(CustomModel):
     def make_train_function(self, force: bool = False) -> Callable:
         self._accumulation_state(create=True)
         return super().make_train_function(force)
+
+    @overload
+    def _accumulation_state(self, create: Literal[True]) -> _State: ...
+
+    @overload
+    def _accumulation_state(self, create: bool) -> _State | None: ...
 
     def _accumulation_state(self, create: bool) -> _State | None:
         variables = self.trainable_weights

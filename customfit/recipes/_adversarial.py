@@ -102,7 +102,14 @@ def adversarial_examples(
     return tf.nest.pack_sequence_as(x, flat)
 
 
-def _step(adversarial, clean, gradient, epsilon, step_size, input_range):
+def _step(
+    adversarial: Any,
+    clean: Any,
+    gradient: Any,
+    epsilon: float,
+    step_size: float,
+    input_range: Sequence[float] | None,
+) -> Any:
     if gradient is None:  # this input does not affect the loss
         return adversarial
     direction = tf.sign(tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient)))
@@ -118,7 +125,15 @@ def _step(adversarial, clean, gradient, epsilon, step_size, input_range):
     return tf.stop_gradient(moved)
 
 
-def _attack_options(recipe, epsilon, steps, step_size, input_range, steps_name, step_size_name):
+def _attack_options(
+    recipe: str,
+    epsilon: float,
+    steps: int,
+    step_size: float | None,
+    input_range: Sequence[float] | None,
+    steps_name: str,
+    step_size_name: str,
+) -> tuple[float, int, float, tuple[float, float] | None]:
     epsilon = options.number(recipe, "epsilon", epsilon)
     steps = options.integer(recipe, steps_name, steps)
     if step_size is None:
@@ -227,6 +242,7 @@ class AdversarialTraining(CustomModel):
     def adversarial_examples(self, x: Any, y: Any, sample_weight: Any = None) -> Any:
         """This model's attack (as configured) on a batch; runs once per
         training batch inside `train_step`, and can be called directly."""
+        step_size: float | None
         if self.attack == "fgsm":
             steps, step_size = 1, self.epsilon
         else:

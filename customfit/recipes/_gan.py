@@ -145,8 +145,10 @@ class GAN(CustomModel):
         object.__setattr__(self, "_discriminator_update", 0)  # see train_step
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
-        self.generator_optimizer = None
-        self.discriminator_optimizer = None
+        # Keras optimizers once compiled (Any: Keras is untyped, and the
+        # steps only run after compile()).
+        self.generator_optimizer: Any = None
+        self.discriminator_optimizer: Any = None
         self.built = True
 
     def call(self, z: Any, training: bool = False) -> Any:

@@ -80,7 +80,9 @@ class SAM(CustomModel):
         config["rho"] = self.rho
         return config
 
-    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any):
+    def _loss_gradients(
+        self, x: Any, y: Any, sample_weight: Any
+    ) -> tuple[Any, tf.Tensor, list, list]:
         state = [(v, tf.identity(v.value)) for v in self.non_trainable_variables]
         y_pred, loss, gradients, variables = super()._loss_gradients(x, y, sample_weight)
         if not variables:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import keras
 import tensorflow as tf
 
 from customfit import _saving
 from customfit._keras import internals
+from customfit._keras.step_function import StepFunction
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
@@ -257,7 +258,8 @@ class SkipNonFinite(CustomModel):
     # ---------------------------------------------------- the host's check
 
     def make_train_function(self, force: bool = False) -> Callable:
-        function = super().make_train_function(force)
+        # CustomModel's train function is a StepFunction (`step_function.make_function`).
+        function = cast(StepFunction, super().make_train_function(force))
         if self._stop_if_halted not in function.after_each_execution:
             function.after_each_execution.append(self._stop_if_halted)
         return function
