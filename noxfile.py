@@ -3,9 +3,12 @@
     python3 -m nox -s compat            # the compatibility subset on every older stack
     python3 -m nox -s "compat(keras='3.12')"
     python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
+    python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
+    python3 -m nox -s docs              # the documentation site, warnings as errors
 
 The primary stack (the newest of each) runs the whole suite and Keras' own
-tests from the README's command; `.ci/run` runs `compat` after them. Each
+tests from the README's command; `.ci/run` runs `compat`, `lint` and `docs`
+after them. Each
 session installs its TensorFlow and Keras into a fresh virtual environment
 and customfit from this checkout without dependencies, so the stack under
 test is exactly the one named.
@@ -71,3 +74,28 @@ def nightly(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
                 "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
                 *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+LINT = ("ruff==0.17.6", "mypy==2.4.1")
+DOCS = ("mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff's lint rules and format, and mypy, over customfit/ (configured in
+    pyproject.toml). TensorFlow and Keras are untyped, so neither is needed."""
+    session.install(*LINT)
+    session.run("ruff", "check", "customfit")
+    session.run("ruff", "format", "--check", "customfit")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site from docs/ and the docstrings, warnings as
+    errors (broken links and anchors included). The API reference reads the
+    source without importing it."""
+    session.install(*DOCS)
+    session.run("mkdocs", "build", "--strict", "--site-dir", f"{session.create_tmp()}/site",
+                env={"NO_MKDOCS_2_WARNING": "1"})
+

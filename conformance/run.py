@@ -10,9 +10,9 @@ the package index (`pip download --no-binary :all: --no-deps keras==<version>`,
 cached), rewrites their model bases (`rewrite.py`) to `customfit.CustomModel`
 (or, for the control run, back to `keras.Model`), and runs them with pytest
 under Keras' own warning filters. Every test that fails on CustomModel must be
-listed in `differences.toml` with its reason and the README section that
-documents it; an unlisted failure, a listed test that passes, or a listed
-README section that does not exist fails the run. The control run must pass
+listed in `differences.toml` with its reason and the documentation section that
+documents it; an unlisted failure, a listed test that passes, or a section
+that does not exist fails the run. The control run must pass
 everything that is not excluded.
 """
 
@@ -88,7 +88,7 @@ def load_config() -> dict:
         for entry in config.get(section, []):
             missing = {"tests", "reason"} - set(entry)
             if section == "difference":
-                missing |= {"readme"} - set(entry)
+                missing |= {"documented_in"} - set(entry)
             if missing:
                 raise SystemExit(f"differences.toml: a [[{section}]] entry lacks {missing}: {entry}")
     return config
@@ -156,9 +156,18 @@ def run_pytest(target: Path, base: str, excluded: list[str], workers: int,
     return json.loads(outcomes_file.read_text())
 
 
-def readme_sections() -> set[str]:
-    text = (REPOSITORY / "README.md").read_text()
-    return {m.group(1).strip() for m in re.finditer(r"^#+\s+(.*)$", text, re.MULTILINE)}
+def documented(reference: str) -> bool:
+    """Whether `reference`, "page.md#Heading", names a heading (or a bold
+    paragraph title such as **Every batch, ...**) on that page of docs/."""
+    page, _, heading = reference.partition("#")
+    path = REPOSITORY / "docs" / page
+    if not path.is_file() or not heading:
+        return False
+    text = path.read_text()
+    titles = {m.group(1).strip() for m in re.finditer(r"^#+\s+(.*)$", text, re.MULTILINE)}
+    titles |= {m.group(1).strip().rstrip(".") for m in re.finditer(r"^\*\*(.+?)\*\*", text,
+                                                                   re.MULTILINE)}
+    return heading in titles
 
 
 def compare(outcomes: dict[str, str], config: dict, base: str) -> list[str]:
@@ -179,11 +188,10 @@ def compare(outcomes: dict[str, str], config: dict, base: str) -> list[str]:
                 problems.append(f"differences.toml lists {pattern}, which did not run")
             elif not any(t in bad for t in hits):
                 problems.append(f"differences.toml lists {pattern}, which now passes: remove it")
-    sections = readme_sections()
     for entry in differences:
-        if entry["readme"] not in sections:
-            problems.append(f"differences.toml refers to README section "
-                            f"{entry['readme']!r}, which does not exist")
+        if not documented(entry["documented_in"]):
+            problems.append(f"differences.toml refers to {entry['documented_in']!r}, "
+                            "which is no page and heading of docs/")
     return problems
 
 

@@ -161,15 +161,14 @@ def test_pytest_plugin_is_declared_as_entry_point():
 
 
 def _readme_user_test() -> str:
-    """The first code block of the README's "Testing your own step"."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Testing your own step", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+    """The first code block of the guide "Testing your own step"."""
+    guide = (ROOT / "docs" / "guides" / "testing.md").read_text()
+    return guide.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_pytest_plugin_and_the_readme_user_test(tmp_path):
     """In a fresh pytest: the fixture seeds only the tests that ask for it,
-    and the README's complete user test passes as written."""
+    and the guide's complete user test passes as written."""
     (tmp_path / "test_readme.py").write_text(_readme_user_test())
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
         import numpy as np
