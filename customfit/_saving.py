@@ -97,18 +97,19 @@ def checked_load(
     Keras matches the file to the model by the model's structure and raises
     when a layer of the model is missing from the file or has other shapes,
     after assigning the layers it had reached. A file with more layers than
-    the model loads without a word. Here both are refused before anything is
-    assigned, as written by a different architecture, unless `skip_mismatch`
-    asks for Keras' partial loading; and the model is put back if Keras'
-    load fails for another reason. Any file Keras loads completely is
-    accepted, whatever the attribute names its layers were reached by, and
-    whatever optimizers of sub-models (a teacher compiled before it was
-    distilled) it holds.
+    the model loads without a word. Here the model is put back in the first
+    case, with Keras' message (code may match on it) followed by what differs;
+    the second is refused too, unless `skip_mismatch` asks for Keras' partial
+    loading. Any file Keras loads completely is accepted, whatever the
+    attribute names its layers were reached by, and whatever optimizers of
+    sub-models (a teacher compiled before it was distilled) it holds.
     """
     path = os.fspath(filepath)
     found = _structure_of_file(path)
+    unread: list[str] = []
+    missing: list[str] = []
     if found is not None and not skip_mismatch and model.built:
-        _refuse_another_architecture(model, path, found)
+        unread, missing = _mismatched_entries(model, found, _own_structure(model))
     # An unbuilt optimizer would skip the saved state of a built one, with a
     # warning: build it first, over the variables `fit` builds it over.
     if found is None:  # sharded weights: as before training
@@ -133,17 +134,22 @@ def checked_load(
         result = load()
     except Exception as error:
         put_back()
+        mismatch = _another_architecture(path, unread, missing)
         raise ValueError(
             f"Could not load {path} into this model: {_shortened(error)}\n"
-            "The model was left unchanged."
+            + (f"{mismatch}\n" if mismatch else "")
+            + "The model was left unchanged."
         ) from error
+    if unread:  # Keras took what fits and ignored the rest
+        put_back()
+        raise ValueError(f"{_another_architecture(path, unread, [])} The model was left unchanged.")
     return result
 
 
-def _refuse_another_architecture(model: keras.Model, path: str, found: dict) -> None:
-    unread, missing = _mismatched_entries(model, found, _own_structure(model))
+def _another_architecture(path: str, unread: list[str], missing: list[str]) -> str:
+    """What differs between a file and the model, or "" if nothing does."""
     if not unread and not missing:
-        return
+        return ""
     details = []
     for title, entries in (
         ("Weights not taken (shape)", unread),
@@ -153,11 +159,11 @@ def _refuse_another_architecture(model: keras.Model, path: str, found: dict) -> 
             details.append(
                 f"{title}: " + "; ".join(entries[:5]) + ("; ..." if len(entries) > 5 else "")
             )
-    raise ValueError(
+    return (
         f"The checkpoint {path} does not fit this model: it was written by a "
         "different architecture (other layers, or other units). Load it into "
         "the model that saved it, build this model the same way, or pass "
-        "skip_mismatch=True to load what fits. The model was left unchanged. " + " ".join(details)
+        "skip_mismatch=True to load what fits. " + " ".join(details)
     )
 
 

@@ -189,8 +189,8 @@ def test_loading_another_architecture_is_a_clear_error_and_changes_nothing(tmp_p
     compiled(other_architecture).save_weights(tmp_path / "other.weights.h5")
     model = compiled(functional)
     before = state(model)
-    with pytest.raises(ValueError, match="written by a different architecture.*"
-                       "left unchanged.*layers/batch_normalization"):
+    with pytest.raises(ValueError, match="(?s)written by a different architecture.*"
+                       "layers/batch_normalization.*left unchanged"):
         model.load_weights(tmp_path / "other.weights.h5")
     assert_same_state(state(model), before)
     assert not model.optimizer.built
@@ -286,8 +286,8 @@ def test_a_file_with_more_layers_is_refused_and_changes_nothing(tmp_path):
     stack(8, 3, 2).save_weights(tmp_path / "bigger.weights.h5")
     model = stack(8, 3)
     before = state(model)
-    with pytest.raises(ValueError, match=r"different architecture.*left unchanged.*"
-                       r"Weights not taken \(shape\): layers/dense_2/vars/0 \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"different architecture.*Weights not taken "
+                       r"\(shape\): layers/dense_2/vars/0 \(3, 2\).*left unchanged"):
         model.load_weights(tmp_path / "bigger.weights.h5")
     assert_same_state(state(model), before)
     model.load_weights(tmp_path / "bigger.weights.h5", skip_mismatch=True)  # Keras' way
