@@ -176,11 +176,6 @@ def test_stock_keras_backup_retrains_the_first_batches_of_the_resumed_epoch(
     assert int(iterations) == 24 + 4
 
 
-# pytest.warns re-emits the other warnings it caught as if from the module
-# "warnings", so pyproject's exception for Keras' `convert_to_numpy` (Keras'
-# saving code, run by the backups) no longer matches them.
-@pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:warnings")
 def test_generator_input_warns_that_it_cannot_be_resumed_exactly(tmp_path, digits):
     def batches():
         while True:
