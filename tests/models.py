@@ -108,3 +108,29 @@ def every_hook(base):
 
 
 HOOK_LOGS = ("loss_seen", "grad_norm", "replica_id")
+
+
+class Sampling(keras.layers.Layer):
+    """A VAE's reparameterized draw, seeded."""
+
+    def __init__(self):
+        super().__init__()
+        self.seed_generator = keras.random.SeedGenerator(1337)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        epsilon = keras.random.normal(tf.shape(z_mean), seed=self.seed_generator)
+        return z_mean + tf.exp(0.5 * z_log_var) * epsilon
+
+
+def vae_networks():
+    """The encoder (64 -> 16 -> mean, log-variance, draw of 2) and decoder
+    (2 -> 16 -> 64, sigmoid) of the Keras VAE example, at digits' size."""
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    z_mean, z_log_var = keras.layers.Dense(2)(hidden), keras.layers.Dense(2)(hidden)
+    encoder = keras.Model(inputs, [z_mean, z_log_var, Sampling()([z_mean, z_log_var])])
+    latent = keras.Input((2,))
+    decoder = keras.Model(latent, keras.layers.Dense(64, activation="sigmoid")(
+        keras.layers.Dense(16, activation="relu")(latent)))
+    return encoder, decoder

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import customfit
+from tests import models
 from tests.subproc import run_python
 
 N, BATCH = 203, 32
@@ -78,17 +79,6 @@ def per_example_loss(base, with_log):
 
 
 # --- a VAE whose logged parts add up to its `loss` column -------------------
-
-
-class Sampling(keras.layers.Layer):
-    def __init__(self):
-        super().__init__()
-        self.seed_generator = keras.random.SeedGenerator(1337)
-
-    def call(self, inputs):
-        z_mean, z_log_var = inputs
-        epsilon = keras.random.normal(tf.shape(z_mean), seed=self.seed_generator)
-        return z_mean + tf.exp(0.5 * z_log_var) * epsilon
 
 
 def replicas():
@@ -155,14 +145,7 @@ def vae(base, with_log):
             self.log("kl_loss", kl_loss, weight=batch_size)
             return (reconstruction_loss + kl_loss) / replicas()
 
-    inputs = keras.Input((64,))
-    hidden = keras.layers.Dense(16, activation="relu")(inputs)
-    z_mean, z_log_var = keras.layers.Dense(2)(hidden), keras.layers.Dense(2)(hidden)
-    encoder = keras.Model(inputs, [z_mean, z_log_var, Sampling()([z_mean, z_log_var])])
-    latent = keras.Input((2,))
-    decoder = keras.Model(latent, keras.layers.Dense(64, activation="sigmoid")(
-        keras.layers.Dense(16, activation="relu")(latent)))
-    return (LoggedVAE if with_log else TrackedVAE)(encoder, decoder)
+    return (LoggedVAE if with_log else TrackedVAE)(*models.vae_networks())
 
 
 # --- the GAN guide's pattern: the step returns this batch's values ----------

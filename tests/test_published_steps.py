@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import customfit
+from tests import models
 
 BATCH = 32
 
@@ -348,16 +349,6 @@ def vae(base):
     logarithm differs in the last bit from run to run on CPU, on stock Keras
     too, which no bit-for-bit comparison survives."""
 
-    class Sampling(keras.layers.Layer):
-        def __init__(self):
-            super().__init__()
-            self.seed_generator = keras.random.SeedGenerator(1337)
-
-        def call(self, inputs):
-            z_mean, z_log_var = inputs
-            epsilon = keras.random.normal(tf.shape(z_mean), seed=self.seed_generator)
-            return z_mean + tf.exp(0.5 * z_log_var) * epsilon
-
     class VAE(base):
         def __init__(self, encoder, decoder):
             super().__init__()
@@ -390,14 +381,7 @@ def vae(base):
                     "reconstruction_loss": self.reconstruction_loss_tracker.result(),
                     "kl_loss": self.kl_loss_tracker.result()}
 
-    inputs = keras.Input((64,))
-    hidden = keras.layers.Dense(16, activation="relu")(inputs)
-    z_mean, z_log_var = keras.layers.Dense(2)(hidden), keras.layers.Dense(2)(hidden)
-    encoder = keras.Model(inputs, [z_mean, z_log_var, Sampling()([z_mean, z_log_var])])
-    latent = keras.Input((2,))
-    decoder = keras.Model(latent, keras.layers.Dense(64, activation="sigmoid")(
-        keras.layers.Dense(16, activation="relu")(latent)))
-    model = VAE(encoder, decoder)
+    model = VAE(*models.vae_networks())
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
 

@@ -35,26 +35,11 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from customfit.callbacks import BackupAndRestore  # noqa: E402
-from tests.scripts.resumable_training import Record, build  # noqa: E402
+from tests.scripts.resumable_training import AtBatch, Record, build  # noqa: E402
 
 CASES = ["arrays", "dataset", "dataset-2-replicas"]
 EPOCHS = 3
 SAVE_FREQ = 3
-
-
-class Then(keras.callbacks.Callback):
-    """At one batch's end, once: runs `then()` (the next case, or the pause)."""
-
-    def __init__(self, at, then):
-        super().__init__()
-        self.at, self.then, self.epoch = at, then, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            self.then()
 
 
 def run_case(case, out, pause_at, then):
@@ -79,7 +64,7 @@ def run_case(case, out, pause_at, then):
     callbacks = [BackupAndRestore(os.path.join(directory, "backup"), save_freq=SAVE_FREQ),
                  record]
     if pause_at is not None:
-        callbacks.append(Then(pause_at, then))
+        callbacks.append(AtBatch(pause_at, then))
     model.fit(**inputs, epochs=EPOCHS, verbose=0, callbacks=callbacks)
 
     state = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}

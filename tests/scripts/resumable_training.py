@@ -61,23 +61,33 @@ def build():
     return model
 
 
-class PauseOnce(keras.callbacks.Callback):
-    """Stops the process at one batch, the first time only."""
+class AtBatch(keras.callbacks.Callback):
+    """At the end of batch `at = (epoch, batch)`: runs `then()` (a pause for
+    a test to kill the process, a kill, the next case)."""
 
-    def __init__(self, out, epoch, batch):
+    def __init__(self, at, then):
         super().__init__()
-        self.marker = os.path.join(out, "paused")
-        self.at = (epoch, batch)
-        self.epoch = None
+        self.at, self.then, self.epoch = tuple(at), then, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == self.at and not os.path.exists(self.marker):
-            with open(self.marker, "w") as f:
-                f.write(f"{self.epoch}:{batch}\n")
+        if (self.epoch, batch) == self.at:
+            self.then()
+
+
+def pause_once(out, epoch, batch):
+    """An `AtBatch` that stops the process there, the first time only."""
+    marker = os.path.join(out, "paused")
+
+    def pause():
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"{epoch}:{batch}\n")
             time.sleep(300)  # killed here by the test
+
+    return AtBatch((epoch, batch), pause)
 
 
 def main():
@@ -109,7 +119,7 @@ def main():
     ]
     if args.pause_once_at:
         epoch, batch = map(int, args.pause_once_at.split(":"))
-        callbacks.append(PauseOnce(args.out, epoch, batch))
+        callbacks.append(pause_once(args.out, epoch, batch))
     model.fit(x[:512], y[:512], validation_data=(x[512:768], y[512:768]),
               batch_size=64, epochs=EPOCHS, verbose=0, callbacks=callbacks)
 

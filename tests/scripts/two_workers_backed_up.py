@@ -37,25 +37,18 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from customfit.callbacks import BackupAndRestore, ModelCheckpoint  # noqa: E402
-from tests.scripts.resumable_training import Record, build  # noqa: E402
+from tests.scripts.resumable_training import AtBatch, Record, build  # noqa: E402
 
 EPOCHS = 3
 SAVE_FREQ = 2
 
 
-class KillAt(keras.callbacks.Callback):
-    def __init__(self, at, marker):
-        super().__init__()
-        self.at, self.marker, self.epoch = at, marker, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            with open(self.marker, "w") as f:
-                f.write(f"{self.epoch}:{batch}")
-            os.kill(os.getpid(), signal.SIGKILL)
+def kill_marked(marker, at):
+    """Leaves `marker` (so that the restarted worker is not killed again) and
+    kills this process with SIGKILL."""
+    with open(marker, "w") as f:
+        f.write("{}:{}".format(*at))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main():
@@ -84,7 +77,8 @@ def main():
     ]
     marker = os.path.join(args.out, "killed")
     if args.kill_at and worker == 1 and not os.path.exists(marker):
-        callbacks.append(KillAt(tuple(map(int, args.kill_at.split(":"))), marker))
+        at = tuple(map(int, args.kill_at.split(":")))
+        callbacks.append(AtBatch(at, lambda: kill_marked(marker, at)))
     model.fit(dataset, epochs=EPOCHS, verbose=0, shuffle=False, callbacks=callbacks)
 
     state = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
