@@ -145,6 +145,8 @@ def compare_batch_logs(steps_per_execution: int) -> Result:
 
 
 class _BatchLogs(keras.callbacks.Callback):
+    reads_only_logs = True
+
     def __init__(self) -> None:
         super().__init__()
         self.logs: list[tuple[int, dict]] = []

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _resume
+from customfit import _auto_steps, _resume
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,11 @@ class MidEpochValidation(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
+
+    def _customfit_execution_limit(self, batch: int) -> int:
+        """`steps_per_execution="auto"`: an execution ends at each batch
+        after which it validates."""
+        return _auto_steps.every_n_batches(self.every, batch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if (batch + 1) % self.every:

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from customfit import _cluster, _dev_modes, _optimizers, _per_batch, _resume
+from customfit import _auto_steps, _cluster, _dev_modes, _optimizers, _per_batch, _resume
 from customfit._keras import internals
 
 _SIGNATURES = {
@@ -43,6 +43,9 @@ class FitCall:
             a `keras.callbacks.CallbackList` the caller passed (used as it
             is; `fit` passes its own to its validation `evaluate`).
         resume: The `FitResume` of a `fit` with a resuming callback, or None.
+        plan: How executions are sized, for a model compiled with
+            `steps_per_execution="auto"` (once the callbacks are known);
+            None otherwise.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class FitCall:
         self.model = model
         self.method = method
         self.resume: _resume.FitResume | None = None
+        self.plan: _auto_steps.ExecutionPlan | None = None
         if method == "fit":
             arguments = _dev_modes.applied(model, arguments, modes or _dev_modes.DevModes())
             arguments = _optimizers.with_learning_rate_logs(model, arguments)
@@ -101,6 +105,8 @@ class FitCall:
                 raise
             raise RuntimeError(_cluster.lost_contact_message(strategy, error)) from error
         finally:
+            if self.plan is not None:
+                self.plan.finish()
             running = _RUNNING[id(self.model)]
             running.remove(self)
             if not running:
@@ -116,11 +122,18 @@ class FitCall:
         """Keras knows the batches per epoch and would make its
         `CallbackList` now (`_maybe_symbolic_build` ends): the callback list
         is built."""
-        if epoch_iterator is None or not isinstance(self.callbacks, _per_batch.PerBatchCallbacks):
+        if epoch_iterator is None:
             return
-        self.callbacks.build(internals.epoch_batches(epoch_iterator))
-        if self.resume is not None:
-            self.resume.callbacks = self.callbacks.inner
+        if isinstance(self.callbacks, _per_batch.PerBatchCallbacks):
+            self.callbacks.build(internals.epoch_batches(epoch_iterator))
+            if self.resume is not None:
+                self.resume.callbacks = self.callbacks.inner
+        if self.model._auto_steps is not None and self.plan is None:
+            phase = "train" if self.method == "fit" else "test"
+            self.plan = _auto_steps.ExecutionPlan(self.model, phase, self.callbacks.callbacks)
+            if self.resume is not None:
+                self.plan.limits.append(self.resume.execution_limit)
+            self.plan.install(epoch_iterator)
 
 
 def replayed_begin(model: keras.Model) -> bool:

@@ -8,7 +8,16 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from customfit import _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _saving, _step
+from customfit import (
+    _auto_steps,
+    _dev_modes,
+    _fit_call,
+    _guards,
+    _optimizers,
+    _per_batch,
+    _saving,
+    _step,
+)
 from customfit._keras import internals, step_function, versions
 from customfit._keras2 import (
     CompiledLoss,
@@ -361,6 +370,42 @@ class CustomModel(keras.Model):
         )
 
     # ------------------------------------------------------------ plumbing
+
+    @property
+    def steps_per_execution(self) -> int:
+        """Keras' `compile(steps_per_execution=...)`, plus `"auto"`.
+
+        With `"auto"`, `fit` and `evaluate` choose how many batches each
+        execution of the compiled step runs, from measured times: from one
+        batch up, as long as that makes a batch faster and an execution
+        takes under 0.2 s (the progress bar and callbacks keep updating
+        several times a second). Callbacks see every batch, with its own
+        index and logs, bit for bit as with one batch per execution. An
+        execution never runs past a batch after which a callback reads the
+        weights (`ModelCheckpoint` and `BackupAndRestore` with
+        `save_freq=N`, `fit(validate_every_n_batches=N)`); a callback with
+        other per-batch methods, unless it has `reads_only_logs = True`,
+        makes that call run one batch per execution, with a warning.
+        `predict` runs one batch per execution, and this attribute reads 1
+        (the compile config keeps `"auto"`).
+
+        Example:
+
+        ```python
+        model.compile("adam", "sparse_categorical_crossentropy",
+                      steps_per_execution="auto")
+        ```
+        """
+        return self._fixed_steps_per_execution
+
+    @steps_per_execution.setter
+    def steps_per_execution(self, value: int | str) -> None:
+        auto = value == _auto_steps.AUTO
+        # Plain attributes: settings, not state to track or save.
+        object.__setattr__(self, "_fixed_steps_per_execution", 1 if auto else value)
+        object.__setattr__(
+            self, "_auto_steps", _auto_steps.AutoStepsPerExecution() if auto else None
+        )
 
     def make_train_function(self, force: bool = False) -> Callable:
         # Every optimizer over all trainable weights, now, as Keras builds

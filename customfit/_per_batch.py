@@ -47,11 +47,16 @@ class Channel:
             step: `(layout, stacked)`, `stacked[i]` the flattened logs after
             the execution's `i`-th batch, `layout` their names, shapes and
             dtypes (see `step_function.row_logs`). None otherwise.
+        steps: Set before an execution when the number of batches varies
+            from one execution to the next (`steps_per_execution="auto"`):
+            how many the next one runs (fewer when the data end). None: the
+            model's `steps_per_execution`.
     """
 
     def __init__(self) -> None:
         self.summary: tuple[int, int] | None = None
         self.rows: tuple[list, tf.Tensor] | None = None
+        self.steps: int | None = None
 
     def take_rows(self) -> tuple[list, tf.Tensor] | None:
         rows, self.rows = self.rows, None
@@ -104,6 +109,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         # there; Keras still begins one more execution, `steps_per_execution`
         # batches on, that stops at once.
         self._after_short: dict[str, int] = {}
+        self._board: Any = False  # `_tensorboard()`, once looked up
 
     def __del__(self) -> None:
         # Keras' `CallbackList.__del__` shuts down the executor its
@@ -180,19 +186,21 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
                 finally:
                     self.replaying = False
             end(first + offset, step_function.row_logs(layout, row))
-        if len(rows) < self.inner.model.steps_per_execution:
+        if len(rows) < (self._channel.steps or self.inner.model.steps_per_execution):
             self._after_short[phase] = first + len(rows)
 
     def _tensorboard(self) -> keras.callbacks.TensorBoard | None:
         """The TensorBoard callback whose writer is the default during a
         batch (the last one pushed), when it records per batch."""
-        found = None
-        for callback in self.inner.callbacks:
-            if isinstance(callback, keras.callbacks.TensorBoard) and isinstance(
-                callback.update_freq, int
-            ):
-                found = callback
-        return found
+        if self._board is False:
+            found = None
+            for callback in self.inner.callbacks:
+                if isinstance(callback, keras.callbacks.TensorBoard) and isinstance(
+                    callback.update_freq, int
+                ):
+                    found = callback
+            self._board = found
+        return self._board
 
     def _summary_config(self, phase: str) -> tuple[int, int] | None:
         board = self._tensorboard()

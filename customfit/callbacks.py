@@ -26,7 +26,7 @@ from typing import Any, cast
 import keras
 import numpy as np
 
-from customfit import _cluster, _fit_call, _optimizers, _resume
+from customfit import _auto_steps, _cluster, _fit_call, _optimizers, _resume
 from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
 
@@ -306,6 +306,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save(self._epoch, batch)
             self._last_backup_batch = batch
 
+    def _customfit_execution_limit(self, batch: int) -> int | None:
+        """`steps_per_execution="auto"`: an execution ends before each
+        batch at which a backup is taken."""
+        if self.save_freq == "epoch":
+            return None
+        return _auto_steps.every_n_batches(cast(int, self.save_freq), batch)
+
     def on_train_end(self, logs: dict | None = None) -> None:
         """Runs when `fit` ends: deletes the backup, or saves the final state."""
         internals.set_initial_epoch(self.model, None)
@@ -442,6 +449,8 @@ class TrainingPlot(keras.callbacks.Callback):
         draw_every: Redraw after every this many epochs (drawing takes about
             a second); the files are always redrawn when `fit` ends.
     """
+
+    reads_only_logs = True  # per batch, `steps_per_execution="auto"` may group batches
 
     def __init__(
         self,

@@ -332,3 +332,27 @@ def test_tensorboard_counts_batches_where_it_steps_its_writer(tmp_path):
     assert "self._push_writer(self._val_writer, self._global_test_batch)" in source
     assert "self._global_train_batch += 1" in source
     assert "self._global_test_batch += 1" in source
+
+
+def test_batches_since_save_counts_to_save_freq(tmp_path):
+    """steps_per_execution="auto" ends an execution at the batch where a
+    ModelCheckpoint or BackupAndRestore with save_freq=N saves, from this
+    count."""
+    for callback in (
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "w.weights.h5"), save_freq=3,
+                                        save_weights_only=True),
+        keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), save_freq=3),
+    ):
+        counts = []
+        for batch in range(4):
+            counts.append(internals.batches_since_save(callback))
+            assert callback._should_save_on_batch(batch) == (batch == 2)
+        assert counts == [0, 1, 2, 0]
+
+
+def test_epoch_iterator_enumerates_through_an_overridable_method():
+    """steps_per_execution="auto" sizes executions by replacing one epoch
+    iterator's `_enumerate_iterator`."""
+    from keras.src.trainers import epoch_iterator
+
+    assert "self._enumerate_iterator()" in inspect.getsource(epoch_iterator.EpochIterator.__iter__)

@@ -214,6 +214,13 @@ def checkpoint_should_save(
     return callback._should_save_model(epoch, batch, logs, filepath)
 
 
+def batches_since_save(callback: keras.callbacks.Callback) -> int:
+    """Batches a `ModelCheckpoint` or `BackupAndRestore` with an integer
+    `save_freq` has counted since it last saved: it saves at the end of the
+    batch that brings the count to `save_freq`."""
+    return callback._batches_seen_since_last_saving
+
+
 def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     """The epoch `fit` starts at when set from `on_train_begin` (Keras'
     `BackupAndRestore` uses it); None lets `fit`'s own `initial_epoch` apply."""

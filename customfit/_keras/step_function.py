@@ -20,6 +20,11 @@ What the copy changes:
 - with `summary=(first_step, update_freq)`, each step runs with the real
   batch number as `tf.summary`'s default step and an in-graph
   `step % update_freq == 0` as the `record_if` condition.
+- with `steps` (a tensor), an execution runs that many batches: the number
+  can change between executions without retracing
+  (`steps_per_execution="auto"`);
+- the usual call passes the iterator alone, as Keras' does: each optional
+  argument adds binding and hashing work to every call of the `tf.function`.
 
 `unrolled_steps_per_execution` is not used (it only changes how the loop is
 laid out, not what it computes).
@@ -76,12 +81,16 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
         finally:
             tf.summary.experimental.set_step(previous)
 
-    @tf.autograph.experimental.do_not_convert
-    def multi_step_on_iterator(iterator: Any, summary: Any = None) -> tuple[Any, Any]:
-        steps_per_execution = model.steps_per_execution
-        if steps_per_execution == 1:
-            outputs = step_at(iterator.get_next(), summary, 0)
-            return tf.experimental.Optional.from_value(outputs), None
+    def multi_step_on_iterator(iterator: Any, summary: Any, steps: Any) -> Any:
+        """Runs `steps` batches (a tensor; None: `model.steps_per_execution`)
+        and returns the last one's logs as an optional and every step's rows
+        as a tensor: `(optional, rows)`; the optional alone when the model
+        runs one step per execution."""
+        if steps is None:
+            steps = model.steps_per_execution
+            if steps == 1:
+                outputs = step_at(iterator.get_next(), summary, 0)
+                return tf.experimental.Optional.from_value(outputs)
 
         # The spec is set lazily during the tracing of `tf.while_loop`.
         empty_outputs = tf.experimental.Optional.empty(None)
@@ -91,7 +100,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
             execution_step: Any, optional_outputs: Any, next_optional_inputs: Any, rows: Any
         ) -> Any:
             return tf.logical_and(
-                tf.less(execution_step, steps_per_execution),
+                tf.less(execution_step, steps),
                 next_optional_inputs.has_value(),
             )
 
@@ -109,7 +118,7 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
                 execution_step + 1,
                 next_optional_outputs,
                 tf.cond(
-                    tf.less(execution_step + 1, steps_per_execution),
+                    tf.less(execution_step + 1, steps),
                     lambda: iterator.get_next_as_optional(),
                     lambda: next_optional_inputs,
                 ),
@@ -138,30 +147,76 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
         )
         return final_optional_outputs, stacked
 
-    if not model.run_eagerly:
-        multi_step_on_iterator = tf.function(multi_step_on_iterator, reduce_retracing=True)
+    # One function per combination of optional arguments, so that the usual
+    # call (`iterator` alone) binds and hashes one argument, as Keras' does.
+    def plain(iterator: Any) -> Any:
+        return multi_step_on_iterator(iterator, None, None)
+
+    def with_summary(iterator: Any, summary: Any) -> Any:
+        return multi_step_on_iterator(iterator, summary, None)
+
+    def with_steps(iterator: Any, steps: Any) -> Any:
+        return multi_step_on_iterator(iterator, None, steps)
+
+    uncompiled = {
+        (False, False): plain,
+        (True, False): with_summary,
+        (False, True): with_steps,
+        (True, True): multi_step_on_iterator,
+    }
+    variants: dict[tuple[bool, bool], Any] = {}
+
+    def multi_step(summary: bool, steps: bool) -> Any:
+        if (summary, steps) not in variants:
+            run = tf.autograph.experimental.do_not_convert(uncompiled[summary, steps])
+            if not model.run_eagerly:
+                run = tf.function(run, reduce_retracing=True)
+            variants[summary, steps] = run
+        return variants[summary, steps]
+
+    tf_iterator_types: dict[type, bool] = {}
+
+    def is_tf_iterator(iterator: Any) -> bool:
+        # `tf.distribute.DistributedIterator` is a runtime protocol, slow
+        # to check once per batch; an epoch's iterators share one type.
+        kind = type(iterator)
+        if kind not in tf_iterator_types:
+            tf_iterator_types[kind] = isinstance(
+                iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
+            )
+        return tf_iterator_types[kind]
 
     def function(iterator: Any) -> Any:
         channel.rows = None
-        if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
-            summary = channel.summary
-            if summary is not None:
-                summary = (tf.constant(summary[0], tf.int64), tf.constant(summary[1], tf.int64))
-            opt_outputs, stacked = multi_step_on_iterator(iterator, summary)
+        if is_tf_iterator(iterator):
+            arguments = [iterator]
+            if channel.summary is not None:
+                first_step, every = channel.summary
+                arguments.append((tf.constant(first_step, tf.int64), tf.constant(every, tf.int64)))
+            if channel.steps is not None:
+                arguments.append(tf.constant(channel.steps, tf.int32))
+            run = multi_step(channel.summary is not None, channel.steps is not None)
+            opt_outputs, stacked = run(*arguments), None
+            if isinstance(opt_outputs, tuple):
+                opt_outputs, stacked = opt_outputs
             if not opt_outputs.has_value():
                 raise StopIteration
             outputs = opt_outputs.get_value()
             if stacked is not None:
                 channel.rows = (layout(outputs), stacked)
             return outputs
-        for _, data in zip(range(model.steps_per_execution), iterator):
+        for _, data in zip(range(channel.steps or model.steps_per_execution), iterator):
             outputs = one_step_on_data(data)
         return outputs
 
     def trace_ahead(iterator: Any) -> bool:
         if model.run_eagerly:
             return False
-        multi_step_on_iterator.get_concrete_function(iterator)
+        run = multi_step(False, channel.steps is not None)
+        if channel.steps is None:
+            run.get_concrete_function(iterator)
+        else:
+            run.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
         return True
 
     return StepFunction(function, trace_ahead)

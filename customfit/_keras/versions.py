@@ -74,6 +74,12 @@ COPIES = (
         {"55eb952812cac1fb": "3.10, 3.11", "bb33b7a0da3d2740": "3.12 to 3.15"},
     ),
     Copy(
+        "EpochIterator._enumerate_iterator",
+        "_keras.epoch_iterator (steps_per_execution='auto')",
+        _attribute("keras.src.trainers.epoch_iterator", "EpochIterator", "_enumerate_iterator"),
+        {"5b12fbb1202bfd36": "3.10", "376e3e16a928107a": "3.11 to 3.15"},
+    ),
+    Copy(
         "keras.Model.train_step",
         "CustomModel.train_step and its hooks",
         _attribute("keras", "Model", "train_step"),

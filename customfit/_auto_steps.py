@@ -1,0 +1,230 @@
+"""`compile(steps_per_execution="auto")`: how many batches each execution
+runs, chosen from measured times, never across a batch at which a callback
+reads the weights.
+
+Every batch still reaches the callbacks with its own index and logs
+(`_per_batch`), so the number of batches per execution changes nothing a
+callback sees, except the weights a callback reads during a batch: those are
+the weights after the execution's last batch. So:
+
+- an execution never runs past a batch after which a callback reads the
+  weights: for the customfit and Keras callbacks that save every N batches
+  (`ModelCheckpoint`, `BackupAndRestore`) and `fit(validate_every_n_batches=)`
+  the batches are known (customfit's callbacks say which with a
+  `_customfit_execution_limit(batch)` method), and executions end there;
+- a callback that only reads its `logs` per batch (the progress bar,
+  `History`, `TensorBoard`, `customfit.callbacks.TrainingPlot`, any callback
+  with the attribute `reads_only_logs = True`) or has no per-batch method
+  allows any number;
+- any other callback with a per-batch method might read the weights or stop
+  training in the middle of an execution: with one among the callbacks, the
+  call runs one batch per execution, and a warning names it once.
+
+The number itself comes from a `StepsTuner` per phase (training,
+evaluation), which the model keeps from `compile` to `compile`: starting
+from one batch, it multiplies the number by `GROWTH` while that makes a
+batch faster by more than `MIN_GAIN` and an execution stays under
+`MAX_SECONDS` (so the progress bar and callbacks still update several times
+a second), then keeps the best.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from customfit._keras import epoch_iterator as epoch_iteration
+from customfit._keras import internals
+
+AUTO = "auto"
+
+GROWTH = 4
+SAMPLES = 3  # executions timed per candidate; the fastest counts
+MIN_GAIN = 0.02
+MAX_SECONDS = 0.2
+MAX_STEPS = 4096
+
+_LOGS_ONLY = (
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.History,
+    keras.callbacks.TensorBoard,
+)
+_SAVING_EVERY_N_BATCHES = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
+
+
+class StepsTuner:
+    """Chooses the number of batches per execution of one phase from the
+    wall time of executions.
+
+    Attributes:
+        steps: The number it proposes for the next execution.
+        settled: Whether the search is over: `steps` was the fastest
+            candidate. A settled tuner searches again from one batch when a
+            batch's time at `steps` moves by more than a factor of two
+            (other data, another batch size).
+        times: Seconds per batch of the last `SAMPLES` full executions of
+            each number of batches tried.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 1
+        self.settled = False
+        self.times: dict[int, list[float]] = {}
+        self._settled_time: float | None = None
+
+    def observe(self, steps: int, seconds: float) -> None:
+        """One execution of `steps` batches took `seconds` (from its start
+        to the start of the next, callbacks included). Executions of another
+        size than proposed (cut at an epoch's end or a callback's batch)
+        are not counted."""
+        if steps != self.steps:
+            return
+        samples = self.times.setdefault(steps, [])
+        samples.append(seconds / steps)
+        del samples[:-SAMPLES]
+        if len(samples) < SAMPLES:
+            return
+        fastest = min(samples)
+        if self.settled:
+            settled_time = self._settled_time or fastest
+            if not settled_time / 2 <= fastest <= settled_time * 2:
+                self.__init__()  # type: ignore[misc]
+            return
+        previous = self.times.get(steps // GROWTH)
+        if previous is not None and fastest > min(previous) * (1 - MIN_GAIN):
+            self._settle(steps // GROWTH, min(previous))
+        elif steps * GROWTH > MAX_STEPS or steps * GROWTH * fastest > MAX_SECONDS:
+            self._settle(steps, fastest)
+        else:
+            self.steps = steps * GROWTH
+
+    def _settle(self, steps: int, time_per_batch: float) -> None:
+        self.steps = steps
+        self.settled = True
+        self._settled_time = time_per_batch
+        self.times[steps] = []  # measured afresh, to notice a change
+
+
+class AutoStepsPerExecution:
+    """The state `compile(steps_per_execution="auto")` gives a model: one
+    `StepsTuner` per phase, kept across `fit` and `evaluate` calls (the
+    validation of every epoch included).
+
+    Attributes:
+        tuners: Phase ("train", "test") -> its tuner.
+        warned: Names of the callbacks already warned about.
+    """
+
+    def __init__(self) -> None:
+        self.tuners = {"train": StepsTuner(), "test": StepsTuner()}
+        self.warned: set[str] = set()
+
+
+class ExecutionPlan:
+    """How one `fit` or `evaluate` call of a model compiled with
+    `steps_per_execution="auto"` sizes its executions.
+
+    Attributes:
+        phase: "train" (`fit`) or "test" (`evaluate`).
+        tuner: The phase's `StepsTuner`.
+        limits: For each callback that reads the weights every few batches,
+            a function of the next batch's index giving the most batches the
+            execution may run.
+        blocking: Names of the callbacks that make every execution one
+            batch (see the module docstring).
+    """
+
+    def __init__(self, model: keras.Model, phase: str, callbacks: list) -> None:
+        auto = model._auto_steps
+        self.phase = phase
+        self.tuner = auto.tuners[phase]
+        self.limits: list[Callable[[int], int]] = []
+        self.blocking: list[str] = []
+        self._channel = model._per_batch_channel
+        self._last: tuple[int, float] | None = None  # (steps, start) of the running execution
+        for callback in callbacks:
+            limit = _execution_limit(callback, phase)
+            if limit is _one_batch:
+                self.blocking.append(type(callback).__name__)
+            elif limit is not None:
+                self.limits.append(limit)
+        new = sorted(set(self.blocking) - auto.warned)
+        if new:
+            auto.warned.update(new)
+            warnings.warn(
+                f"steps_per_execution='auto' runs one batch per execution in this "
+                f"model's {'fit' if phase == 'train' else 'evaluate'}: the callback(s) "
+                f"{', '.join(new)} may read the weights or stop training after any "
+                "batch. A callback that only reads its `logs` in per-batch methods "
+                "and never sets `model.stop_training` there can say so with the "
+                "attribute `reads_only_logs = True`.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def install(self, epoch_iterator: Any) -> None:
+        """Makes `epoch_iterator` size each execution with `next_steps`."""
+        epoch_iteration.size_executions(epoch_iterator, self.next_steps)
+
+    def next_steps(self, batch: int, remaining: int | None) -> int:
+        """The number of batches of the execution starting at `batch` (its
+        index in the epoch), `remaining` batches being left in the epoch
+        (None: unknown). Also times the previous execution of the epoch."""
+        now = time.perf_counter()
+        if self._last is not None and batch > 0:
+            steps, start = self._last
+            self.tuner.observe(steps, now - start)
+        steps = 1 if self.blocking else self.tuner.steps
+        for limit in self.limits:
+            steps = min(steps, limit(batch))
+        if remaining is not None:
+            steps = min(steps, remaining)
+        steps = max(steps, 1)
+        self._last = (steps, now)
+        self._channel.steps = steps
+        return steps
+
+    def finish(self) -> None:
+        """The call ended: the step functions run `steps_per_execution`
+        batches again."""
+        self._channel.steps = None
+
+
+def _one_batch(batch: int) -> int:
+    return 1
+
+
+def _execution_limit(callback: Any, phase: str) -> Callable[[int], int] | None:
+    """None when `callback` allows any number of batches per execution, else
+    a function of the next batch's index giving the most it allows
+    (`_one_batch` for a callback that may read the weights at any batch)."""
+    own = getattr(callback, "_customfit_execution_limit", None)
+    if own is not None:  # a customfit callback that knows its batches
+        if phase != "train" or own(0) is None:
+            return None
+        return own
+    if isinstance(callback, _LOGS_ONLY) or getattr(callback, "reads_only_logs", False):
+        return None
+    if isinstance(callback, _SAVING_EVERY_N_BATCHES) and phase == "train":
+        every = callback.save_freq
+        if every == "epoch":
+            return None
+        return lambda batch: every - internals.batches_since_save(callback)
+    hooks = [f"on_{phase}_batch_begin", f"on_{phase}_batch_end"]
+    if phase == "train":
+        hooks += ["on_batch_begin", "on_batch_end"]
+    base = keras.callbacks.Callback
+    if any(getattr(type(callback), hook) is not getattr(base, hook) for hook in hooks):
+        return _one_batch
+    return None
+
+
+def every_n_batches(every: int, batch: int) -> int:
+    """The most batches an execution starting at `batch` may run when a
+    callback reads the weights after batch `every - 1`, `2 * every - 1`,
+    ... of each epoch."""
+    return every - batch % every
