@@ -40,7 +40,7 @@ COMPAT_TESTS = (
     "tests/test_keras_internals.py", "tests/test_versions.py",
     "tests/test_full_resolution_logs.py", "tests/test_resume_mid_epoch.py",
     "tests/test_saving.py", "tests/test_published_steps.py", "tests/test_errors.py",
-    "tests/test_log.py", "tests/test_warnings.py", "tests/test_composite_checkpoints.py",
+    "tests/test_auto_steps.py",
 )
 
 

@@ -15,10 +15,10 @@ import customfit
 BATCH_SIZE = 32
 
 
-def mlp(base: type) -> keras.Model:
+def mlp(base: type, width: int = 512) -> keras.Model:
     """The 784-512-10 MLP with Dropout of the Keras-2 era tutorials."""
     inputs = keras.Input((784,))
-    hidden = keras.layers.Dense(512, activation="relu")(inputs)
+    hidden = keras.layers.Dense(width, activation="relu")(inputs)
     hidden = keras.layers.Dropout(0.2)(hidden)
     return base(inputs, keras.layers.Dense(10, activation="softmax")(hidden))
 
@@ -37,14 +37,16 @@ def cnn(base: type) -> keras.Model:
 MODELS = {"mlp": mlp, "cnn": cnn}
 
 
-def dataset(model_name: str, steps: int, seed: int = 0) -> tf.data.Dataset:
+def dataset(
+    model_name: str, steps: int, seed: int = 0, batch_size: int = BATCH_SIZE
+) -> tf.data.Dataset:
     """`steps` batches of generated data shaped like MNIST (timing does not
     depend on pixel values; nothing is downloaded), cached in memory."""
     rng = np.random.default_rng(seed)
     shape = (784,) if model_name == "mlp" else (28, 28, 1)
-    x = rng.random((steps * BATCH_SIZE, *shape), dtype=np.float32)
-    y = rng.integers(0, 10, steps * BATCH_SIZE).astype("int32")
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH_SIZE).cache()
+    x = rng.random((steps * batch_size, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, steps * batch_size).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).cache()
 
 
 class ClipAndLog(customfit.CustomModel):
@@ -70,16 +72,23 @@ class Keras2Step(customfit.CustomModel):
         return {m.name: m.result() for m in self.metrics}
 
 
-def _fit_variant(base, **compile_kwargs):
+def _fit_variant(base, width: int | None = None, **compile_kwargs):
     def prepare(model_name: str, data: tf.data.Dataset) -> Callable[[], None]:
-        model = MODELS[model_name](base)
+        model = MODELS[model_name](base, **({"width": width} if width else {}))
         model.compile(keras.optimizers.RMSprop(1e-3), "sparse_categorical_crossentropy",
                       metrics=["accuracy"], **{"jit_compile": False, **compile_kwargs})
-        return lambda: model.fit(data, epochs=1, verbose=0, shuffle=False)
+
+        def run() -> None:
+            model.fit(data, epochs=1, verbose=0, shuffle=False)
+
+        run.model = model  # type: ignore[attr-defined]
+        return run
     return prepare
 
 
-def _loop_variant(compile_step: bool, jit_step: bool = False, whole_epoch: bool = False):
+def _loop_variant(
+    compile_step: bool, jit_step: bool = False, whole_epoch: bool = False, track: bool = True
+):
     def prepare(model_name: str, data: tf.data.Dataset) -> Callable[[], None]:
         model = MODELS[model_name](keras.Model)
         optimizer = keras.optimizers.RMSprop(1e-3)
@@ -94,8 +103,9 @@ def _loop_variant(compile_step: bool, jit_step: bool = False, whole_epoch: bool 
                 loss = loss_fn(y, y_pred)
             gradients = tape.gradient(loss, model.trainable_weights)
             optimizer.apply(gradients, model.trainable_weights)
-            loss_mean.update_state(loss)
-            accuracy.update_state(y, y_pred)
+            if track:
+                loss_mean.update_state(loss)
+                accuracy.update_state(y, y_pred)
 
         if compile_step:
             step = tf.function(step, jit_compile=jit_step)
@@ -111,6 +121,7 @@ def _loop_variant(compile_step: bool, jit_step: bool = False, whole_epoch: bool 
                 accuracy.reset_state()
                 epoch(data)
                 float(loss_mean.result())  # wait for the results, as fit's logs do
+                float(optimizer.iterations)
         else:
             def run():
                 loss_mean.reset_state()
@@ -151,4 +162,28 @@ def variants(spe: int) -> dict[str, tuple[str, Callable]]:
         "loop_whole_epoch_xla_step": (
             "whole epoch in one tf.function, XLA step",
             _loop_variant(compile_step=True, jit_step=True, whole_epoch=True)),
+        "custom_auto": ('CustomModel.fit, steps_per_execution="auto"',
+                        _fit_variant(custom, steps_per_execution="auto")),
+        "compute_only": ("compute-only limit: whole epoch in one tf.function, "
+                         "no metrics, no logs, no callbacks",
+                         _loop_variant(compile_step=True, whole_epoch=True, track=False)),
+    }
+
+
+def fixed_k_variant(k: int) -> tuple[str, Callable]:
+    """`CustomModel.fit` with `steps_per_execution=k`, for the sweep."""
+    return (f"CustomModel.fit, steps_per_execution={k}",
+            _fit_variant(customfit.CustomModel, steps_per_execution=k))
+
+
+def scaling_variants(width: int) -> dict[str, tuple[str, Callable]]:
+    """Stock fit, the default CustomModel step and "auto", on the MLP with
+    `width` hidden units."""
+    return {
+        "stock_fit": ("keras.Model.fit", _fit_variant(keras.Model, width=width)),
+        "custom_default": ("CustomModel.fit, default step",
+                           _fit_variant(customfit.CustomModel, width=width)),
+        "custom_auto": ('CustomModel.fit, steps_per_execution="auto"',
+                        _fit_variant(customfit.CustomModel, width=width,
+                                     steps_per_execution="auto")),
     }

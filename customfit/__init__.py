@@ -4,6 +4,6 @@ from customfit import callbacks, recipes  # recipes extend CustomModel: import i
 from customfit._keras.versions import CompatibilityWarning
 from customfit._model import CustomModel
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["CompatibilityWarning", "CustomModel", "callbacks", "recipes", "__version__"]

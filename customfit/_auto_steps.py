@@ -63,9 +63,9 @@ class StepsTuner:
     Attributes:
         steps: The number it proposes for the next execution.
         settled: Whether the search is over: `steps` was the fastest
-            candidate. A settled tuner searches again from one batch when a
-            batch's time at `steps` moves by more than a factor of two
-            (other data, another batch size).
+            candidate. Once settled, `steps` only shrinks, when executions
+            take longer than `MAX_SECONDS` (bigger batches, a slower
+            model); a new `compile` searches again.
         times: Seconds per batch of the last `SAMPLES` full executions of
             each number of batches tried.
     """
@@ -74,7 +74,6 @@ class StepsTuner:
         self.steps = 1
         self.settled = False
         self.times: dict[int, list[float]] = {}
-        self._settled_time: float | None = None
 
     def observe(self, steps: int, seconds: float) -> None:
         """One execution of `steps` batches took `seconds` (from its start
@@ -90,23 +89,22 @@ class StepsTuner:
             return
         fastest = min(samples)
         if self.settled:
-            settled_time = self._settled_time or fastest
-            if not settled_time / 2 <= fastest <= settled_time * 2:
-                self.__init__()  # type: ignore[misc]
+            if steps > 1 and steps * fastest > MAX_SECONDS:  # batches got slower
+                self.steps = steps // GROWTH
+                self.times[self.steps] = []
             return
         previous = self.times.get(steps // GROWTH)
         if previous is not None and fastest > min(previous) * (1 - MIN_GAIN):
-            self._settle(steps // GROWTH, min(previous))
+            self._settle(steps // GROWTH)
         elif steps * GROWTH > MAX_STEPS or steps * GROWTH * fastest > MAX_SECONDS:
-            self._settle(steps, fastest)
+            self._settle(steps)
         else:
             self.steps = steps * GROWTH
 
-    def _settle(self, steps: int, time_per_batch: float) -> None:
+    def _settle(self, steps: int) -> None:
         self.steps = steps
         self.settled = True
-        self._settled_time = time_per_batch
-        self.times[steps] = []  # measured afresh, to notice a change
+        self.times[steps] = []  # measured afresh, to notice slower batches
 
 
 class AutoStepsPerExecution:
@@ -217,9 +215,10 @@ def _execution_limit(callback: Any, phase: str) -> Callable[[int], int] | None:
     hooks = [f"on_{phase}_batch_begin", f"on_{phase}_batch_end"]
     if phase == "train":
         hooks += ["on_batch_begin", "on_batch_end"]
-    base = keras.callbacks.Callback
-    if any(getattr(type(callback), hook) is not getattr(base, hook) for hook in hooks):
-        return _one_batch
+    for hook in hooks:
+        method = getattr(callback, hook)  # a `LambdaCallback` sets them on the instance
+        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, hook):
+            return _one_batch
     return None
 
 

@@ -114,8 +114,9 @@ def compare_fit(
     return Result(name, "stock keras.Model.fit", lines + differences(expected, actual))
 
 
-def compare_batch_logs(steps_per_execution: int) -> Result:
-    """Every batch's callback logs with `steps_per_execution` against 1."""
+def compare_batch_logs(steps_per_execution: int | str) -> Result:
+    """Every batch's callback logs with `steps_per_execution` (a number or
+    "auto") against 1."""
     x, y = data()
     runs = []
     for k in (1, steps_per_execution):
@@ -165,6 +166,7 @@ CHECKS: tuple[Callable[[], Result], ...] = (
         "steps_per_execution=4", CustomModel, compile_overrides=dict(steps_per_execution=4)
     ),
     lambda: compare_batch_logs(4),
+    lambda: compare_batch_logs("auto"),
 )
 
 

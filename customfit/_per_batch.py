@@ -169,6 +169,8 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
 
     def _end(self, phase: str, batch: int, logs: dict | None) -> None:
         self._channel.summary = None
+        # Read now: a callback may run `evaluate` during the replay below.
+        planned = self._channel.steps or self.inner.model.steps_per_execution
         rows = self._channel.take_rows()
         end = getattr(self.inner, f"on_{phase}_batch_end")
         if rows is None:
@@ -186,7 +188,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
                 finally:
                     self.replaying = False
             end(first + offset, step_function.row_logs(layout, row))
-        if len(rows) < (self._channel.steps or self.inner.model.steps_per_execution):
+        if len(rows) < planned:
             self._after_short[phase] = first + len(rows)
 
     def _tensorboard(self) -> keras.callbacks.TensorBoard | None:

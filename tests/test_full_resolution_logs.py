@@ -25,6 +25,8 @@ class Record(keras.callbacks.Callback):
     """Every batch call of `fit`/`evaluate`, in order, with its logs, and
     the params (progress-bar steps) callbacks are given."""
 
+    reads_only_logs = True  # steps_per_execution="auto" may group batches
+
     def __init__(self):
         super().__init__()
         self.events = []
@@ -241,7 +243,7 @@ from tests.test_full_resolution_logs import Logged, train
 data = load_digits()
 digits = (data.data / 16).astype("float32"), data.target.astype("int32")
 runs = {}
-for k in (1, 4):
+for k in (1, 4, "auto"):
     with STRATEGY.scope():
         runs[k] = train(Logged, digits, k, epochs=1, **COMPILE)
 print("RUNS" + json.dumps(runs))
@@ -249,7 +251,11 @@ print("RUNS" + json.dumps(runs))
 
 
 def _runs(out):
+    """The runs with steps_per_execution 1 and 4, after checking that the
+    one with "auto" (one batch per execution at first, then more) equals
+    the one with 1."""
     runs = json.loads(out.split("RUNS", 1)[1])
+    assert runs["auto"] == runs["1"]
     return runs["1"], runs["4"]
 
 

@@ -83,4 +83,4 @@ def test_check_command_prints_its_table():
     for row in ("default step", "Keras-2 train_step", "self.log in a hook",
                 "steps_per_execution=4", "every batch's logs"):
         assert row in out
-    assert "5 of 5 checks match bit for bit" in out
+    assert "6 of 6 checks match bit for bit" in out

@@ -124,7 +124,9 @@ def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = N
         return
     strategy = model.distribute_strategy
     if iterator is not None:
-        for _, _, batches in iterator:
+        # Keras 3.10 yields `(step, batches)`, later releases
+        # `(begin_step, end_step, batches)`.
+        for *_, batches in iterator:
             data_batch = next(batches)
             break
 
