@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -129,18 +129,25 @@ class ExecutionPlan:
     Attributes:
         phase: "train" (`fit`) or "test" (`evaluate`).
         tuner: The phase's `StepsTuner`.
-        limits: For each callback that reads the weights every few batches,
-            a function of the next batch's index giving the most batches the
-            execution may run.
+        limits: For each callback that reads the weights every few batches
+            (and the resume, while it drops trained batches), a function of
+            the next batch's index giving the most batches the execution may
+            run, or None for no limit there.
         blocking: Names of the callbacks that make every execution one
             batch (see the module docstring).
     """
 
-    def __init__(self, model: keras.Model, phase: str, callbacks: list) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        phase: str,
+        callbacks: list,
+        limits: Sequence[Callable[[int], int | None]] = (),
+    ) -> None:
         auto = model._auto_steps
         self.phase = phase
         self.tuner = auto.tuners[phase]
-        self.limits: list[Callable[[int], int]] = []
+        self.limits: list[Callable[[int], int | None]] = list(limits)
         self.blocking: list[str] = []
         self._channel = model._per_batch_channel
         self._last: tuple[int, float] | None = None  # (steps, start) of the running execution
@@ -178,7 +185,9 @@ class ExecutionPlan:
             self.tuner.observe(steps, now - start)
         steps = 1 if self.blocking else self.tuner.steps
         for limit in self.limits:
-            steps = min(steps, limit(batch))
+            most = limit(batch)
+            if most is not None:
+                steps = min(steps, most)
         if remaining is not None:
             steps = min(steps, remaining)
         steps = max(steps, 1)
@@ -196,15 +205,13 @@ def _one_batch(batch: int) -> int:
     return 1
 
 
-def _execution_limit(callback: Any, phase: str) -> Callable[[int], int] | None:
+def _execution_limit(callback: Any, phase: str) -> Callable[[int], int | None] | None:
     """None when `callback` allows any number of batches per execution, else
     a function of the next batch's index giving the most it allows
     (`_one_batch` for a callback that may read the weights at any batch)."""
     own = getattr(callback, "_customfit_execution_limit", None)
     if own is not None:  # a customfit callback that knows its batches
-        if phase != "train" or own(0) is None:
-            return None
-        return own
+        return own if phase == "train" else None
     if isinstance(callback, _LOGS_ONLY) or getattr(callback, "reads_only_logs", False):
         return None
     if isinstance(callback, _SAVING_EVERY_N_BATCHES) and phase == "train":

@@ -130,9 +130,10 @@ class FitCall:
                 self.resume.callbacks = self.callbacks.inner
         if self.model._auto_steps is not None and self.plan is None:
             phase = "train" if self.method == "fit" else "test"
-            self.plan = _auto_steps.ExecutionPlan(self.model, phase, self.callbacks.callbacks)
-            if self.resume is not None:
-                self.plan.limits.append(self.resume.execution_limit)
+            limits = [self.resume.execution_limit] if self.resume is not None else []
+            self.plan = _auto_steps.ExecutionPlan(
+                self.model, phase, self.callbacks.callbacks, limits
+            )
             self.plan.install(epoch_iterator)
 
 

@@ -163,14 +163,14 @@ class FitResume:
             return None
         return self._dataset.iterators_made + (0 if batch else 1)
 
-    def execution_limit(self, batch: int) -> int:
+    def execution_limit(self, batch: int) -> int | None:
         """At most one batch per execution while the resumed epoch's
         trained batches are read and dropped (one per call of the train
-        function), any number after."""
+        function), no limit after."""
         callbacks = self.callbacks
         if callbacks is not None and batch < callbacks.skip_below:
             return 1
-        return _UNLIMITED
+        return None
 
     def _advance_data(self, number: int | None) -> None:
         if number is None or self._dataset is None:
@@ -213,9 +213,6 @@ class FitResume:
                     "this epoch: fit() was called with other data than that "
                     "run. Call it as before, or delete the backup directory."
                 ) from None
-
-
-_UNLIMITED = 2**31 - 1
 
 
 def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
