@@ -3,12 +3,13 @@
     python3 -m nox -s compat            # the compatibility subset on every older stack
     python3 -m nox -s "compat(keras='3.12')"
     python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
+    python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow
     python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
     python3 -m nox -s docs              # the documentation site, warnings as errors
 
 The primary stack (the newest of each) runs the whole suite and Keras' own
-tests from the README's command; `.ci/run` runs `compat`, `lint` and `docs`
-after them. Each
+tests from the README's command; `.ci/run` runs `compat`, `jax`, `lint`
+and `docs` after them. Each
 session installs its TensorFlow and Keras into a fresh virtual environment
 and customfit from this checkout without dependencies, so the stack under
 test is exactly the one named.
@@ -74,6 +75,24 @@ def nightly(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
                 "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
                 *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+# Keras' JAX backend, without TensorFlow: `tests/jax_backend`.
+JAX_STACK = ("keras==3.15.1", "jax==0.10.2")
+
+
+@nox.session
+def jax(session: nox.Session) -> None:
+    """CustomModel on Keras' JAX backend: parity with stock fit, the hooks,
+    the Keras-2 helpers, saving and DataParallel over two CPU devices, in an
+    environment without TensorFlow (customfit installed without its
+    dependencies, as the README says for JAX users)."""
+    session.install(*JAX_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-c", "import importlib.util, sys; "
+                "sys.exit(importlib.util.find_spec('tensorflow') is not None)")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "tests/jax_backend",
+                *session.posargs, env={"KERAS_BACKEND": "jax"})
 
 
 LINT = ("ruff==0.17.6", "mypy==2.4.1")

@@ -1,9 +1,21 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
-from customfit import callbacks, recipes  # recipes extend CustomModel: import it first
+from customfit._backend import BACKEND
 from customfit._keras.versions import CompatibilityWarning
 from customfit._model import CustomModel
 
-__version__ = "0.3.0"
+if BACKEND == "tensorflow":
+    from customfit import callbacks, recipes  # noqa: F401 (exported below)
+
+__version__ = "0.4.0"
 
 __all__ = ["CompatibilityWarning", "CustomModel", "callbacks", "recipes", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # On JAX, `customfit.callbacks` and `customfit.recipes` say what they need.
+    if name in ("callbacks", "recipes"):
+        import importlib
+
+        return importlib.import_module(f"customfit.{name}")
+    raise AttributeError(f"module 'customfit' has no attribute {name!r}")

@@ -10,6 +10,10 @@ differs, by how much.
 
 from __future__ import annotations
 
+from customfit._backend import require_tensorflow
+
+require_tensorflow("python -m customfit check")
+
 import dataclasses
 import platform
 import time

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from customfit._keras import internals
 
@@ -39,7 +38,7 @@ class CompiledLoss:
         y_pred: Any,
         sample_weight: Any = None,
         regularization_losses: list | None = None,
-    ) -> tf.Tensor:
+    ) -> Any:
         """Returns the total loss and records it in the `loss` metric.
 
         Args:
@@ -71,7 +70,7 @@ class CompiledLoss:
             internals.aggregate_additional_loss(model, extra) for extra in regularization_losses
         )
         if not losses:
-            total = tf.zeros(())
+            total = keras.ops.zeros(())
         elif len(losses) == 1:
             total = losses[0]
         else:
@@ -103,7 +102,7 @@ class CompiledMetrics:
         if compile_metrics is not None:
             compile_metrics.reset_state()
 
-    def result(self) -> dict[str, tf.Tensor]:
+    def result(self) -> dict[str, Any]:
         compile_metrics = self._compile_metrics()
         if compile_metrics is None or not compile_metrics.built:
             return {}
@@ -117,13 +116,13 @@ class CompiledMetrics:
         return expand_compile_metrics(compile_metrics)
 
 
-def track_loss(model: keras.Model, loss: tf.Tensor, batch_of: Any) -> None:
+def track_loss(model: keras.Model, loss: Any, batch_of: Any) -> None:
     """Adds `loss` to the `loss` metric as stock `fit` does: the full
     (cross-replica) loss, weighted by the batch size."""
-    first = next(t for t in tf.nest.flatten(batch_of) if t is not None)
+    first = next(t for t in keras.tree.flatten(batch_of) if t is not None)
     internals.loss_tracker(model).update_state(
         internals.unscale_loss_for_distribution(loss),
-        sample_weight=tf.shape(first)[0],
+        sample_weight=keras.ops.shape(first)[0],
     )
 
 
@@ -147,7 +146,7 @@ class _NamedMetric(internals.MetricsList):
     def __init__(self, metric: keras.metrics.Metric, name: str) -> None:
         super().__init__([metric], name=name)
 
-    def result(self) -> tf.Tensor:
+    def result(self) -> Any:
         return self.metrics[0].result()
 
 

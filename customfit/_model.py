@@ -6,25 +6,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import keras
-import tensorflow as tf
 
-from customfit import (
-    _auto_steps,
-    _dev_modes,
-    _fit_call,
-    _guards,
-    _optimizers,
-    _per_batch,
-    _saving,
-    _step,
-)
-from customfit._keras import internals, step_function, versions
+from customfit import _optimizers, _saving, _step
+from customfit._backend import loop
+from customfit._keras import internals, versions
 from customfit._keras2 import (
     CompiledLoss,
     CompiledMetrics,
     missing_targets_message,
 )
 from customfit._step_logging import StepLogs
+
+Tensor = Any
+"""A tensor of Keras' backend: a `tf.Tensor`, or a `jax.Array`."""
 
 
 @keras.saving.register_keras_serializable(package="customfit")
@@ -88,16 +82,18 @@ class CustomModel(keras.Model):
             self.__class__ = _functional_twin(type(self))
         super().__init__(*args, **kwargs)
         # Plain attributes: not model state that Keras should track or save.
-        object.__setattr__(self, "_step_logs", StepLogs())
+        object.__setattr__(
+            self, "_step_logs", StepLogs(loop.metric_creation_scope, loop.replica_results)
+        )
         object.__setattr__(self, "_compiled_loss", CompiledLoss(self))
         object.__setattr__(self, "_compiled_metrics", CompiledMetrics(self))
-        object.__setattr__(self, "_per_batch_channel", _per_batch.Channel())
+        loop.init(self)
 
     # ----------------------------------------------------------------- hooks
 
     def transform_gradients(
-        self, gradients: list[tf.Tensor], variables: list[tf.Variable]
-    ) -> list[tf.Tensor]:
+        self, gradients: list[Tensor], variables: list[keras.Variable]
+    ) -> list[Tensor]:
         """Changes the gradients before they are applied. Default: identity.
 
         Runs once per training batch inside the default `train_step`, after
@@ -131,7 +127,7 @@ class CustomModel(keras.Model):
         return gradients
 
     def apply_gradients(
-        self, gradients: Sequence[tf.Tensor], variables: Sequence[tf.Variable]
+        self, gradients: Sequence[Tensor], variables: Sequence[keras.Variable]
     ) -> None:
         """Applies the gradients to the variables. Default: the optimizer.
 
@@ -157,7 +153,7 @@ class CustomModel(keras.Model):
         scale = internals.loss_scale_in_use(self.optimizer)
         if scale is not None:
             gradients = [_step.multiply(g, scale) for g in gradients]
-            _guards.gradients_rescaled(self.optimizer)
+            loop.gradients_rescaled(self.optimizer)
         self.optimizer.apply(list(gradients), list(variables))
 
     def log(
@@ -217,27 +213,30 @@ class CustomModel(keras.Model):
 
     # ------------------------------------------------------------- the steps
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def train_step(self, data: Any) -> dict[str, Tensor]:
         """One training step on one batch; see the class docstring for order
         (and `customfit/_step.py` for the maths)."""
         return _step.train_step(self, data)
 
-    def _loss_gradients(
-        self, x: Any, y: Any, sample_weight: Any
-    ) -> tuple[Any, tf.Tensor, list, list]:
+    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
         """Seam for recipes: the forward pass, the tracked loss and its
         unscaled gradients; returns `(y_pred, loss, gradients, variables)`
         (see `customfit/_step.py`)."""
-        return _step.loss_gradients(self, x, y, sample_weight)
+        return loop.loss_gradients(self, x, y, sample_weight)
 
-    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
+    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
         """Seam for recipes: `transform_gradients`, the gradient checks,
         `apply_gradients` (see `customfit/_step.py`)."""
         _step.update_weights(self, loss, gradients, variables)
 
-    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def test_step(self, data: Any) -> dict[str, Tensor]:
         """One evaluation step: forward pass, loss, metrics; no update."""
         return _step.test_step(self, data)
+
+    def predict_step(self, data: Any) -> Any:
+        """One prediction step: `self(x, training=False)`, as in Keras."""
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return _step.forward(self, x, training=False)
 
     def compute_loss(
         self,
@@ -246,7 +245,7 @@ class CustomModel(keras.Model):
         y_pred: Any = None,
         sample_weight: Any = None,
         training: bool = True,
-    ) -> tf.Tensor:
+    ) -> Tensor:
         """Keras' `compute_loss`, with errors that say what to change."""
         has_compiled_loss = internals.compiled_loss_object(self) is not None
         if not has_compiled_loss and not self.losses:
@@ -400,38 +399,27 @@ class CustomModel(keras.Model):
 
     @steps_per_execution.setter
     def steps_per_execution(self, value: int | str) -> None:
-        auto = value == _auto_steps.AUTO
-        # Plain attributes: settings, not state to track or save.
-        object.__setattr__(self, "_fixed_steps_per_execution", 1 if auto else value)
-        object.__setattr__(
-            self, "_auto_steps", _auto_steps.AutoStepsPerExecution() if auto else None
-        )
+        loop.set_steps_per_execution(self, value)
 
     def make_train_function(self, force: bool = False) -> Callable:
-        # Every optimizer over all trainable weights, now, as Keras builds
-        # `self.optimizer` under a distribution strategy, in
-        # `compile_from_config` and in `BackupAndRestore`; built lazily, one
-        # applied to some variables only would save a state that no loaded
-        # model can take back.
-        _optimizers.build_unbuilt(self)
         if self.train_function is None or force:
             # Keras' attribute (None until made), declared for mypy.
-            self.train_function: Callable | None = step_function.make_function(
-                self,
-                _step.checked(self, self.train_step, "train"),
-                self._per_batch_channel,
-            )
+            self.train_function: Callable | None = loop.make_train_function(self)
         return self.train_function
 
     def make_test_function(self, force: bool = False) -> Callable:
         if self.test_function is None or force:
             # Keras' attribute, as above.
-            self.test_function: Callable | None = step_function.make_function(
-                self,
-                _step.checked(self, self.test_step, "test"),
-                self._per_batch_channel,
-            )
+            self.test_function: Callable | None = loop.make_test_function(self)
         return self.test_function
+
+    def make_predict_function(self, force: bool = False) -> Callable:
+        if self.predict_function is None or force:
+            # Keras' attribute, as above.
+            self.predict_function: Callable | None = loop.make_predict_function(
+                self, lambda: super(CustomModel, self).make_predict_function(force=True)
+            )
+        return self.predict_function
 
     def fit(
         self,
@@ -472,16 +460,22 @@ class CustomModel(keras.Model):
         """
         self._require_compiled("fit")
         versions.check_once()
-        modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
-        call = _fit_call.FitCall(self, "fit", args, kwargs, modes)
-        return call.run(super().fit)
+        return loop.fit(
+            self,
+            super().fit,
+            args,
+            kwargs,
+            quick_run=quick_run,
+            overfit_batches=overfit_batches,
+            validate_every_n_batches=validate_every_n_batches,
+        )
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Keras' `evaluate`; callbacks see every batch, also with
         `steps_per_execution > 1`."""
         self._require_compiled("evaluate")
         versions.check_once()
-        return _fit_call.FitCall(self, "evaluate", args, kwargs).run(super().evaluate)
+        return loop.evaluate(self, super().evaluate, args, kwargs)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
@@ -516,12 +510,7 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
-        call = _fit_call.FitCall.current(self)
-        if call is not None:
-            call.saw_epoch_iterator(iterator)
-        internals.symbolic_build(self, iterator=iterator, data_batch=data_batch)
-        if call is not None:
-            call.batches_known(iterator)  # Keras makes its CallbackList right after
+        loop.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
     def _require_compiled(self, method: str) -> None:
         if not self.compiled:

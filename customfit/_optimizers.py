@@ -37,7 +37,10 @@ def build_over_all(model: keras.Model, optimizers: list) -> None:
     strategy and when loading."""
     if not optimizers:
         return
-    with model.distribute_strategy.scope():
+    # TensorFlow's models have a strategy; on JAX a `keras.distribution` set
+    # globally lays the variables out.
+    strategy = getattr(model, "distribute_strategy", None)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         for optimizer in optimizers:
             optimizer.build(model.trainable_variables)
 

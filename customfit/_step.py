@@ -2,13 +2,15 @@
 
 `train_step(model, data)`, per batch, in this order:
 
-1. `model._loss_gradients(x, y, sample_weight)` (seam 1): the forward pass
+1. `model._loss_gradients(x, y, sample_weight)` (seam 1, its default in
+   the backend's loop, `_backend.loop.loss_gradients`): the forward pass
    `model(x, training=True)` and `compute_loss`, tracked in the `loss`
-   metric as stock `fit` tracks it (the full loss, weighted by batch size),
-   under a `tf.GradientTape`; the loss scaled for mixed precision
-   (`optimizer.scale_loss`), differentiated w.r.t. `trainable_weights`, the
-   gradients unscaled. Returns `(y_pred, loss, gradients, variables)`: the
-   loss as `compute_loss` returned it (this replica's share under
+   metric as stock `fit` tracks it (the full loss, weighted by batch size);
+   the loss scaled for mixed precision (`optimizer.scale_loss`),
+   differentiated w.r.t. `trainable_weights` (under a `tf.GradientTape`, or
+   by `jax.value_and_grad` over their values), the gradients unscaled.
+   Returns `(y_pred, loss, gradients, variables)`: the loss as
+   `compute_loss` returned it (this replica's share under
    `tf.distribute`, unscaled), the gradients unscaled and per replica.
 2. `model._update_weights(loss, gradients, variables)` (seam 2):
    `transform_gradients`, the gradient checks, `apply_gradients` (which
@@ -22,26 +24,24 @@ skipping non-finite steps) overrides `_update_weights`, and gets the loss with
 the gradients. The public hooks run inside the seams, so they compose with a
 user's overrides.
 
-`checked(model, step, phase)` wraps a step for Keras' step function: the
-first training step's guards, the checks of what the step returns, and the
-logs flattened as Keras flattens them, with the values from `log`.
+`checked_logs(model, logs, step_name)` checks what a step returns and
+flattens the logs as Keras flattens them, with the values from `log`; each
+backend's loop applies it to every step.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from customfit import _guards, _optimizers
 from customfit._keras import internals
 from customfit._keras2 import track_loss
 
 
-def train_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
+def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred, loss, gradients, variables = model._loss_gradients(x, y, sample_weight)
     if variables:
@@ -51,28 +51,14 @@ def train_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def test_step(model: keras.Model, data: Any) -> dict[str, tf.Tensor]:
+def test_step(model: keras.Model, data: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = forward(model, x, training=False)
     tracked_loss(model, x, y, y_pred, sample_weight, training=False)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def loss_gradients(
-    model: keras.Model, x: Any, y: Any, sample_weight: Any
-) -> tuple[Any, tf.Tensor, list, list]:
-    """Seam 1's default (see the module docstring)."""
-    with tf.GradientTape() as tape:
-        y_pred = forward(model, x, training=True)
-        loss = tracked_loss(model, x, y, y_pred, sample_weight, training=True)
-        scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
-    variables = model.trainable_weights
-    if not variables:
-        return y_pred, loss, [], variables
-    return y_pred, loss, unscaled(model, tape.gradient(scaled, variables)), variables
-
-
-def update_weights(model: keras.Model, loss: tf.Tensor, gradients: list, variables: list) -> None:
+def update_weights(model: keras.Model, loss: Any, gradients: list, variables: list) -> None:
     """Seam 2's default: `transform_gradients`, the checks, `apply_gradients`.
     The default does not use `loss`."""
     del loss
@@ -89,7 +75,7 @@ def forward(model: keras.Model, x: Any, training: bool) -> Any:
 
 def tracked_loss(
     model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
-) -> tf.Tensor:
+) -> Any:
     """`compute_loss`, added to the `loss` metric as stock `fit` does."""
     loss = internals.compute_loss(
         model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
@@ -106,40 +92,22 @@ def unscaled(model: keras.Model, gradients: list) -> list:
     return [multiply(g, 1.0 / scale) for g in gradients]
 
 
-def checked(model: keras.Model, step: Callable, phase: str) -> Callable:
-    """`step` (the model's `train_step` or `test_step`) as Keras' step
-    function runs it: logging to `phase`'s columns, the first training step
-    guarded, its logs checked and flattened, the logged values added."""
-    step_name = f"{phase}_step"
-    guards = _guards.StepGuards(model) if phase == "train" else None
-    step_logs = model._step_logs
-
-    def checked_step(data: Any) -> Any:
-        with step_logs.in_phase(phase):
-            if guards is None:
-                return checked_logs(step(data))
-            with guards.watching(), _optimizers.built_over_all_when_first_applied(model):
-                return checked_logs(step(data))
-
-    def checked_logs(logs: Any) -> dict[str, Any]:
-        if not isinstance(logs, Mapping):
-            raise TypeError(_bad_logs_message(step_name, logs))
-        logs = _flattened(logs, step_name)
-        # Read now, after everything the step logged (a step may log after
-        # `compute_metrics` has read the metrics).
-        logs.update(step_logs.results())
-        if internals.logs_reduced_along_first_axis(model.distribute_strategy):
-            # Keras averages these over all workers' replicas along axis 0.
-            logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
-        return logs
-
-    return checked_step
+def checked_logs(model: keras.Model, logs: Any, step_name: str) -> dict[str, Any]:
+    """A step's logs checked and flattened as Keras flattens them, with the
+    values from `log` added."""
+    if not isinstance(logs, Mapping):
+        raise TypeError(_bad_logs_message(step_name, logs))
+    logs = _flattened(logs, step_name)
+    # Read now, after everything the step logged (a step may log after
+    # `compute_metrics` has read the metrics).
+    logs.update(model._step_logs.results())
+    return logs
 
 
 def multiply(gradient: Any, factor: Any) -> Any:
     if gradient is None:
         return None
-    return gradient * tf.cast(factor, gradient.dtype)
+    return gradient * keras.ops.cast(factor, gradient.dtype)
 
 
 def checked_gradients(gradients: Any, variables: list, require_all: bool) -> list:
@@ -163,19 +131,19 @@ def checked_gradients(gradients: Any, variables: list, require_all: bool) -> lis
     return gradients
 
 
-def _flattened(logs: Mapping, step_name: str) -> dict[str, tf.Tensor]:
+def _flattened(logs: Mapping, step_name: str) -> dict[str, Any]:
     """A step's logs as one flat dict of numeric tensors, flattened as Keras
     flattens them for callbacks (`pythonify_logs`): a nested dict, such as
     `CompileMetrics.result()`, contributes its entries, keys taken in sorted
     order, later ones winning."""
     if not all(isinstance(name, str) for name in logs):
         raise TypeError(_bad_logs_message(step_name, logs))
-    flat: dict[str, tf.Tensor] = {}
+    flat: dict[str, Any] = {}
     for name, value in sorted(logs.items()):
         if isinstance(value, Mapping):
             flat.update(_flattened(value, step_name))
         elif _is_numeric(value):
-            flat[name] = tf.convert_to_tensor(value)
+            flat[name] = keras.ops.convert_to_tensor(value)
         else:
             raise TypeError(_bad_logs_message(step_name, logs))
     return flat
@@ -190,10 +158,10 @@ def _is_numeric(value: Any) -> bool:
     if getattr(value, "shape", None) is None or dtype is None:
         return False
     try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError:
+        name = keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError):
         return False
-    return dtype.is_floating or dtype.is_integer or dtype.is_bool
+    return name == "bool" or name.startswith(("float", "bfloat", "int", "uint"))
 
 
 def _bad_logs_message(step_name: str, logs: Any) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 
 class EpochMean(keras.metrics.Mean):
@@ -25,8 +25,8 @@ class LastValue(keras.metrics.Mean):
     reduction = "last"
 
     def update_state(self, values: Any, sample_weight: Any = None) -> None:
-        self.total.assign(tf.zeros_like(self.total))
-        self.count.assign(tf.zeros_like(self.count))
+        for variable in (self.total, self.count):
+            variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
         super().update_state(values, sample_weight=sample_weight)
 
 
@@ -38,23 +38,46 @@ class StepLogs:
     phase ("train" for `fit`'s steps, "test" for `evaluate` and validation), so
     a value logged only while evaluating never shows up as a training column.
 
-    A name's metric is created the first time a step logs it. That happens while
-    Keras traces the step, so the variables are created under `tf.init_scope()`:
-    outside the traced graph, in the model's distribution strategy, exactly like
-    variables created before `fit`. Under `tf.distribute` the metric variables
-    are summed across replicas on read, so a logged value is a weighted mean
-    over replicas, as Keras' own `Mean` metrics are.
+    A name's metric is created the first time a step logs it, inside
+    `creation_scope()`, which the backend's loop provides: on TensorFlow the
+    step is being traced, and the variables are created under
+    `tf.init_scope()`, outside the traced graph, in the model's distribution
+    strategy, exactly like variables created before `fit`; on JAX the loop
+    first traces the step abstractly while `discovering()`, which collects
+    new names without creating anything, and then creates their metrics with
+    `create_discovered()` before the step is compiled. Under `tf.distribute`
+    the metric variables are summed across replicas on read, so a logged
+    value is a weighted mean over replicas, as Keras' own `Mean` metrics
+    are.
 
     Attributes:
         phase: Where values logged now go: "train" or "test".
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        creation_scope: Callable[[], AbstractContextManager[Any] | None],
+        replica_results: Callable[[dict[str, keras.metrics.Mean]], dict[str, Any] | None],
+    ) -> None:
+        """
+        Args:
+            creation_scope: The context a new metric is created in, or None
+                when it cannot be created now: the name is then noted, as
+                while `discovering()`.
+            replica_results: The results of the metrics given, summed across
+                the replicas of a replica context, or None outside one.
+        """
         self.phase = "train"
         self._by_phase: dict[str, dict[str, keras.metrics.Mean]] = {
             "train": {},
             "test": {},
         }
+        self._creation_scope = creation_scope
+        self._replica_results = replica_results
+        # (phase, name) -> reduction, of names logged for the first time
+        # while `discovering()` (None when not), and of those not created yet.
+        self._discovered: dict[tuple[str, str], str] | None = None
+        self._pending: dict[tuple[str, str], str] = {}
 
     @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
@@ -72,6 +95,24 @@ class StepLogs:
     @property
     def all_metrics(self) -> list[keras.metrics.Mean]:
         return [m for by_name in self._by_phase.values() for m in by_name.values()]
+
+    @contextlib.contextmanager
+    def discovering(self) -> Iterator[None]:
+        """While open, a name logged for the first time is noted, not
+        created; `create_discovered()` creates the noted ones."""
+        self._discovered = {}
+        try:
+            yield
+        finally:
+            self._pending.update(self._discovered)
+            self._discovered = None
+
+    def create_discovered(self) -> None:
+        """Creates the metrics of the names `discovering()` noted."""
+        for (phase, name), reduction in self._pending.items():
+            if name not in self._by_phase[phase]:
+                self._by_phase[phase][name] = REDUCTIONS[reduction](name=name)
+        self._pending = {}
 
     def log(
         self,
@@ -100,7 +141,12 @@ class StepLogs:
                     "model already reports. Pick another name, e.g. "
                     f'"{name}_logged".'
                 )
-            with tf.init_scope():
+            scope = None if self._discovered is not None else self._creation_scope()
+            if scope is None:
+                pending = self._pending if self._discovered is None else self._discovered
+                pending.setdefault((self.phase, name), reduction)
+                return
+            with scope:
                 metric = REDUCTIONS[reduction](name=name)
             by_name[name] = metric
         elif metric.reduction != reduction:
@@ -111,25 +157,11 @@ class StepLogs:
             )
         metric.update_state(value, sample_weight=weight)
 
-    def results(self) -> dict[str, tf.Tensor]:
-        """The current phase's values, over all replicas.
-
-        Inside a step under `tf.distribute` (a replica context), a metric
-        variable reads as this replica's part only, and Keras then averages
-        the replicas' logs: a mean of per-replica means, which is not the
-        weighted mean when replicas see different numbers of examples (the
-        last, short batch). So there the states are summed across replicas
-        first (one all-reduce per step), and every replica logs the result
-        the metrics give when read outside the step, which Keras reports for
-        the epoch."""
+    def results(self) -> dict[str, Any]:
+        """The current phase's values, over all replicas (see
+        `replica_results`)."""
         by_name = self._by_phase[self.phase]
-        context = tf.distribute.get_replica_context()
-        if not by_name or context is None or context.num_replicas_in_sync == 1:
-            return {name: m.result() for name, m in by_name.items()}
-        summed = context.all_reduce(
-            tf.distribute.ReduceOp.SUM,
-            {name: (tf.identity(m.total), tf.identity(m.count)) for name, m in by_name.items()},
-        )
-        return {
-            name: tf.math.divide_no_nan(total, count) for name, (total, count) in summed.items()
-        }
+        summed = self._replica_results(by_name) if by_name else None
+        if summed is not None:
+            return summed
+        return {name: m.result() for name, m in by_name.items()}

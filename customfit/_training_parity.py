@@ -8,7 +8,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 @dataclasses.dataclass
@@ -216,7 +215,11 @@ def _number(value: Any) -> str:
 
 
 def enable_determinism(seed: int) -> None:
-    """Seeds Python, NumPy, TensorFlow and Keras and turns on op determinism
-    (which TensorFlow offers no public way to turn off again)."""
-    tf.config.experimental.enable_op_determinism()
+    """Seeds Python, NumPy, the backend and Keras and, on TensorFlow, turns
+    on op determinism (which TensorFlow offers no public way to turn off
+    again)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)

@@ -15,6 +15,10 @@
 
 from __future__ import annotations
 
+from customfit._backend import require_tensorflow
+
+require_tensorflow("customfit.callbacks")
+
 import json
 import os
 import shutil

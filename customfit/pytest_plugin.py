@@ -4,8 +4,8 @@
 Nothing here runs unless a test asks for a fixture: tests that don't use
 them behave exactly as without the plugin.
 
-- `customfit_deterministic`: seeds Python, NumPy, TensorFlow and Keras
-  (`keras.utils.set_random_seed`) and turns on
+- `customfit_deterministic`: seeds Python, NumPy, the backend and Keras
+  (`keras.utils.set_random_seed`) and, on TensorFlow, turns on
   `tf.config.experimental.enable_op_determinism()`. Its value is the seed.
   The seed is 0 unless the test is marked `@pytest.mark.customfit_seed(n)`.
 
@@ -30,11 +30,14 @@ def pytest_configure(config: Any) -> None:
 
 
 def deterministic(seed: int = 0) -> int:
-    """Seeds everything and turns op determinism on; returns the seed."""
+    """Seeds everything and, on TensorFlow, turns op determinism on; returns
+    the seed. (JAX on CPU is deterministic: seeding is enough.)"""
     import keras
-    import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
     return seed
 

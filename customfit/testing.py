@@ -3,8 +3,8 @@
 - `assert_trains_like_keras`: your model trains like stock `keras.Model.fit`
   (History, weights, `evaluate`, `predict`), bit for bit or within a tolerance.
 - `check_step`: the same step eagerly and compiled, with
-  `steps_per_execution > 1`, and on two replicas, compared.
-- `diagnose`: the usual mistakes in a step, each with the fix.
+  `steps_per_execution > 1`, and on two replicas, compared (TensorFlow).
+- `diagnose`: the usual mistakes in a step, each with the fix (TensorFlow).
 
 The pytest fixture `customfit_deterministic` (registered through the
 package's `pytest11` entry point) seeds a test and turns on op determinism.
@@ -17,11 +17,8 @@ from typing import Any
 
 import keras
 
-from customfit._diagnose import Finding
-from customfit._diagnose import diagnose as _diagnose
+from customfit._backend import BACKEND, require_tensorflow
 from customfit._model import CustomModel
-from customfit._step_check import Comparison, StepReport
-from customfit._step_check import check_step as _check_step
 from customfit._training_parity import (
     TrainingRecord,
     differences,
@@ -29,6 +26,12 @@ from customfit._training_parity import (
     format_differences,
 )
 from customfit._training_parity import record_training as _record_training
+
+if BACKEND == "tensorflow":
+    from customfit._diagnose import Finding
+    from customfit._diagnose import diagnose as _diagnose
+    from customfit._step_check import Comparison, StepReport
+    from customfit._step_check import check_step as _check_step
 
 __all__ = [
     "Comparison",
@@ -226,6 +229,7 @@ def check_step(
         assert report.ok, report
     ```
     """
+    require_tensorflow("customfit.testing.check_step")
     return _check_step(
         build,
         x,
@@ -285,4 +289,5 @@ def diagnose(
         assert diagnose(model, x[:32], y[:32]) == []
     ```
     """
+    require_tensorflow("customfit.testing.diagnose")
     return _diagnose(model, x, y, sample_weight, seed=seed)

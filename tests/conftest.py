@@ -5,10 +5,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn.datasets import load_digits
 
-tf.config.experimental.enable_op_determinism()
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    # The tests of the JAX backend run with KERAS_BACKEND=jax
+    # (`nox -s jax`), in an environment without TensorFlow.
+    collect_ignore = ["jax_backend"]
 
 
 def pytest_configure(config):

@@ -15,16 +15,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
-import tensorflow as tf
 from keras import tree
 from keras.src.backend.common import global_state as _global_state
-from keras.src.backend.tensorflow import trainer as _tf_trainer
+from keras.src.backend.common import stateless_scope as _stateless_scope
 from keras.src.losses import loss as _loss_module
 from keras.src.models import functional as _functional
 from keras.src.models import model as _model
 from keras.src.random import seed_generator as _seed_generator
 from keras.src.saving import object_registration as _object_registration
 from keras.src.trainers import compile_utils as _compile_utils
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as _tf_trainer
 
 Functional = _functional.Functional
 CompileMetrics = _compile_utils.CompileMetrics
@@ -277,3 +280,21 @@ def monitor_improved(callback: Any, current: float, best: float | None) -> bool:
     if callback.monitor_op is None:
         callback._set_monitor_op()
     return bool(callback._is_improvement(current, best))
+
+
+# ----------------------------------------------------------- the JAX backend
+
+
+def current_stateless_scope() -> keras.StatelessScope | None:
+    """The innermost `keras.StatelessScope` open now, or None."""
+    return _stateless_scope.get_stateless_scope()
+
+
+def make_jax_function(
+    model: keras.Model, step: Callable, concatenate_outputs: bool = False
+) -> Callable:
+    """The JAX trainer's `_make_function`: `step(state, batch) -> (outputs,
+    state)` made into `function(state, iterator)`, running
+    `steps_per_execution` batches per call (predictions concatenated when
+    `concatenate_outputs`)."""
+    return model._make_function(step, concatenate_outputs=concatenate_outputs)

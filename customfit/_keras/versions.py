@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 # Minor releases, both ends included.
 TESTED_KERAS = ((3, 10), (3, 15))
@@ -173,18 +172,24 @@ def _range(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
 
 
 def problems() -> list[str]:
-    """What customfit does not know about the installed Keras and
-    TensorFlow, one sentence each; empty on a tested stack."""
+    """What customfit does not know about the installed Keras (and
+    TensorFlow, on its backend), one sentence each; empty on a tested
+    stack."""
     found = []
-    for name, version, tested in (
-        ("Keras", keras.version(), TESTED_KERAS),
-        ("TensorFlow", tf.__version__, TESTED_TENSORFLOW),
-    ):
+    stack = [("Keras", keras.version(), TESTED_KERAS)]
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if tensorflow:
+        import tensorflow as tf
+
+        stack.append(("TensorFlow", tf.__version__, TESTED_TENSORFLOW))
+    for name, version, tested in stack:
         if not tested[0] <= release(version) <= tested[1]:
             found.append(
                 f"{name} {version} is installed; customfit is tested with {name} {_range(tested)}."
             )
-    for copy in COPIES:
+    # The copies are of Keras' TensorFlow loop; on JAX customfit calls
+    # Keras' own.
+    for copy in COPIES if tensorflow else ():
         try:
             digest = source_hash(copy.find())
         except (AttributeError, ImportError, OSError, TypeError):

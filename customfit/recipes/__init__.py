@@ -5,6 +5,10 @@ Each recipe is a `customfit.CustomModel` (or a piece of one) that works with
 precision.
 """
 
+from customfit._backend import require_tensorflow
+
+require_tensorflow("customfit.recipes")
+
 from customfit.recipes._accumulation import GradientAccumulation
 from customfit.recipes._adversarial import AdversarialTraining, adversarial_examples
 from customfit.recipes._clipping import AdaptiveGradientClipping, GlobalNormClipping

@@ -1,0 +1,313 @@
+"""`CustomModel` on Keras' JAX backend: the stateful step run as Keras'
+stateless JAX step (see `customfit._backend`).
+
+Keras' JAX `fit` calls `train_function(state, iterator)`, where `state` holds
+the values of the trainable, non-trainable, optimizer and metric variables,
+and expects the new values back; a step written for it threads them by hand.
+customfit's steps and hooks read and assign variables as on TensorFlow. Each
+compiled step (`StatelessStep`) runs them inside a `keras.StatelessScope`
+that maps every variable to its value in `state`: reads see those values,
+assignments are recorded, and the step returns the recorded values as the
+new state. The gradient is `jax.value_and_grad` of the forward pass and the
+loss over the trainable values, in a nested scope (`loss_gradients`).
+
+Variables a step may update that Keras' state leaves out, the state of the
+model's other optimizers and the metrics behind `log`, go in and out of the
+compiled step as an extra argument, and are written back after each call.
+`log` creates a metric the first time a name is logged; under `jax.jit`
+nothing may be created, so each new step is first traced abstractly
+(`jax.eval_shape`) to find the names it logs, and their metrics are created
+before it is compiled.
+
+What stays with the TensorFlow loop: the per-batch callback replay under
+`steps_per_execution > 1` (callbacks see one call per execution, as in stock
+Keras on JAX), `steps_per_execution="auto"`, `fit`'s run modes, the first
+step's guards, and `customfit.callbacks` and `recipes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import keras
+
+from customfit import _optimizers, _step
+from customfit._keras import internals
+from customfit._keras2 import track_loss
+
+# The `StatelessStep` running now (its variables are what the step reads).
+_running: list[StatelessStep] = []
+
+
+def init(model: keras.Model) -> None:
+    """Nothing: the JAX loop keeps its state in each compiled step."""
+
+
+def metric_creation_scope() -> Any:
+    """Where `log` creates a metric: nowhere inside an abstract trace
+    (Keras' symbolic build: the name is noted and its metric created before
+    the step is compiled), directly outside any scope; inside a compiled
+    step it is too late."""
+    if not _running:
+        in_trace = internals.current_stateless_scope() is not None
+        return None if in_trace else contextlib.nullcontext()
+    raise RuntimeError(
+        "log() was called with a name the step did not log when it was first "
+        "traced. On the JAX backend a step must log the same names each time "
+        "it runs (a name logged only on some batches: log it on every batch, "
+        "with weight=0 when it does not apply)."
+    )
+
+
+def replica_results(metrics: dict[str, keras.metrics.Mean]) -> None:
+    """None: under `keras.distribution` the step sees the whole batch, and
+    the metric values are global already."""
+    return None
+
+
+def gradients_rescaled(optimizer: Any) -> None:
+    """Nothing: the first step's guards are TensorFlow's."""
+
+
+def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
+    if value == "auto":
+        raise ValueError(
+            'steps_per_execution="auto" needs Keras\' TensorFlow backend '
+            "(customfit replays every batch of an execution to the callbacks "
+            "there). On JAX, pass a number, e.g. steps_per_execution=32: "
+            "callbacks then see one call per execution, as in stock Keras."
+        )
+    # Plain attribute: a setting, not state to track or save.
+    object.__setattr__(model, "_fixed_steps_per_execution", value)
+
+
+def fit(
+    model: keras.Model,
+    keras_fit: Callable,
+    args: tuple,
+    kwargs: dict,
+    quick_run: int | None,
+    overfit_batches: int | None,
+    validate_every_n_batches: int | None,
+) -> keras.callbacks.History:
+    modes = {
+        "quick_run": quick_run,
+        "overfit_batches": overfit_batches,
+        "validate_every_n_batches": validate_every_n_batches,
+    }
+    for name, value in modes.items():
+        if value is not None:
+            raise NotImplementedError(
+                f"fit({name}=...) needs Keras' TensorFlow backend. On JAX, "
+                "use steps_per_epoch= and validation_steps= for a short run."
+            )
+    return keras_fit(*args, **kwargs)
+
+
+def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
+    # The results Keras reads after the last batch are the test phase's.
+    with model._step_logs.in_phase("test"):
+        return keras_evaluate(*args, **kwargs)
+
+
+def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    internals.symbolic_build(model, iterator=iterator, data_batch=data_batch)
+
+
+def make_train_function(model: keras.Model) -> Callable:
+    _optimizers.build_unbuilt(model)
+    return StatelessStep(model, "train").function
+
+
+def make_test_function(model: keras.Model) -> Callable:
+    return StatelessStep(model, "test").function
+
+
+def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
+    return StatelessStep(model, "predict").function
+
+
+class StatelessStep:
+    """One of the model's steps (`train_step`, `test_step` or `predict_step`)
+    compiled as Keras' JAX loop calls it.
+
+    Attributes:
+        function: `function(state, iterator) -> (outputs, state)`, Keras'
+            `train_function`/`test_function`/`predict_function`: runs
+            `steps_per_execution` batches, jitted unless the model runs
+            eagerly or `jit_compile=False`.
+        extras: The variables the step may update that Keras' `state` leaves
+            out, in the order of the extra argument; None until the step
+            was first traced.
+    """
+
+    def __init__(self, model: keras.Model, phase: str) -> None:
+        self._model = model
+        self._phase = phase
+        self.extras: list[keras.Variable] | None = None
+        self._compiled: Callable | None = None
+        step = internals.make_jax_function(
+            model, self._one_batch, concatenate_outputs=phase == "predict"
+        )
+
+        def function(state: Any, iterator: Any) -> Any:
+            extra_values = None if self.extras is None else [v.value for v in self.extras]
+            outputs, (state, extra_values) = step((state, extra_values), iterator)
+            for variable, value in zip(self.extras or (), extra_values):
+                variable.assign(value)
+            return outputs, state
+
+        self.function = function
+
+    def state_variables(self) -> list[list[keras.Variable]]:
+        """The variables behind Keras' `state`, group by group."""
+        model = self._model
+        groups = [model.trainable_variables, model.non_trainable_variables]
+        if self._phase == "train":
+            groups.append(model.optimizer.variables)
+        if self._phase != "predict":
+            groups.append(model.metrics_variables)
+        return groups
+
+    def variables(self) -> list[keras.Variable]:
+        """Every variable the step reads from its arguments."""
+        return [v for group in self.state_variables() for v in group] + list(self.extras or ())
+
+    def _one_batch(self, packed: tuple[Any, Any], data: Any) -> tuple[Any, tuple[Any, Any]]:
+        state, extra_values = packed
+        if self._compiled is None:
+            self._discover_logged_names(state, data)
+            extra_values = [v.value for v in self.extras or ()]
+            self._compiled = self._compile(state)
+        outputs, state, extra_values = self._compiled(state, extra_values, data)
+        return outputs, (state, extra_values)
+
+    def _discover_logged_names(self, state: Any, data: Any) -> None:
+        """Traces the step abstractly to create the metrics of the names it
+        logs, then fixes `extras`."""
+        step_logs = self._model._step_logs
+        self.extras = self._extra_variables()
+        if self._phase != "predict":
+            with step_logs.discovering():
+                jax.eval_shape(self._stateless, state, [v.value for v in self.extras], data)
+            step_logs.create_discovered()
+        self.extras = self._extra_variables()
+
+    def _extra_variables(self) -> list[keras.Variable]:
+        if self._phase == "predict":
+            return []
+        known = {id(v) for group in self.state_variables() for v in group}
+        extras: list[keras.Variable] = []
+        if self._phase == "train":
+            for optimizer in _optimizers.registered(self._model).values():
+                extras.extend(v for v in optimizer.variables if id(v) not in known)
+        for metric in self._model._step_logs.all_metrics:
+            extras.extend(v for v in metric.variables if id(v) not in known)
+        return extras
+
+    def _compile(self, state: Any) -> Callable:
+        model = self._model
+        if model.run_eagerly or not model.jit_compile:
+            return self._stateless
+        out_shardings = None
+        if keras.distribution.distribution() is not None:
+            # The new state laid out as the old, as Keras' JAX loop asks.
+            out_shardings = (
+                None,
+                jax.tree.map(lambda value: value.sharding, state),
+                [v.value.sharding for v in self.extras or ()],
+            )
+        return jax.jit(self._stateless, donate_argnums=0, out_shardings=out_shardings)
+
+    def _stateless(self, state: Any, extra_values: Any, data: Any) -> tuple[Any, Any, Any]:
+        """The step on one batch, from and to values: `(outputs, state,
+        extra_values)`."""
+        groups = self.state_variables()
+        extras = self.extras or []
+        mapping = [(v, x) for vs, xs in zip(groups, state) for v, x in zip(vs, xs)]
+        mapping.extend(zip(extras, extra_values))
+        # Collecting `add_loss` losses, as `model.losses` does outside a scope.
+        with (
+            keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
+            self._running(),
+        ):
+            outputs = self._stateful(data)
+        state = tuple(
+            [_current(scope, v, x) for v, x in zip(vs, xs)] for vs, xs in zip(groups, state)
+        )
+        return outputs, state, [_current(scope, v, x) for v, x in zip(extras, extra_values)]
+
+    def _stateful(self, data: Any) -> Any:
+        model = self._model
+        if self._phase == "predict":
+            return model.predict_step(data)
+        step = model.train_step if self._phase == "train" else model.test_step
+        with model._step_logs.in_phase(self._phase):
+            return _step.checked_logs(model, step(data), f"{self._phase}_step")
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        _running.append(self)
+        try:
+            yield
+        finally:
+            _running.pop()
+
+
+def _current(scope: keras.StatelessScope, variable: keras.Variable, value: Any) -> Any:
+    current = scope.get_current_value(variable)
+    return value if current is None else current
+
+
+def loss_gradients(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any
+) -> tuple[Any, Any, list, list]:
+    """The forward pass and the loss, differentiated by `jax.value_and_grad`
+    over the trainable values; the loss tracked, the gradients unscaled.
+
+    Runs inside a `StatelessStep`: the forward pass and the loss run in a
+    nested scope that maps the trainable variables to the values being
+    differentiated and every other variable to its current value; what they
+    assign (BatchNorm statistics, random-layer seeds, the loss metrics of
+    `compile`) is then assigned in the step's scope."""
+    if not _running:
+        raise RuntimeError(
+            "On the JAX backend the gradient is taken inside the model's "
+            "compiled step (fit, train_on_batch); call train_step there."
+        )
+    variables = model.trainable_variables
+    trainable = {id(v) for v in variables}
+    others = [v for v in _running[-1].variables() if id(v) not in trainable]
+    outer = internals.current_stateless_scope()
+    assert outer is not None  # the StatelessStep's
+
+    def current(variable: keras.Variable) -> Any:
+        return outer.get_current_value(variable)
+
+    def scaled_loss(trainable_values: list, other_values: list) -> tuple[Any, tuple]:
+        mapping = [*zip(variables, trainable_values), *zip(others, other_values)]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as inner:
+            y_pred = _step.forward(model, x, training=True)
+            loss = internals.compute_loss(
+                model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
+        updated = [_current(inner, v, value) for v, value in zip(others, other_values)]
+        return scaled, (y_pred, loss, updated)
+
+    values = ([current(v) for v in variables], [current(v) for v in others])
+    if not variables:
+        _, (y_pred, loss, updated) = scaled_loss(*values)
+        gradients: list = []
+    else:
+        (_, (y_pred, loss, updated)), gradients = jax.value_and_grad(scaled_loss, has_aux=True)(
+            *values
+        )
+        gradients = _step.unscaled(model, list(gradients))
+    for variable, value in zip(others, updated):
+        variable.assign(value)
+    track_loss(model, loss, batch_of=x)
+    return y_pred, loss, gradients, variables

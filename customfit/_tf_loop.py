@@ -1,0 +1,153 @@
+"""`CustomModel` on Keras' TensorFlow backend: how a step is differentiated,
+compiled and run by `fit` (see `customfit._backend`).
+
+Each batch's step runs inside a `tf.function` made by
+`_keras.step_function`, replaying every batch to the callbacks
+(`_per_batch`); `fit` and `evaluate` are run by one `_fit_call.FitCall`
+each, which owns the call's state (dev run modes, resuming, the
+`steps_per_execution="auto"` plan, the cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from customfit import _auto_steps, _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _step
+from customfit._keras import internals, step_function
+
+
+def init(model: keras.Model) -> None:
+    """The plain attributes the TensorFlow loop keeps on a model."""
+    object.__setattr__(model, "_per_batch_channel", _per_batch.Channel())
+
+
+def loss_gradients(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any
+) -> tuple[Any, tf.Tensor, list, list]:
+    """The forward pass and the tracked loss under a `tf.GradientTape`; the
+    loss scaled for mixed precision, differentiated, the gradients unscaled."""
+    with tf.GradientTape() as tape:
+        y_pred = _step.forward(model, x, training=True)
+        loss = _step.tracked_loss(model, x, y, y_pred, sample_weight, training=True)
+        scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
+    variables = model.trainable_weights
+    if not variables:
+        return y_pred, loss, [], variables
+    return y_pred, loss, _step.unscaled(model, tape.gradient(scaled, variables)), variables
+
+
+def metric_creation_scope() -> Any:
+    """Where `log` creates a metric while Keras traces the step: outside the
+    traced graph, in the model's distribution strategy."""
+    return tf.init_scope()
+
+
+def replica_results(metrics: dict[str, keras.metrics.Mean]) -> dict[str, tf.Tensor] | None:
+    """The `Mean` metrics' results over all replicas, inside a step under
+    `tf.distribute` with several replicas (None elsewhere).
+
+    There a metric variable reads as this replica's part only, and Keras
+    then averages the replicas' logs: a mean of per-replica means, which is
+    not the weighted mean when replicas see different numbers of examples
+    (the last, short batch). So the states are summed across replicas first
+    (one all-reduce per step), and every replica logs the result the metrics
+    give when read outside the step, which Keras reports for the epoch."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    summed = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        {name: (tf.identity(m.total), tf.identity(m.count)) for name, m in metrics.items()},
+    )
+    return {name: tf.math.divide_no_nan(total, count) for name, (total, count) in summed.items()}
+
+
+def gradients_rescaled(optimizer: Any) -> None:
+    """`apply_gradients` re-applied the loss scale (for the first step's guard)."""
+    _guards.gradients_rescaled(optimizer)
+
+
+def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
+    auto = value == _auto_steps.AUTO
+    # Plain attributes: settings, not state to track or save.
+    object.__setattr__(model, "_fixed_steps_per_execution", 1 if auto else value)
+    object.__setattr__(model, "_auto_steps", _auto_steps.AutoStepsPerExecution() if auto else None)
+
+
+def make_train_function(model: keras.Model) -> Callable:
+    # Every optimizer over all trainable weights, now, as Keras builds
+    # `self.optimizer` under a distribution strategy, in
+    # `compile_from_config` and in `BackupAndRestore`; built lazily, one
+    # applied to some variables only would save a state that no loaded
+    # model can take back.
+    _optimizers.build_unbuilt(model)
+    return step_function.make_function(
+        model, _checked(model, model.train_step, "train"), model._per_batch_channel
+    )
+
+
+def make_test_function(model: keras.Model) -> Callable:
+    return step_function.make_function(
+        model, _checked(model, model.test_step, "test"), model._per_batch_channel
+    )
+
+
+def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
+    """Keras' own: `predict_step` is stateful on TensorFlow."""
+    keras_make()
+    return model.predict_function
+
+
+def fit(
+    model: keras.Model,
+    keras_fit: Callable,
+    args: tuple,
+    kwargs: dict,
+    quick_run: int | None,
+    overfit_batches: int | None,
+    validate_every_n_batches: int | None,
+) -> keras.callbacks.History:
+    modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
+    return _fit_call.FitCall(model, "fit", args, kwargs, modes).run(keras_fit)
+
+
+def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
+    return _fit_call.FitCall(model, "evaluate", args, kwargs).run(keras_evaluate)
+
+
+def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    call = _fit_call.FitCall.current(model)
+    if call is not None:
+        call.saw_epoch_iterator(iterator)
+    internals.symbolic_build(model, iterator=iterator, data_batch=data_batch)
+    if call is not None:
+        call.batches_known(iterator)  # Keras makes its CallbackList right after
+
+
+def _checked(model: keras.Model, step: Callable, phase: str) -> Callable:
+    """`step` (the model's `train_step` or `test_step`) as Keras' step
+    function runs it: logging to `phase`'s columns, the first training step
+    guarded, its logs checked and flattened, the logged values added."""
+    step_name = f"{phase}_step"
+    guards = _guards.StepGuards(model) if phase == "train" else None
+    step_logs = model._step_logs
+
+    def checked_step(data: Any) -> Any:
+        with step_logs.in_phase(phase):
+            if guards is None:
+                return checked_logs(step(data))
+            with guards.watching(), _optimizers.built_over_all_when_first_applied(model):
+                return checked_logs(step(data))
+
+    def checked_logs(logs: Any) -> dict[str, Any]:
+        logs = _step.checked_logs(model, logs, step_name)
+        if internals.logs_reduced_along_first_axis(model.distribute_strategy):
+            # Keras averages these over all workers' replicas along axis 0.
+            logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
+        return logs
+
+    return checked_step

@@ -1,0 +1,66 @@
+"""What customfit needs on JAX, and what it says where JAX differs."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+import customfit
+from customfit._keras import internals
+from tests.jax_backend import models
+
+
+@pytest.mark.multiprocess
+def test_import_loads_no_tensorflow():
+    code = ("import sys, customfit; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["callbacks", "recipes"])
+def test_tensorflow_only_modules_say_so(module):
+    with pytest.raises(ImportError, match="KERAS_BACKEND=tensorflow"):
+        getattr(customfit, module)
+
+
+def test_tensorflow_only_features_say_so(digits):
+    model = models.mlp(customfit.CustomModel)
+    with pytest.raises(ValueError, match="steps_per_execution=32"):
+        model.compile("adam", "sparse_categorical_crossentropy", steps_per_execution="auto")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(NotImplementedError, match="steps_per_epoch="):
+        model.fit(digits[0][:64], digits[1][:64], quick_run=1, verbose=0)
+    from customfit import testing
+
+    with pytest.raises(ImportError, match="customfit.testing.check_step"):
+        testing.check_step(model, (digits[0][:64], digits[1][:64]))
+
+
+def test_a_name_logged_only_after_the_first_trace_is_an_error(digits):
+    class Late(customfit.CustomModel):
+        def compute_metrics(self, x, y, y_pred, sample_weight=None):
+            if x.shape[0] != 64:  # the short last batch: traced again
+                self.log("late", keras.ops.mean(y_pred))
+            return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    model = models.mlp(Late)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(RuntimeError, match="log it on every batch"):
+        model.fit(digits[0][:100], digits[1][:100], batch_size=64, verbose=0)
+
+
+def test_private_keras_symbols_used_on_jax():
+    """customfit.\\_keras.internals' JAX entries, probed on the installed Keras."""
+    model = models.mlp(keras.Model)
+    model.compile("sgd", "mse")
+    function = internals.make_jax_function(model, lambda state, batch: (batch, state))
+    assert function(0, iter([1])) == (1, 0)
+    assert internals.current_stateless_scope() is None
+    variable = keras.Variable(1.0)
+    with keras.StatelessScope([(variable, 2.0)]) as scope:
+        assert internals.current_stateless_scope() is scope
