@@ -1,11 +1,12 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
+from customfit import recipes
 from customfit._backend import BACKEND
 from customfit._keras.versions import CompatibilityWarning
 from customfit._model import CustomModel
 
 if BACKEND == "tensorflow":
-    from customfit import callbacks, recipes  # noqa: F401 (exported below)
+    from customfit import callbacks  # noqa: F401 (exported below)
 
 __version__ = "0.4.0"
 
@@ -13,8 +14,8 @@ __all__ = ["CompatibilityWarning", "CustomModel", "callbacks", "recipes", "__ver
 
 
 def __getattr__(name: str) -> object:
-    # On JAX, `customfit.callbacks` and `customfit.recipes` say what they need.
-    if name in ("callbacks", "recipes"):
+    # On JAX, `customfit.callbacks` says what it needs.
+    if name == "callbacks":
         import importlib
 
         return importlib.import_module(f"customfit.{name}")

@@ -117,6 +117,36 @@ def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = N
     internals.symbolic_build(model, iterator=iterator, data_batch=data_batch)
 
 
+def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
+    """`optimizer.apply(gradients, variables)` inside the step's scope.
+
+    A `LossScaleOptimizer` decides between two stateful updates with
+    `ops.cond`, whose branches cannot assign variables under JAX; Keras' JAX
+    loop calls its `stateless_apply`, and so does this, over the values of
+    the step's scope."""
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer.apply(gradients, variables)
+        return
+    built_over = internals.optimizer_variables_built_over(optimizer)
+    if [id(v) for v in variables] != [id(v) for v in built_over]:
+        raise NotImplementedError(
+            "On the JAX backend a LossScaleOptimizer (mixed precision) applies "
+            "gradients to all the variables it was built with, in that order; "
+            "use one optimizer per group of variables, built over that group."
+        )
+    scope = internals.current_stateless_scope()
+    assert scope is not None  # the StatelessStep's
+    trainable, optimizer_values = optimizer.stateless_apply(
+        [scope.get_current_value(v) for v in optimizer.variables],
+        gradients,
+        [scope.get_current_value(v) for v in variables],
+    )
+    for variable, value in zip(variables, trainable):
+        variable.assign(value)
+    for variable, value in zip(optimizer.variables, optimizer_values):
+        variable.assign(value)
+
+
 def make_train_function(model: keras.Model) -> Callable:
     _optimizers.build_unbuilt(model)
     return StatelessStep(model, "train").function
@@ -191,10 +221,21 @@ class StatelessStep:
         step_logs = self._model._step_logs
         self.extras = self._extra_variables()
         if self._phase != "predict":
+            extra_values = [v.value for v in self.extras]
             with step_logs.discovering():
-                jax.eval_shape(self._stateless, state, [v.value for v in self.extras], data)
+                try:
+                    jax.eval_shape(self._stateless, state, extra_values, data)
+                except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+                    if not self._eager():
+                        raise
+                    # A step run eagerly may read values (`.numpy()`): run it
+                    # once more, its updates discarded.
+                    self._stateless(state, extra_values, data)
             step_logs.create_discovered()
         self.extras = self._extra_variables()
+
+    def _eager(self) -> bool:
+        return bool(self._model.run_eagerly or not self._model.jit_compile)
 
     def _extra_variables(self) -> list[keras.Variable]:
         if self._phase == "predict":
@@ -209,8 +250,7 @@ class StatelessStep:
         return extras
 
     def _compile(self, state: Any) -> Callable:
-        model = self._model
-        if model.run_eagerly or not model.jit_compile:
+        if self._eager():
             return self._stateless
         out_shardings = None
         if keras.distribution.distribution() is not None:

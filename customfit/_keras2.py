@@ -116,11 +116,15 @@ class CompiledMetrics:
         return expand_compile_metrics(compile_metrics)
 
 
-def track_loss(model: keras.Model, loss: Any, batch_of: Any) -> None:
-    """Adds `loss` to the `loss` metric as stock `fit` does: the full
-    (cross-replica) loss, weighted by the batch size."""
+def track_loss(
+    model: keras.Model, loss: Any, batch_of: Any, tracker: keras.metrics.Mean | None = None
+) -> None:
+    """Adds `loss` to the `loss` metric (or to `tracker`) as stock `fit`
+    does: the full (cross-replica) loss, weighted by the batch size."""
     first = next(t for t in keras.tree.flatten(batch_of) if t is not None)
-    internals.loss_tracker(model).update_state(
+    if tracker is None:
+        tracker = internals.loss_tracker(model)
+    tracker.update_state(
         internals.unscale_loss_for_distribution(loss),
         sample_weight=keras.ops.shape(first)[0],
     )

@@ -154,7 +154,7 @@ class CustomModel(keras.Model):
         if scale is not None:
             gradients = [_step.multiply(g, scale) for g in gradients]
             loop.gradients_rescaled(self.optimizer)
-        self.optimizer.apply(list(gradients), list(variables))
+        loop.apply(self.optimizer, list(gradients), list(variables))
 
     def log(
         self,

@@ -71,6 +71,10 @@ def gradients_rescaled(optimizer: Any) -> None:
     _guards.gradients_rescaled(optimizer)
 
 
+def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
+    optimizer.apply(gradients, variables)
+
+
 def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
     auto = value == _auto_steps.AUTO
     # Plain attributes: settings, not state to track or save.

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 def mlp(base, dropout=0.2, regularize=False, batchnorm=False):
@@ -85,6 +84,7 @@ def sample_weights(n):
 def every_hook(base):
     """A subclass of `base` overriding every hook without changing the maths,
     logging from each: trains like `base`, with extra log columns."""
+    import tensorflow as tf
 
     class EveryHook(base):
         def compute_loss(self, *args, **kwargs):
@@ -118,6 +118,8 @@ class Sampling(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(1337)
 
     def call(self, inputs):
+        import tensorflow as tf
+
         z_mean, z_log_var = inputs
         epsilon = keras.random.normal(tf.shape(z_mean), seed=self.seed_generator)
         return z_mean + tf.exp(0.5 * z_log_var) * epsilon

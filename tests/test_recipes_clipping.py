@@ -1,14 +1,20 @@
 """Clipping recipes: clipped gradients equal a numpy reference, the norm before
 clipping is a History column, composition order, two replicas clip as one
-device, mixed precision, save/load."""
+device, mixed precision, save/load. Runs on TensorFlow (the suite) and on JAX
+(`nox -s jax`), but for the tests of TensorFlow-only features."""
 
 import keras
 import numpy as np
 import pytest
+from keras.ops import convert_to_numpy
 
 import customfit
 from customfit import recipes
-from tests import models, recipes_mirrored
+from tests import models
+
+tensorflow_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute and the TensorFlow-only recipes")
 
 # float32 TF against a float64 numpy reference of the same formula.
 CLOSE = dict(rtol=1e-5, atol=1e-7)
@@ -20,9 +26,9 @@ def recorded(cls):
 
     class Recorded(cls, customfit.CustomModel):
         def transform_gradients(self, gradients, variables):
-            seen["raw"].append([g.numpy().astype("float64") for g in gradients])
+            seen["raw"].append([convert_to_numpy(g).astype("float64") for g in gradients])
             gradients = super().transform_gradients(gradients, variables)
-            seen["clipped"].append([g.numpy().astype("float64") for g in gradients])
+            seen["clipped"].append([convert_to_numpy(g).astype("float64") for g in gradients])
             return gradients
 
     return Recorded, seen
@@ -110,12 +116,15 @@ def test_history_has_the_norm_every_epoch(digits):
     assert "val_grad_norm" not in history  # a training-only column
 
 
+@tensorflow_only
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["clipping", "agc"])
 def test_two_replicas_clip_as_one_device(name):
     """The clipping decision uses the replica-summed gradient (weights within
     float32 summation-order ulps; the logged norm within 1e-6)."""
+    from tests import recipes_mirrored
+
     results = recipes_mirrored.results()
     two, one = results[f"{name}_two"], results[f"{name}_one"]
     for a, b in zip(two["weights"], one["weights"]):
@@ -185,30 +194,35 @@ def test_bad_clip_factor_is_a_clear_error():
                                          clip_factor=-1)
 
 
-@keras.saving.register_keras_serializable(package="customfit_tests")
-class StackedNet(recipes.SAM, recipes.GradientAccumulation, recipes.GlobalNormClipping,
-                 customfit.CustomModel):
-    """A subclassed model with its own argument, three recipes and a hook."""
+def stacked_net_class():
+    @keras.saving.register_keras_serializable(package="customfit_tests")
+    class StackedNet(recipes.SAM, recipes.GradientAccumulation, recipes.GlobalNormClipping,
+                     customfit.CustomModel):
+        """A subclassed model with its own argument, three recipes and a hook."""
 
-    def __init__(self, units=16, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.hidden = keras.layers.Dense(units, activation="relu")
-        self.out = keras.layers.Dense(10, activation="softmax")
-        self.hook_calls = 0
+        def __init__(self, units=16, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.hidden = keras.layers.Dense(units, activation="relu")
+            self.out = keras.layers.Dense(10, activation="softmax")
+            self.hook_calls = 0
 
-    def call(self, x):
-        return self.out(self.hidden(x))
+        def call(self, x):
+            return self.out(self.hidden(x))
 
-    def transform_gradients(self, gradients, variables):
-        self.hook_calls += 1
-        return super().transform_gradients(gradients, variables)
+        def transform_gradients(self, gradients, variables):
+            self.hook_calls += 1
+            return super().transform_gradients(gradients, variables)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    return StackedNet
 
 
+@tensorflow_only
 def test_subclassed_model_stacks_recipes_and_hooks(digits, tmp_path):
+    StackedNet = stacked_net_class()
     x, y = digits[0][:64], digits[1][:64]
     model = StackedNet(units=8, rho=0.05, accumulation_steps=2, clip_norm=0.5)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",

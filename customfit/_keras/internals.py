@@ -290,6 +290,11 @@ def current_stateless_scope() -> keras.StatelessScope | None:
     return _stateless_scope.get_stateless_scope()
 
 
+def optimizer_variables_built_over(optimizer: keras.optimizers.Optimizer) -> list:
+    """The trainable variables `optimizer.build` was given, in order."""
+    return list(optimizer._trainable_variables)
+
+
 def make_jax_function(
     model: keras.Model, step: Callable, concatenate_outputs: bool = False
 ) -> Callable:

@@ -2,20 +2,22 @@
 
 Each recipe is a `customfit.CustomModel` (or a piece of one) that works with
 `fit`, `evaluate`, callbacks, saving and loading, `tf.distribute` and mixed
-precision.
+precision. The clipping recipes and `Distiller` are written with `keras.ops`
+and run on Keras' JAX backend too; the others need TensorFlow.
 """
 
-from customfit._backend import require_tensorflow
+from typing import Any
 
-require_tensorflow("customfit.recipes")
-
-from customfit.recipes._accumulation import GradientAccumulation
-from customfit.recipes._adversarial import AdversarialTraining, adversarial_examples
+from customfit._backend import BACKEND, require_tensorflow
 from customfit.recipes._clipping import AdaptiveGradientClipping, GlobalNormClipping
 from customfit.recipes._distillation import Distiller
-from customfit.recipes._gan import GAN
-from customfit.recipes._sam import SAM
-from customfit.recipes._skipping import SkipNonFinite
+
+if BACKEND == "tensorflow":
+    from customfit.recipes._accumulation import GradientAccumulation
+    from customfit.recipes._adversarial import AdversarialTraining, adversarial_examples
+    from customfit.recipes._gan import GAN
+    from customfit.recipes._sam import SAM
+    from customfit.recipes._skipping import SkipNonFinite
 
 __all__ = [
     "AdaptiveGradientClipping",
@@ -28,3 +30,9 @@ __all__ = [
     "SkipNonFinite",
     "adversarial_examples",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:  # a TensorFlow-only recipe, on another backend
+        require_tensorflow(f"customfit.recipes.{name}")
+    raise AttributeError(f"module 'customfit.recipes' has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
@@ -17,7 +17,8 @@ class GlobalNormClipping(CustomModel):
 
     In `transform_gradients` (once per update): if the global L2 norm of all
     gradients exceeds `clip_norm`, all are scaled by `clip_norm / norm`, as
-    `tf.clip_by_global_norm` does. The norm before clipping is logged with
+    `tf.clip_by_global_norm` does (written with `keras.ops`: it runs on
+    TensorFlow and JAX). The norm before clipping is logged with
     `self.log(log_name, norm)`: a column in `History`, the progress bar and
     TensorBoard, averaged over the epoch.
 
@@ -61,9 +62,11 @@ class GlobalNormClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        norm = tf.linalg.global_norm([g for g in options.replica_sum(gradients) if g is not None])
+        norm = global_norm(options.replica_sum(gradients))
         self.log(self.log_name, norm)
-        clipped, _ = tf.clip_by_global_norm(gradients, self.clip_norm, use_norm=norm)
+        # As tf.clip_by_global_norm scales: 1 while the norm is within bounds.
+        scale = self.clip_norm * ops.minimum(1.0 / norm, 1.0 / self.clip_norm)
+        clipped = [None if g is None else g * ops.cast(scale, g.dtype) for g in gradients]
         return super().transform_gradients(clipped, variables)
 
 
@@ -140,26 +143,31 @@ class AdaptiveGradientClipping(CustomModel):
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
         totals = options.replica_sum(gradients)
-        self.log(self.log_name, tf.linalg.global_norm([g for g in totals if g is not None]))
+        self.log(self.log_name, global_norm(totals))
         clipped = [
             None if g is None else g * self._unit_factor(total, variable)
             for g, total, variable in zip(gradients, totals, variables)
         ]
         return super().transform_gradients(clipped, variables)
 
-    def _unit_factor(self, total: tf.Tensor, variable: Any) -> tf.Tensor:
+    def _unit_factor(self, total: Any, variable: Any) -> Any:
         """Per unit: 1, or the factor that brings `||G_u||` down to the bound."""
-        weight = tf.cast(variable.value, total.dtype)
-        max_norm = self.clip_factor * tf.maximum(unitwise_norm(weight), self.unit_epsilon)
+        weight = ops.cast(variable.value, total.dtype)
+        max_norm = self.clip_factor * ops.maximum(unitwise_norm(weight), self.unit_epsilon)
         grad_norm = unitwise_norm(total)
-        factor = max_norm / tf.maximum(grad_norm, 1e-6)
-        return tf.where(grad_norm > max_norm, factor, tf.ones_like(factor))
+        factor = max_norm / ops.maximum(grad_norm, 1e-6)
+        return ops.where(grad_norm > max_norm, factor, ops.ones_like(factor))
 
 
-def unitwise_norm(x: tf.Tensor) -> tf.Tensor:
+def global_norm(gradients: list) -> Any:
+    """The L2 norm of all gradients together (None ones left out)."""
+    return ops.sqrt(sum(ops.sum(ops.square(g)) for g in gradients if g is not None))
+
+
+def unitwise_norm(x: Any) -> Any:
     """L2 norm per output unit (all axes but the last), broadcastable to `x`;
     the absolute value for scalars and vectors."""
-    if x.shape.rank is not None and x.shape.rank <= 1:
-        return tf.abs(x)
-    axes = list(range(x.shape.rank - 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+    if len(x.shape) <= 1:
+        return ops.abs(x)
+    axes = tuple(range(len(x.shape) - 1))
+    return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))

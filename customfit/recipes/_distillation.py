@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from customfit._keras import internals
+from customfit._keras2 import track_loss
 from customfit._model import CustomModel
+from customfit.recipes import _options as options
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -96,7 +98,7 @@ class Distiller(CustomModel):
         y_pred: Any = None,
         sample_weight: Any = None,
         training: bool = True,
-    ) -> tf.Tensor:
+    ) -> Any:
         """The distillation loss above; runs in every train and test step."""
         compile_loss = internals.compiled_loss_object(self)
         if compile_loss is None:
@@ -113,8 +115,8 @@ class Distiller(CustomModel):
         hard = compile_loss(y, y_pred, sample_weight)
         teacher_logits = self.teacher(x, training=False)
         soft = self.distillation_loss(teacher_logits, y_pred, sample_weight)
-        _track_like_loss(self.student_loss_tracker, hard, batch_of=x)
-        _track_like_loss(self.distillation_loss_tracker, soft, batch_of=x)
+        track_loss(self, hard, batch_of=x, tracker=self.student_loss_tracker)
+        track_loss(self, soft, batch_of=x, tracker=self.distillation_loss_tracker)
         losses = [self.alpha * hard + (1.0 - self.alpha) * soft]
         losses.extend(
             internals.aggregate_additional_loss(self, extra) for extra in self.student.losses
@@ -122,24 +124,24 @@ class Distiller(CustomModel):
         return losses[0] if len(losses) == 1 else keras.ops.sum(losses)
 
     def distillation_loss(
-        self, teacher_logits: tf.Tensor, student_logits: tf.Tensor, sample_weight: Any = None
-    ) -> tf.Tensor:
+        self, teacher_logits: Any, student_logits: Any, sample_weight: Any = None
+    ) -> Any:
         """`T**2 * KL(softmax(t/T) || softmax(s/T))`, averaged over the batch.
 
         Computed from log-softmaxes (no clipping). Like Keras losses, the
         value returned under `tf.distribute` is this replica's share (divided
         by the number of replicas).
         """
-        t = tf.cast(teacher_logits, "float32") / self.temperature
-        s = tf.cast(student_logits, "float32") / self.temperature
-        log_p = tf.nn.log_softmax(t, axis=-1)
-        log_q = tf.nn.log_softmax(s, axis=-1)
-        per_sample = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+        t = ops.cast(teacher_logits, "float32") / self.temperature
+        s = ops.cast(student_logits, "float32") / self.temperature
+        log_p = ops.log_softmax(t, axis=-1)
+        log_q = ops.log_softmax(s, axis=-1)
+        per_sample = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
         if sample_weight is not None:
-            weight = tf.cast(sample_weight, per_sample.dtype)
-            per_sample = per_sample * tf.reshape(weight, tf.shape(per_sample))
-        kl = tf.reduce_sum(per_sample) / tf.cast(tf.size(per_sample), "float32")
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            weight = ops.cast(sample_weight, per_sample.dtype)
+            per_sample = per_sample * ops.reshape(weight, ops.shape(per_sample))
+        kl = ops.sum(per_sample) / ops.cast(ops.size(per_sample), "float32")
+        replicas = options.replicas_in_sync()
         if replicas > 1:
             kl = kl * (1.0 / replicas)
         return self.temperature**2 * kl
@@ -160,11 +162,3 @@ class Distiller(CustomModel):
         for key in ("student", "teacher"):
             config[key] = deserialize_wrapped(config[key])
         return cls(**config)
-
-
-def _track_like_loss(tracker: keras.metrics.Mean, value: tf.Tensor, batch_of: Any) -> None:
-    """Adds the full (cross-replica) value, weighted by batch size."""
-    first = next(t for t in tf.nest.flatten(batch_of) if t is not None)
-    tracker.update_state(
-        internals.unscale_loss_for_distribution(value), sample_weight=tf.shape(first)[0]
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import tensorflow as tf
+import keras
 
 
 def number(
@@ -69,10 +69,25 @@ def _example(name: str) -> str:
     return _EXAMPLES.get(name, "1")
 
 
+def replicas_in_sync() -> int:
+    """The replicas of the current `tf.distribute` strategy; 1 on JAX, where
+    the step sees the whole batch."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
 def replica_sum(gradients: list) -> list:
     """The gradients summed over the replicas in sync (what the optimizer will
     apply), for decisions that must not depend on how a batch is split; the
-    gradients themselves on one replica or outside a replica context."""
+    gradients themselves on one replica or outside a replica context, and on
+    JAX, where the step sees the whole (sharded) batch."""
+    if keras.backend.backend() != "tensorflow":
+        return list(gradients)
+    import tensorflow as tf
+
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return list(gradients)

@@ -22,10 +22,12 @@ def test_import_loads_no_tensorflow():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["callbacks", "recipes"])
-def test_tensorflow_only_modules_say_so(module):
+def test_tensorflow_only_modules_and_recipes_say_so():
     with pytest.raises(ImportError, match="KERAS_BACKEND=tensorflow"):
-        getattr(customfit, module)
+        customfit.callbacks  # noqa: B018
+    for name in ("GAN", "SAM", "GradientAccumulation", "SkipNonFinite", "AdversarialTraining"):
+        with pytest.raises(ImportError, match=f"customfit.recipes.{name} needs"):
+            getattr(customfit.recipes, name)
 
 
 def test_tensorflow_only_features_say_so(digits):
@@ -64,3 +66,6 @@ def test_private_keras_symbols_used_on_jax():
     variable = keras.Variable(1.0)
     with keras.StatelessScope([(variable, 2.0)]) as scope:
         assert internals.current_stateless_scope() is scope
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    optimizer.build(model.trainable_variables)
+    assert internals.optimizer_variables_built_over(optimizer) == model.trainable_variables

@@ -81,3 +81,12 @@ def test_train_and_test_on_batch_equal_stock(digits):
     assert train_a == train_b and test_a == test_b
     for a, b in zip(w_a, w_b):
         np.testing.assert_array_equal(a, b)
+
+
+def test_mixed_precision_equals_stock(digits, mixed_float16):
+    """Under mixed_float16 both use a LossScaleOptimizer: the loss scaled,
+    the gradients unscaled before the hooks and scaled again to apply."""
+    x, y = digits[0][:256], digits[1][:256]
+    reference, actual = assert_trains_like_keras(
+        models.mlp, x, y, compile_kwargs=compile_kwargs, fit_kwargs={"batch_size": 64})
+    assert actual.history["loss"][-1] < actual.history["loss"][0]
