@@ -22,7 +22,8 @@ before it is compiled.
 What stays with the TensorFlow loop: the per-batch callback replay under
 `steps_per_execution > 1` (callbacks see one call per execution, as in stock
 Keras on JAX), `steps_per_execution="auto"`, `fit`'s run modes, the first
-step's guards, and `customfit.callbacks` and `recipes`.
+step's guards, `customfit.callbacks` and the recipes written with
+TensorFlow ops.
 """
 
 from __future__ import annotations
@@ -185,12 +186,26 @@ class StatelessStep:
 
         def function(state: Any, iterator: Any) -> Any:
             extra_values = None if self.extras is None else [v.value for v in self.extras]
-            outputs, (state, extra_values) = step((state, extra_values), iterator)
+            try:
+                outputs, (new_state, extra_values) = step((state, extra_values), iterator)
+            except BaseException:
+                self._put_back(state)
+                raise
             for variable, value in zip(self.extras or (), extra_values):
                 variable.assign(value)
-            return outputs, state
+            return outputs, new_state
 
         self.function = function
+
+    def _put_back(self, state: Any) -> None:
+        """Keras' JAX `fit` takes the values out of the variables while it
+        trains and puts them back at the end of an epoch; a step that raised
+        (a mistake found when it is traced) ends `fit` before that. Put back
+        the values not consumed, so the model still works after the error."""
+        for variables, values in zip(self.state_variables(), state):
+            for variable, value in zip(variables, values):
+                if not (hasattr(value, "is_deleted") and value.is_deleted()):
+                    variable.assign(value)
 
     def state_variables(self) -> list[list[keras.Variable]]:
         """The variables behind Keras' `state`, group by group."""

@@ -32,7 +32,8 @@ class CustomModel(keras.Model):
     The training step, in order (`train_step`):
 
     1. forward pass `self(x, training=True)` and `compute_loss(...)` under a
-       `tf.GradientTape`; the loss is added to the `loss` metric;
+       `tf.GradientTape` (on JAX, differentiated by `jax.value_and_grad`);
+       the loss is added to the `loss` metric;
     2. the loss is scaled for mixed precision (`optimizer.scale_loss`) and
        differentiated w.r.t. `trainable_weights`; the gradients are unscaled;
     3. `transform_gradients(gradients, variables)`;
@@ -43,6 +44,8 @@ class CustomModel(keras.Model):
     Each hook can be overridden alone; `train_step`/`test_step` can still be
     overridden whole, with the Keras-2 helpers `compiled_loss`,
     `compiled_metrics` and `metrics` behaving as they did in `tf.keras`.
+    On Keras' JAX backend the same hooks and steps, written with
+    `keras.ops`, run as Keras' stateless JAX step (see the JAX guide).
 
     Example:
 
@@ -186,7 +189,9 @@ class CustomModel(keras.Model):
         Under `tf.distribute` the column is the weighted mean over replicas,
         as for Keras' metrics. A per-replica quantity is taken as it is: the
         loss from `compute_loss` is already divided by the number of
-        replicas, so on two replicas it shows half the one-device value.
+        replicas, so on two replicas it shows half the one-device value. On
+        JAX the step sees the whole batch, also under `keras.distribution`.
+        There a step must log the same names every time it runs.
 
         Args:
             name: The column name; must not clash with a compiled metric.

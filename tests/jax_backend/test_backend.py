@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 import customfit
@@ -69,3 +70,19 @@ def test_private_keras_symbols_used_on_jax():
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
     optimizer.build(model.trainable_variables)
     assert internals.optimizer_variables_built_over(optimizer) == model.trainable_variables
+
+
+def test_a_step_that_raises_leaves_the_model_usable(digits):
+    """Keras' JAX fit takes the values out of the variables while it trains;
+    an error in the step must not leave them empty."""
+    class Broken(customfit.CustomModel):
+        def compute_loss(self, *args, **kwargs):
+            raise ValueError("a mistake in the step")
+
+    model = models.mlp(Broken)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x = digits[0][:64]
+    before = model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match="a mistake in the step"):
+        model.fit(x, digits[1][:64], verbose=0)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), before)

@@ -9,10 +9,11 @@ import customfit
 from customfit.testing import assert_trains_like_keras
 from tests.jax_backend import models
 
+# On JAX, run_eagerly=True and jit_compile=False are one path (the step not
+# jitted), in Keras and in customfit.
 MODES = {
     "jit": dict(jit_compile=True),
     "no_jit": dict(jit_compile=False),
-    "eager": dict(run_eagerly=True),
 }
 
 
@@ -33,11 +34,9 @@ CASES = {
 }
 
 
-# Every case jitted; three of them also without jit and eagerly.
+# Every case jitted; three of them also without jit.
 PARAMS = [(case, "jit") for case in CASES] + [
-    (case, mode)
-    for case in ("functional_dropout", "batchnorm", "steps_per_execution_3")
-    for mode in ("no_jit", "eager")
+    (case, "no_jit") for case in ("functional_dropout", "batchnorm", "steps_per_execution_3")
 ]
 
 
