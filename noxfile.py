@@ -1,7 +1,7 @@
-"""The supported TensorFlow/Keras stacks, one nox session each.
+"""The supported TensorFlow/Keras stacks, one nox session per TensorFlow.
 
     python3 -m nox -s compat            # the compatibility subset on every older stack
-    python3 -m nox -s "compat(keras='3.12')"
+    python3 -m nox -s "compat(tensorflow='2.20')"   # Keras 3.11, 3.12 and 3.13
     python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
     python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow
     python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
@@ -9,10 +9,12 @@
 
 The primary stack (the newest of each) runs the whole suite and Keras' own
 tests from the README's command; `.ci/run` runs `compat`, `jax`, `lint`
-and `docs` after them. Each
-session installs its TensorFlow and Keras into a fresh virtual environment
-and customfit from this checkout without dependencies, so the stack under
-test is exactly the one named.
+and `docs` after them. Each session installs its TensorFlow into a fresh
+virtual environment, and customfit from this checkout without dependencies;
+a `compat` session then installs each Keras release tested with that
+TensorFlow in turn (one environment per TensorFlow: installing TensorFlow
+takes longer than the tests), so the stack under test is exactly the one
+named.
 """
 
 import nox
@@ -21,14 +23,12 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 PRIMARY = ("tensorflow==2.21.0", "keras==3.15.1")
-# The latest patch of every Keras minor release supported, each with a
-# TensorFlow it is used with.
+# The latest patch of every older Keras minor release supported, grouped by
+# the TensorFlow each is used with.
 OLDER = {
-    "3.10": ("tensorflow==2.19.1", "keras==3.10.0"),
-    "3.11": ("tensorflow==2.20.0", "keras==3.11.3"),
-    "3.12": ("tensorflow==2.20.0", "keras==3.12.4"),
-    "3.13": ("tensorflow==2.20.0", "keras==3.13.2"),
-    "3.14": ("tensorflow==2.21.0", "keras==3.14.1"),
+    "2.19": ("tensorflow==2.19.1", ("keras==3.10.0",)),
+    "2.20": ("tensorflow==2.20.0", ("keras==3.11.3", "keras==3.12.4", "keras==3.13.2")),
+    "2.21": ("tensorflow==2.21.0", ("keras==3.14.1",)),
 }
 TEST_DEPENDENCIES = ("pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorboard>=2.19")
 # What depends on Keras' loop: parity with stock fit, the hooks, the Keras-2
@@ -48,25 +48,40 @@ COMPAT_TESTS = (
 def _install(session: nox.Session, *stack: str) -> None:
     session.install(*stack, *TEST_DEPENDENCIES)
     session.install("--no-deps", "-e", ".")
+    _print_stack(session)
+
+
+def _print_stack(session: nox.Session) -> None:
     session.run("python", "-c", "import keras, tensorflow as tf; "
                 "print('Keras', keras.version(), 'TensorFlow', tf.__version__)")
 
 
-# `python -m customfit check` compares what the parity tests compare; it runs
-# on the oldest and the newest older stack, to keep `.ci/run` within 30 min.
-CHECKED = ("3.10", "3.14")
+# The oldest and the newest older release run the whole subset, then
+# `python -m customfit check` (which compares what the parity tests compare).
+# The releases between them, to keep `.ci/run` within 30 min, run it without
+# `steps_per_execution="auto"` and the published steps: the Keras code
+# "auto" copies has one source from 3.11 to 3.15 (`versions.COPIES`), and the
+# published steps run on the loop the parity tests cover.
+EDGES = ("keras==3.10.0", "keras==3.14.1")
+BETWEEN_EDGES_SKIPPED = ("tests/test_auto_steps.py", "tests/test_published_steps.py")
 
 
 @nox.session
-@nox.parametrize("keras", list(OLDER))
-def compat(session: nox.Session, keras: str) -> None:
-    """The compatibility subset on an older supported stack, then (on the
-    `CHECKED` ones) `python -m customfit check` there."""
-    _install(session, *OLDER[keras])
-    session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
-                *COMPAT_TESTS, *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
-    if keras in CHECKED:
-        session.run("python", "-m", "customfit", "check", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+@nox.parametrize("tensorflow", list(OLDER))
+def compat(session: nox.Session, tensorflow: str) -> None:
+    """The compatibility subset on each older Keras tested with this
+    TensorFlow, then (on the `EDGES`) `python -m customfit check`."""
+    tensorflow_requirement, keras_releases = OLDER[tensorflow]
+    _install(session, tensorflow_requirement, keras_releases[0])
+    for keras in keras_releases:
+        if keras != keras_releases[0]:
+            session.install(keras)
+            _print_stack(session)
+        tests = [t for t in COMPAT_TESTS if keras in EDGES or t not in BETWEEN_EDGES_SKIPPED]
+        session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+                    *tests, *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+        if keras in EDGES:
+            session.run("python", "-m", "customfit", "check", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
 @nox.session
