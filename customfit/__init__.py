@@ -5,18 +5,20 @@ from customfit._backend import BACKEND
 from customfit._keras.versions import CompatibilityWarning
 from customfit._model import CustomModel
 
-if BACKEND == "tensorflow":
-    from customfit import callbacks  # noqa: F401 (exported below)
-
 __version__ = "0.4.0"
 
-__all__ = ["CompatibilityWarning", "CustomModel", "callbacks", "recipes", "__version__"]
+__all__ = ["CompatibilityWarning", "CustomModel", "recipes", "__version__"]
+
+if BACKEND == "tensorflow":
+    from customfit import callbacks  # noqa: F401 (in __all__ on TensorFlow)
+
+    __all__.insert(2, "callbacks")
 
 
 def __getattr__(name: str) -> object:
-    # On JAX, `customfit.callbacks` says what it needs.
+    # On JAX, `customfit.callbacks` is not imported: importing it says what it needs.
     if name == "callbacks":
         import importlib
 
-        return importlib.import_module(f"customfit.{name}")
+        return importlib.import_module("customfit.callbacks")
     raise AttributeError(f"module 'customfit' has no attribute {name!r}")
