@@ -4,7 +4,7 @@ each recipe trains on two replicas and on one device; the tests compare."""
 import functools
 import json
 
-from tests.subproc import run_python
+from tests.subproc import run_python_once
 
 CODE = """
 import json
@@ -62,6 +62,6 @@ print("RESULTS" + json.dumps(results))
 
 @functools.lru_cache(maxsize=None)
 def results() -> dict:
-    """Runs the subprocess once per test session."""
-    out = run_python(CODE, timeout=600, two_cpus=True)
+    """Runs the subprocess once per test run."""
+    out = run_python_once(CODE, timeout=600, two_cpus=True)
     return json.loads(out.split("RESULTS", 1)[1])

@@ -1,10 +1,13 @@
 """Run test code in a fresh Python: for TensorFlow settings fixed at start-up."""
 
+import fcntl
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -97,3 +100,21 @@ def start_workers(arguments: list[str], count: int = 2,
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def run_python_once(code: str, timeout: float = 300, two_cpus: bool = False) -> str:
+    """`run_python(code)`, run once per test run even when several pytest-xdist
+    workers ask for it: the first runs it, under a file lock, and the others
+    read its output. (Outside xdist: run each time it is called.)"""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return run_python(code, timeout=timeout, two_cpus=two_cpus)
+    key = hashlib.sha256(f"{two_cpus}{code}".encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / f"customfit-tests-{run_id}"
+    directory.mkdir(exist_ok=True)
+    output = directory / f"{key}.out"
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not output.exists():
+            output.write_text(run_python(code, timeout=timeout, two_cpus=two_cpus))
+        return output.read_text()

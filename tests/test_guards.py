@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import customfit
-from tests.subproc import run_python
+from tests.subproc import run_python, run_python_once
 from tests.test_keras2_helpers import keras2_model
 
 
@@ -225,7 +225,7 @@ TWO_REPLICAS = """
 
 @pytest.fixture(scope="module")
 def two_replicas():
-    out = run_python(TWO_REPLICAS, two_cpus=True)
+    out = run_python_once(TWO_REPLICAS, two_cpus=True)
     return json.loads(out.split("RESULTS", 1)[1])
 
 
