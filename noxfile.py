@@ -102,7 +102,10 @@ def nightly(session: nox.Session) -> None:
 # suite's tests of the recipes written with keras.ops.
 JAX_STACK = ("keras==3.15.1", "jax==0.10.2")
 JAX_TESTS = (
-    "tests/jax_backend", "tests/test_recipes_clipping.py", "tests/test_recipes_distillation.py",
+    "tests/jax_backend",
+    *(f"tests/test_recipes_{name}.py" for name in (
+        "accumulation", "adversarial", "clipping", "distillation", "gan", "sam", "skipping")),
+    "tests/test_value_and_gradients.py",
 )
 
 
@@ -110,7 +113,7 @@ JAX_TESTS = (
 def jax(session: nox.Session) -> None:
     """CustomModel on Keras' JAX backend: parity with stock fit, the hooks,
     the Keras-2 helpers, saving, DataParallel over two CPU devices and the
-    clipping and distillation recipes, in an
+    recipes written with keras.ops, in an
     environment without TensorFlow (customfit installed without its
     dependencies, as the README says for JAX users)."""
     session.install(*JAX_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")

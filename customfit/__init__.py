@@ -5,7 +5,7 @@ from customfit._backend import BACKEND
 from customfit._keras.versions import CompatibilityWarning
 from customfit._model import CustomModel
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = ["CompatibilityWarning", "CustomModel", "recipes", "__version__"]
 

@@ -19,11 +19,15 @@ nothing may be created, so each new step is first traced abstractly
 (`jax.eval_shape`) to find the names it logs, and their metrics are created
 before it is compiled.
 
+Recipes are written once with this module's `gradients`,
+`stateless_gradients`, `cond` and `state_scope` (the TensorFlow loop has the
+same functions); their own state (`CustomModel._step_variables`) goes in and
+out of the compiled step with the other extras.
+
 What stays with the TensorFlow loop: the per-batch callback replay under
 `steps_per_execution > 1` (callbacks see one call per execution, as in stock
 Keras on JAX), `steps_per_execution="auto"`, `fit`'s run modes, the first
-step's guards, `customfit.callbacks` and the recipes written with
-TensorFlow ops.
+step's guards and `customfit.callbacks`.
 """
 
 from __future__ import annotations
@@ -105,7 +109,15 @@ def fit(
                 f"fit({name}=...) needs Keras' TensorFlow backend. On JAX, "
                 "use steps_per_epoch= and validation_steps= for a short run."
             )
-    return keras_fit(*args, **kwargs)
+    with internals.jax_optimizer_stand_in(model):
+        return keras_fit(*args, **kwargs)
+
+
+def train_on_batch(
+    model: keras.Model, keras_train_on_batch: Callable, args: tuple, kwargs: dict
+) -> Any:
+    with internals.jax_optimizer_stand_in(model):
+        return keras_train_on_batch(*args, **kwargs)
 
 
 def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
@@ -150,26 +162,30 @@ def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: lis
 
 def make_train_function(model: keras.Model) -> Callable:
     _optimizers.build_unbuilt(model)
-    return StatelessStep(model, "train").function
+    return StatelessStep(model, "train")
 
 
 def make_test_function(model: keras.Model) -> Callable:
-    return StatelessStep(model, "test").function
+    return StatelessStep(model, "test")
 
 
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
-    return StatelessStep(model, "predict").function
+    return StatelessStep(model, "predict")
 
 
 class StatelessStep:
     """One of the model's steps (`train_step`, `test_step` or `predict_step`)
     compiled as Keras' JAX loop calls it.
 
+    Called as `step(state, iterator) -> (outputs, state)`, it is Keras'
+    `train_function`/`test_function`/`predict_function`: runs
+    `steps_per_execution` batches, jitted unless the model runs eagerly or
+    `jit_compile=False`.
+
     Attributes:
-        function: `function(state, iterator) -> (outputs, state)`, Keras'
-            `train_function`/`test_function`/`predict_function`: runs
-            `steps_per_execution` batches, jitted unless the model runs
-            eagerly or `jit_compile=False`.
+        after_each_execution: Callables run on the host after every call, in
+            order (`recipes.SkipNonFinite` checks its limits there); if one
+            raises, the new state is put back into the variables first.
         extras: The variables the step may update that Keras' `state` leaves
             out, in the order of the extra argument; None until the step
             was first traced.
@@ -180,39 +196,47 @@ class StatelessStep:
         self._phase = phase
         self.extras: list[keras.Variable] | None = None
         self._compiled: Callable | None = None
-        step = internals.make_jax_function(
+        self.after_each_execution: list[Callable[[], None]] = []
+        self._step = internals.make_jax_function(
             model, self._one_batch, concatenate_outputs=phase == "predict"
         )
 
-        def function(state: Any, iterator: Any) -> Any:
-            extra_values = None if self.extras is None else [v.value for v in self.extras]
-            try:
-                outputs, (new_state, extra_values) = step((state, extra_values), iterator)
-            except BaseException:
-                self._put_back(state)
-                raise
-            for variable, value in zip(self.extras or (), extra_values):
-                variable.assign(value)
-            return outputs, new_state
-
-        self.function = function
+    def __call__(self, state: Any, iterator: Any) -> Any:
+        extra_values = None if self.extras is None else [v.value for v in self.extras]
+        try:
+            outputs, (new_state, extra_values) = self._step((state, extra_values), iterator)
+        except BaseException:
+            self._put_back(state)
+            raise
+        for variable, value in zip(self.extras or (), extra_values):
+            variable.assign(value)
+        try:
+            for check in self.after_each_execution:
+                check()
+        except BaseException:
+            self._put_back(new_state)
+            raise
+        return outputs, new_state
 
     def _put_back(self, state: Any) -> None:
         """Keras' JAX `fit` takes the values out of the variables while it
         trains and puts them back at the end of an epoch; a step that raised
-        (a mistake found when it is traced) ends `fit` before that. Put back
-        the values not consumed, so the model still works after the error."""
+        (a mistake found when it is traced, or a recipe's check after it)
+        ends `fit` before that. Put back the values not consumed, so the
+        model still works after the error."""
         for variables, values in zip(self.state_variables(), state):
             for variable, value in zip(variables, values):
                 if not (hasattr(value, "is_deleted") and value.is_deleted()):
                     variable.assign(value)
+        internals.jax_state_put_back(self._model)
 
     def state_variables(self) -> list[list[keras.Variable]]:
         """The variables behind Keras' `state`, group by group."""
         model = self._model
         groups = [model.trainable_variables, model.non_trainable_variables]
         if self._phase == "train":
-            groups.append(model.optimizer.variables)
+            # [] for a model without `optimizer` (Keras' fit runs with a stand-in).
+            groups.append([] if model.optimizer is None else model.optimizer.variables)
         if self._phase != "predict":
             groups.append(model.metrics_variables)
         return groups
@@ -249,6 +273,11 @@ class StatelessStep:
             step_logs.create_discovered()
         self.extras = self._extra_variables()
 
+    @property
+    def discovering(self) -> bool:
+        """Whether the step runs now to find the names it logs."""
+        return self._model._step_logs.is_discovering
+
     def _eager(self) -> bool:
         return bool(self._model.run_eagerly or not self._model.jit_compile)
 
@@ -260,6 +289,7 @@ class StatelessStep:
         if self._phase == "train":
             for optimizer in _optimizers.registered(self._model).values():
                 extras.extend(v for v in optimizer.variables if id(v) not in known)
+            extras.extend(v for v in self._model._step_variables() if id(v) not in known)
         for metric in self._model._step_logs.all_metrics:
             extras.extend(v for v in metric.variables if id(v) not in known)
         return extras
@@ -320,49 +350,128 @@ def _current(scope: keras.StatelessScope, variable: keras.Variable, value: Any) 
 def loss_gradients(
     model: keras.Model, x: Any, y: Any, sample_weight: Any
 ) -> tuple[Any, Any, list, list]:
-    """The forward pass and the loss, differentiated by `jax.value_and_grad`
-    over the trainable values; the loss tracked, the gradients unscaled.
+    """The forward pass and the loss, differentiated over the trainable
+    values (`gradients`); the loss tracked, the gradients unscaled."""
 
-    Runs inside a `StatelessStep`: the forward pass and the loss run in a
-    nested scope that maps the trainable variables to the values being
-    differentiated and every other variable to its current value; what they
-    assign (BatchNorm statistics, random-layer seeds, the loss metrics of
-    `compile`) is then assigned in the step's scope."""
+    def scaled_loss() -> tuple[Any, tuple[Any, Any]]:
+        y_pred = _step.forward(model, x, training=True)
+        loss = internals.compute_loss(
+            model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
+        return scaled, (y_pred, loss)
+
+    variables = model.trainable_variables
+    if not variables:
+        _, (y_pred, loss) = scaled_loss()
+        grads: list = []
+    else:
+        (y_pred, loss), grads = gradients(scaled_loss, variables)
+        grads = _step.unscaled(model, grads)
+    track_loss(model, loss, batch_of=x)
+    return y_pred, loss, grads, variables
+
+
+def gradients(function: Callable[[], tuple[Any, Any]], variables: list) -> tuple[Any, list]:
+    """Runs `function() -> (objective, aux)` once and returns `aux` and the
+    gradients of `objective`, a scalar, w.r.t. `variables`; what `function`
+    assigns to other variables (BatchNormalization statistics, random-layer
+    seeds, metrics) is kept, as on TensorFlow under a `tf.GradientTape`.
+
+    Runs inside a `StatelessStep`: `function` runs in a nested scope that
+    maps `variables` to the values `jax.value_and_grad` differentiates and
+    every other variable to its current value; what it assigns is then
+    assigned in the step's scope."""
     if not _running:
         raise RuntimeError(
-            "On the JAX backend the gradient is taken inside the model's "
-            "compiled step (fit, train_on_batch); call train_step there."
+            "On the JAX backend gradients are taken inside the model's compiled "
+            "step (fit, train_on_batch); call train_step there."
         )
-    variables = model.trainable_variables
-    trainable = {id(v) for v in variables}
-    others = [v for v in _running[-1].variables() if id(v) not in trainable]
+    differentiated_ids = {id(v) for v in variables}
+    others = [v for v in _running[-1].variables() if id(v) not in differentiated_ids]
     outer = internals.current_stateless_scope()
     assert outer is not None  # the StatelessStep's
 
-    def current(variable: keras.Variable) -> Any:
-        return outer.get_current_value(variable)
-
-    def scaled_loss(trainable_values: list, other_values: list) -> tuple[Any, tuple]:
-        mapping = [*zip(variables, trainable_values), *zip(others, other_values)]
+    def run(values: list, other_values: list) -> tuple[Any, tuple[Any, list]]:
+        mapping = [*zip(variables, values), *zip(others, other_values)]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as inner:
-            y_pred = _step.forward(model, x, training=True)
-            loss = internals.compute_loss(
-                model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            scaled = loss if model.optimizer is None else model.optimizer.scale_loss(loss)
-        updated = [_current(inner, v, value) for v, value in zip(others, other_values)]
-        return scaled, (y_pred, loss, updated)
+            objective, aux = function()
+        updated = [_current(inner, v, x) for v, x in zip(others, other_values)]
+        return objective, (aux, updated)
 
-    values = ([current(v) for v in variables], [current(v) for v in others])
-    if not variables:
-        _, (y_pred, loss, updated) = scaled_loss(*values)
-        gradients: list = []
-    else:
-        (_, (y_pred, loss, updated)), gradients = jax.value_and_grad(scaled_loss, has_aux=True)(
-            *values
-        )
-        gradients = _step.unscaled(model, list(gradients))
+    values = [_current(outer, v, v.value) for v in variables]
+    other_values = [_current(outer, v, v.value) for v in others]
+    (_, (aux, updated)), grads = jax.value_and_grad(run, has_aux=True)(values, other_values)
     for variable, value in zip(others, updated):
         variable.assign(value)
-    track_loss(model, loss, batch_of=x)
-    return y_pred, loss, gradients, variables
+    return aux, list(grads)
+
+
+def state_scope(model: keras.Model) -> Any:
+    """Where a recipe creates the state its step updates: anywhere (JAX has
+    no graph to stay out of)."""
+    return contextlib.nullcontext()
+
+
+def cond(predicate: Any, if_true: Callable[[], None], if_false: Callable[[], None]) -> None:
+    """Runs `if_true()` or `if_false()`, stateful functions, as `predicate`
+    says.
+
+    When `predicate` is traced (a jitted step), as `jax.lax.cond` over the
+    values of the step's variables: each branch runs in a scope of its own,
+    and what it assigns becomes the variables' values (an assignment in
+    `keras.ops.cond` would leak a tracer); when it is a value (a step run
+    eagerly), as Python's `if`. While an eagerly run step is run to find
+    the names it logs, the branch not taken runs too, its updates discarded,
+    so that the names logged in either branch are found."""
+    scope = internals.current_stateless_scope()
+    if not _running or scope is None or not isinstance(predicate, jax.core.Tracer):
+        taken, other = (if_true, if_false) if bool(predicate) else (if_false, if_true)
+        if _running and scope is not None and _running[-1].discovering:
+            mapping = [(v, _current(scope, v, v.value)) for v in _running[-1].variables()]
+            with keras.StatelessScope(state_mapping=mapping):
+                other()
+        taken()
+        return
+    variables = _running[-1].variables()
+
+    def stateless(branch: Callable[[], None]) -> Callable[[list], list]:
+        def run(values: list) -> list:
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))) as inner:
+                branch()
+            return [_current(inner, v, x) for v, x in zip(variables, values)]
+
+        return run
+
+    values = [_current(scope, v, v.value) for v in variables]
+    updated = jax.lax.cond(predicate, stateless(if_true), stateless(if_false), values)
+    for variable, value in zip(variables, updated):
+        variable.assign(value)
+
+
+def stateless_gradients(
+    function: Callable[[list], Any],
+    sources: list,
+    variables: list | None = None,
+    state: list | tuple = (),
+) -> tuple[Any, list]:
+    """As `_tf_loop.stateless_gradients` (the same contract), differentiated
+    by `jax.value_and_grad`; inside a compiled step, "every other variable"
+    reads its value in the step's scope."""
+    mapped = {id(v) for v in variables or ()} | {id(v) for v, _ in state}
+    outer = internals.current_stateless_scope()
+    others: list = []
+    if _running and outer is not None:
+        others = [
+            (v, _current(outer, v, v.value))
+            for v in _running[-1].variables()
+            if id(v) not in mapped
+        ]
+
+    def differentiated(sources: list) -> Any:
+        mapping = [*zip(variables or (), sources), *state, *others]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+            return function(sources)
+
+    value, gradients = jax.value_and_grad(differentiated)(list(sources))
+    return value, list(gradients)

@@ -159,6 +159,59 @@ class CustomModel(keras.Model):
             loop.gradients_rescaled(self.optimizer)
         loop.apply(self.optimizer, list(gradients), list(variables))
 
+    def value_and_gradients(
+        self,
+        function: Callable[[], Any],
+        variables: Sequence[keras.Variable],
+        has_aux: bool = False,
+    ) -> tuple[Any, list[Tensor]]:
+        """Runs `function()` and differentiates what it returns w.r.t.
+        `variables`, on TensorFlow and JAX alike: for a `train_step`
+        overridden whole (two players, two losses) that takes its own
+        gradients.
+
+        `function` takes no argument and returns a scalar loss, or, with
+        `has_aux=True`, `(loss, aux)`, `aux` any structure of tensors (the
+        predictions, parts of the loss). It runs once, as under a
+        `tf.GradientTape` on TensorFlow; on JAX it runs under
+        `jax.value_and_grad` inside the compiled step, and what it assigns
+        (BatchNormalization statistics, `log`, metrics) is kept as on
+        TensorFlow. Read values from what this returns, not from inside
+        `function` (they are traced there on JAX). The gradients are those of
+        the loss as returned: under mixed precision, return
+        `optimizer.scale_loss(loss)` and unscale the gradients, as with a
+        tape. Call it inside the step (`fit`, `train_on_batch`).
+
+        Returns:
+            `(value, gradients)`: `value` is what `function` returned, and
+            `gradients` one per variable, in order (on TensorFlow `None` for
+            a variable the loss does not reach, on JAX zeros).
+
+        Example:
+
+        ```python
+        def train_step(self, data):
+            x, y = data
+
+            def loss_fn():
+                y_pred = self(x, training=True)
+                return self.compute_loss(x, y, y_pred), y_pred
+
+            variables = self.trainable_variables
+            (loss, y_pred), gradients = self.value_and_gradients(
+                loss_fn, variables, has_aux=True)
+            self.apply_gradients(gradients, variables)
+            return self.compute_metrics(x, y, y_pred)
+        ```
+        """
+
+        def objective() -> tuple[Tensor, Any]:
+            value = function()
+            return (value[0] if has_aux else value), value
+
+        value, gradients = loop.gradients(objective, list(variables))
+        return value, list(gradients)
+
     def log(
         self,
         name: str,
@@ -233,6 +286,13 @@ class CustomModel(keras.Model):
         """Seam for recipes: `transform_gradients`, the gradient checks,
         `apply_gradients` (see `customfit/_step.py`)."""
         _step.update_weights(self, loss, gradients, variables)
+
+    def _step_variables(self) -> list[keras.Variable]:
+        """Seam for recipes: the variables a training step assigns besides
+        the model's, its optimizers' and its metrics' (a recipe's
+        accumulators and counters), created before the train function is
+        made. The JAX loop carries them through the compiled step."""
+        return []
 
     def test_step(self, data: Any) -> dict[str, Tensor]:
         """One evaluation step: forward pass, loss, metrics; no update."""
@@ -485,7 +545,7 @@ class CustomModel(keras.Model):
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
         with self._step_logs.in_phase("train"):
-            return super().train_on_batch(*args, **kwargs)
+            return loop.train_on_batch(self, super().train_on_batch, args, kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("test_on_batch")

@@ -22,7 +22,10 @@ is computed (SAM's second pass) overrides `_loss_gradients`; one that changes
 when, or with which gradient, the update runs (gradient accumulation,
 skipping non-finite steps) overrides `_update_weights`, and gets the loss with
 the gradients. The public hooks run inside the seams, so they compose with a
-user's overrides.
+user's overrides. A recipe whose step updates state of its own returns those
+variables from `_step_variables` (seam 3), and writes its branches and second
+gradients with the backend's `loop.cond` and `loop.stateless_gradients`, so
+that it runs on both backends.
 
 `checked_logs(model, logs, step_name)` checks what a step returns and
 flattens the logs as Keras flattens them, with the values from `log`; each

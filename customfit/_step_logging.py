@@ -107,6 +107,11 @@ class StepLogs:
             self._pending.update(self._discovered)
             self._discovered = None
 
+    @property
+    def is_discovering(self) -> bool:
+        """Whether `discovering()` is open."""
+        return self._discovered is not None
+
     def create_discovered(self) -> None:
         """Creates the metrics of the names `discovering()` noted."""
         for (phase, name), reduction in self._pending.items():

@@ -10,6 +10,7 @@ each, which owns the call's state (dev run modes, resuming, the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,14 @@ def loss_gradients(
     if not variables:
         return y_pred, loss, [], variables
     return y_pred, loss, _step.unscaled(model, tape.gradient(scaled, variables)), variables
+
+
+def gradients(function: Callable[[], tuple[Any, Any]], variables: list) -> tuple[Any, list]:
+    """Runs `function() -> (objective, aux)` once under a `tf.GradientTape`
+    and returns `aux` and the gradients of `objective` w.r.t. `variables`."""
+    with tf.GradientTape() as tape:
+        objective, aux = function()
+    return aux, tape.gradient(objective, variables)
 
 
 def metric_creation_scope() -> Any:
@@ -119,6 +128,12 @@ def fit(
     return _fit_call.FitCall(model, "fit", args, kwargs, modes).run(keras_fit)
 
 
+def train_on_batch(
+    model: keras.Model, keras_train_on_batch: Callable, args: tuple, kwargs: dict
+) -> Any:
+    return keras_train_on_batch(*args, **kwargs)
+
+
 def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
     return _fit_call.FitCall(model, "evaluate", args, kwargs).run(keras_evaluate)
 
@@ -155,3 +170,40 @@ def _checked(model: keras.Model, step: Callable, phase: str) -> Callable:
         return logs
 
     return checked_step
+
+
+@contextlib.contextmanager
+def state_scope(model: keras.Model) -> Any:
+    """Where a recipe creates the state its step updates: outside any traced
+    graph, in the model's distribution strategy."""
+    with tf.init_scope(), model.distribute_strategy.scope():
+        yield
+
+
+def cond(predicate: Any, if_true: Callable[[], None], if_false: Callable[[], None]) -> None:
+    """Runs `if_true()` or `if_false()`, stateful functions, as `predicate`
+    says (`tf.cond`)."""
+    tf.cond(predicate, if_true, if_false)
+
+
+def stateless_gradients(
+    function: Callable[[list], Any],
+    sources: list,
+    variables: list | None = None,
+    state: list | tuple = (),
+) -> tuple[Any, list]:
+    """`function(sources)`, a scalar, and its gradients w.r.t. `sources`.
+
+    It runs in a `keras.StatelessScope` in which `variables` (when given)
+    read `sources`, the `(variable, value)` pairs of `state` read those
+    values, and every other variable reads its current value; what it
+    assigns is discarded. Differentiated under a `tf.GradientTape`."""
+    sources = list(sources)
+    mapping = [*zip(variables or (), sources), *state]
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        with keras.StatelessScope(
+            state_mapping=mapping, collect_losses=True, initialize_variables=False
+        ):
+            value = function(sources)
+    return value, tape.gradient(value, sources)

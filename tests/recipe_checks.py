@@ -3,6 +3,16 @@
 import keras
 import numpy as np
 
+# On JAX, a step run eagerly runs twice on its first batch: once, its updates
+# discarded, to find the names it logs (traced abstractly, or, if it reads
+# values with `.numpy()`, run; docs/guides/jax.md). A hook that records
+# values or counts calls sees that run too.
+EAGER_FIRST_BATCH_RUNS = 1 if keras.backend.backend() == "tensorflow" else 2
+
+
+def global_norm(tensors):
+    return keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(t)) for t in tensors))
+
 
 def assert_trains_like(expected_base, actual_base, build, x, y, epochs=1):
     """Bit for bit: same History and weights after `fit` under the same seed

@@ -303,3 +303,35 @@ def make_jax_function(
     `steps_per_execution` batches per call (predictions concatenated when
     `concatenate_outputs`)."""
     return model._make_function(step, concatenate_outputs=concatenate_outputs)
+
+
+def jax_state_put_back(model: keras.Model) -> None:
+    """Tells Keras' JAX `fit`/`evaluate` that the variables hold the current
+    values, after a step that raised had its values put back: their `finally`
+    block (`jax_state_sync`) would otherwise assign the state of the batch
+    before, whose arrays the step consumed (donated)."""
+    model._jax_state_synced = True
+
+
+class _NoOptimizer:
+    """What Keras' JAX trainer reads of `model.optimizer`: no variables,
+    nothing to build."""
+
+    variables: list = []
+    built = True
+
+
+@contextlib.contextmanager
+def jax_optimizer_stand_in(model: keras.Model) -> Iterator[None]:
+    """Keras' JAX `fit` and `train_on_batch` read `model.optimizer.variables`
+    (3.15: `_get_jax_state`, `_purge_model_variables`), which fails for a
+    model whose optimizers are all held elsewhere (`model.optimizer` None,
+    as in `recipes.GAN`); an empty stand-in takes its place while they run."""
+    if model.optimizer is not None:
+        yield
+        return
+    object.__setattr__(model, "optimizer", _NoOptimizer())
+    try:
+        yield
+    finally:
+        object.__setattr__(model, "optimizer", None)

@@ -6,10 +6,11 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from customfit import _saving
-from customfit._model import CustomModel
+from customfit._backend import loop
+from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 
 _COUNT_KEY = "accumulation_count"
@@ -125,12 +126,16 @@ class GradientAccumulation(CustomModel):
             return state
         if not create:
             return None
-        with tf.init_scope(), self.distribute_strategy.scope():
+        with loop.state_scope(self):
             state = _State(variables)
         object.__setattr__(self, "_accumulation", state)
         return state
 
-    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
+    def _step_variables(self) -> list[keras.Variable]:
+        state = self._accumulation_state(create=True)
+        return [*super()._step_variables(), state.count, *state.sums]
+
+    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
         state = self.__dict__.get("_accumulation")
         if state is None or not state.matches(variables):
             state = self._accumulation_state(create=True)
@@ -142,28 +147,17 @@ class GradientAccumulation(CustomModel):
 
         def update() -> None:
             averaged = [
-                None if g is None else total.value / tf.cast(steps, total.dtype)
+                None if g is None else total.value / ops.cast(steps, total.dtype)
                 for g, total in zip(gradients, state.sums)
             ]
             super(GradientAccumulation, self)._update_weights(loss, averaged, variables)
             for total in state.sums:
-                total.assign(tf.zeros_like(total.value))
+                total.assign(ops.zeros_like(total.value))
 
-        context = tf.distribute.get_replica_context()
-        if tf.distribute.has_strategy() and context is not None:
-            # The optimizer synchronizes replicas (merge_call), which is not
-            # allowed inside a tf.cond taken per replica; decide once in
-            # cross-replica context, then run the update on every replica.
-            def decide(strategy: tf.distribute.Strategy) -> None:
-                tf.cond(
-                    state.count.value % steps == 0,
-                    lambda: strategy.extended.call_for_each_replica(update),
-                    lambda: None,
-                )
-
-            context.merge_call(decide)
+        if options.under_tf_distribute():
+            _update_on_every_replica_if(lambda: state.count.value % steps == 0, update)
         else:
-            tf.cond(state.count.value % steps == 0, update, lambda: None)
+            loop.cond(state.count.value % steps == 0, update, lambda: None)
 
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)
@@ -203,7 +197,7 @@ class _State:
         self._ids = [id(v) for v in variables]
         self.count = keras.Variable(
             0,
-            dtype="int64",
+            dtype="int",  # int64 on TensorFlow, int32 on JAX, as Keras counts
             trainable=False,
             aggregation="only_first_replica",
             name="accumulation_count",
@@ -224,3 +218,20 @@ class _State:
 
     def matches(self, variables: list) -> bool:
         return self._ids == [id(v) for v in variables]
+
+
+def _update_on_every_replica_if(predicate: Callable[[], Any], update: Callable[[], None]) -> None:
+    """`update()` on every replica when `predicate()`, read in cross-replica
+    context, is true. The optimizer synchronizes replicas (merge_call), which
+    is not allowed inside a `tf.cond` taken per replica; so the decision is
+    taken once, in cross-replica context."""
+    import tensorflow as tf
+
+    def decide(strategy: tf.distribute.Strategy) -> None:
+        tf.cond(
+            predicate(),
+            lambda: strategy.extended.call_for_each_replica(update),
+            lambda: None,
+        )
+
+    tf.distribute.get_replica_context().merge_call(decide)

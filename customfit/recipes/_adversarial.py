@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from customfit._backend import loop
 from customfit._keras import internals
-from customfit._model import CustomModel
+from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 
 ATTACKS = ("fgsm", "pgd")
@@ -62,8 +63,8 @@ def adversarial_examples(
     epsilon, steps, step_size, input_range = _attack_options(
         "adversarial_examples", epsilon, steps, step_size, input_range, "steps", "step_size"
     )
-    flat = tf.nest.flatten(x)
-    floating = [i for i, t in enumerate(flat) if t is not None and tf.as_dtype(t.dtype).is_floating]
+    flat = keras.tree.flatten(x)
+    floating = [i for i, t in enumerate(flat) if t is not None and _is_floating(t)]
     if not floating:
         raise ValueError(
             "adversarial_examples: the inputs have no floating-point tensor to "
@@ -73,33 +74,35 @@ def adversarial_examples(
             "perturbed this way."
         )
     flat = list(flat)
-    clean = [tf.convert_to_tensor(flat[i]) for i in floating]
+    clean = [ops.convert_to_tensor(flat[i]) for i in floating]
+
+    def scaled_loss(adversarial: list) -> Tensor:
+        for i, value in zip(floating, adversarial):
+            flat[i] = value
+        inputs = keras.tree.pack_sequence_as(x, flat)
+        y_pred = model(inputs, training=False)
+        loss = internals.compute_loss(
+            model, x=inputs, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        if getattr(model, "optimizer", None) is not None:
+            loss = model.optimizer.scale_loss(loss)
+        return loss
+
     adversarial = list(clean)
     for _ in range(steps):
-        with tf.GradientTape() as tape:
-            tape.watch(adversarial)
-            for i, value in zip(floating, adversarial):
-                flat[i] = value
-            inputs = tf.nest.pack_sequence_as(x, flat)
-            y_pred = model(inputs, training=False)
-            loss = internals.compute_loss(
-                model,
-                x=inputs,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=False,
-            )
-            if getattr(model, "optimizer", None) is not None:
-                loss = model.optimizer.scale_loss(loss)
-        gradients = tape.gradient(loss, adversarial)
+        _, gradients = loop.stateless_gradients(scaled_loss, adversarial)
         adversarial = [
             _step(a, c, g, epsilon, step_size, input_range)
             for a, c, g in zip(adversarial, clean, gradients)
         ]
     for i, value in zip(floating, adversarial):
         flat[i] = value
-    return tf.nest.pack_sequence_as(x, flat)
+    return keras.tree.pack_sequence_as(x, flat)
+
+
+def _is_floating(tensor: Any) -> bool:
+    dtype = keras.backend.standardize_dtype(getattr(tensor, "dtype", "float32"))
+    return "float" in dtype
 
 
 def _step(
@@ -112,17 +115,13 @@ def _step(
 ) -> Any:
     if gradient is None:  # this input does not affect the loss
         return adversarial
-    direction = tf.sign(tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient)))
+    direction = ops.sign(ops.where(ops.isfinite(gradient), gradient, ops.zeros_like(gradient)))
     dtype = adversarial.dtype
-    moved = adversarial + tf.cast(step_size, dtype) * tf.cast(direction, dtype)
-    moved = tf.clip_by_value(
-        moved, clean - tf.cast(epsilon, dtype), clean + tf.cast(epsilon, dtype)
-    )
+    moved = adversarial + ops.cast(step_size, dtype) * ops.cast(direction, dtype)
+    moved = ops.clip(moved, clean - ops.cast(epsilon, dtype), clean + ops.cast(epsilon, dtype))
     if input_range is not None:
-        moved = tf.clip_by_value(
-            moved, tf.cast(input_range[0], dtype), tf.cast(input_range[1], dtype)
-        )
-    return tf.stop_gradient(moved)
+        moved = ops.clip(moved, ops.cast(input_range[0], dtype), ops.cast(input_range[1], dtype))
+    return ops.stop_gradient(moved)
 
 
 def _attack_options(
@@ -258,7 +257,7 @@ class AdversarialTraining(CustomModel):
             input_range=self.input_range,
         )
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def train_step(self, data: Any) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x_adv = self.adversarial_examples(x, y, sample_weight)
         if self.train_on == "both":
@@ -275,4 +274,4 @@ class AdversarialTraining(CustomModel):
 def _concat(first: Any, second: Any) -> Any:
     if first is None:
         return None
-    return tf.nest.map_structure(lambda a, b: tf.concat([a, b], axis=0), first, second)
+    return keras.tree.map_structure(lambda a, b: ops.concatenate([a, b], axis=0), first, second)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
 from customfit import _step
+from customfit._backend import BACKEND, loop
 from customfit._keras import internals
-from customfit._model import CustomModel
+from customfit._model import CustomModel, Tensor
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -137,7 +139,7 @@ class GAN(CustomModel):
         self.gradient_penalty_weight = float(gradient_penalty_weight)
         self.steps = keras.Variable(
             0,
-            dtype="int64",
+            dtype="int",  # int64 on TensorFlow, int32 on JAX, as Keras counts
             trainable=False,
             name="steps",
             aggregation="only_first_replica",
@@ -206,7 +208,7 @@ class GAN(CustomModel):
                 else keras.optimizers.LossScaleOptimizer(opt, name=f"{role}_loss_scale")
                 for opt, role in ((g_opt, "generator"), (d_opt, "discriminator"))
             )
-        with self.distribute_strategy.scope():
+        with loop.state_scope(self):
             for opt, model in ((g_opt, self.generator), (d_opt, self.discriminator)):
                 if not opt.built:
                     opt.build(model.trainable_weights)
@@ -239,7 +241,7 @@ class GAN(CustomModel):
 
     # ---------------------------------------------------------------- losses
 
-    def discriminator_loss(self, real_output: tf.Tensor, fake_output: tf.Tensor) -> tf.Tensor:
+    def discriminator_loss(self, real_output: Tensor, fake_output: Tensor) -> Tensor:
         """The discriminator's loss on one batch: the mean over the batch.
 
         Runs inside every discriminator update and every test step, with the
@@ -251,17 +253,15 @@ class GAN(CustomModel):
         float32 scalar; the number of replicas is accounted for by the caller.
         """
         if self.objective == "wasserstein":
-            return tf.reduce_mean(fake_output) - tf.reduce_mean(real_output)
+            return ops.mean(fake_output) - ops.mean(real_output)
         if self.objective == "hinge":
-            return tf.reduce_mean(tf.nn.relu(1.0 - real_output)) + tf.reduce_mean(
-                tf.nn.relu(1.0 + fake_output)
-            )
+            return ops.mean(ops.relu(1.0 - real_output)) + ops.mean(ops.relu(1.0 + fake_output))
         bce = keras.losses.binary_crossentropy
-        real = bce(tf.ones_like(real_output), real_output, from_logits=self.from_logits)
-        fake = bce(tf.zeros_like(fake_output), fake_output, from_logits=self.from_logits)
-        return tf.reduce_mean(real) + tf.reduce_mean(fake)
+        real = bce(ops.ones_like(real_output), real_output, from_logits=self.from_logits)
+        fake = bce(ops.zeros_like(fake_output), fake_output, from_logits=self.from_logits)
+        return ops.mean(real) + ops.mean(fake)
 
-    def generator_loss(self, fake_output: tf.Tensor) -> tf.Tensor:
+    def generator_loss(self, fake_output: Tensor) -> Tensor:
         """The generator's loss on one batch: the mean over the batch.
 
         Runs inside every generator update and every test step. Default: the
@@ -270,16 +270,14 @@ class GAN(CustomModel):
         `"hinge"`).
         """
         if self.objective in ("wasserstein", "hinge"):
-            return -tf.reduce_mean(fake_output)
+            return -ops.mean(fake_output)
         bce = keras.losses.binary_crossentropy
-        return tf.reduce_mean(
-            bce(tf.ones_like(fake_output), fake_output, from_logits=self.from_logits)
-        )
+        return ops.mean(bce(ops.ones_like(fake_output), fake_output, from_logits=self.from_logits))
 
-    def gradient_penalty(self, real: tf.Tensor, fake: tf.Tensor) -> tf.Tensor:
+    def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
         """A term added to the discriminator's loss, already weighted.
 
-        Runs inside the gradient tape of every discriminator update (not in
+        Runs inside the differentiation of every discriminator update (not in
         `evaluate`), with this replica's real samples and the generated ones
         of that update, so the gradients of what it returns reach the
         discriminator's weights. Default: WGAN-GP's
@@ -288,36 +286,47 @@ class GAN(CustomModel):
         drawn like the latent noise; 0 when `gradient_penalty_weight` is 0.
         Return a scalar (the mean over the batch).
 
-        Example, R1 (Mescheder et al., 2018) on real samples:
+        Example, R1 (Mescheder et al., 2018) on real samples, on either
+        backend (`discriminator_gradients`):
 
         ```python
         def gradient_penalty(self, real, fake):
-            with tf.GradientTape() as tape:
-                tape.watch(real)
-                scores = self.discriminator(real, training=True)
-            grads = tape.gradient(scores, real)
-            return 5.0 * tf.reduce_mean(tf.reduce_sum(tf.square(grads), axis=-1))
+            grads = self.discriminator_gradients(real)
+            return 5.0 * keras.ops.mean(keras.ops.sum(keras.ops.square(grads), axis=-1))
         ```
         """
         if self.gradient_penalty_weight == 0:
-            return tf.zeros((), "float32")
-        batch = tf.shape(real)[0]
+            return ops.zeros((), "float32")
+        batch = ops.shape(real)[0]
         eps = self._noise(batch, [], "interpolation", self._discriminator_update)
-        eps = tf.reshape(eps, tf.concat([[batch], tf.ones([tf.rank(real) - 1], "int32")], 0))
-        real = tf.cast(real, "float32")
-        interpolated = real + eps * (tf.cast(fake, "float32") - real)
-        with tf.GradientTape() as tape:
-            tape.watch(interpolated)
-            scores = self._outputs(interpolated, training=True)
-        grads = tf.reshape(tape.gradient(scores, interpolated), [batch, -1])
-        norms = tf.sqrt(tf.reduce_sum(tf.square(grads), axis=1) + 1e-12)
-        return self.gradient_penalty_weight * tf.reduce_mean(tf.square(norms - 1.0))
+        eps = ops.reshape(eps, (-1,) + (1,) * (len(real.shape) - 1))
+        real = ops.cast(real, "float32")
+        interpolated = real + eps * (ops.cast(fake, "float32") - real)
+        grads = ops.reshape(self.discriminator_gradients(interpolated), (batch, -1))
+        norms = ops.sqrt(ops.sum(ops.square(grads), axis=1) + 1e-12)
+        return self.gradient_penalty_weight * ops.mean(ops.square(norms - 1.0))
+
+    def discriminator_gradients(self, samples: Tensor) -> Tensor:
+        """The gradient of the discriminator's summed float32 outputs
+        (`training=True`) w.r.t. `samples`: per sample, `grad D(x)`. For
+        gradient penalties, on TensorFlow and JAX alike.
+
+        It is differentiable, so a penalty built from it reaches the
+        discriminator's weights. What the discriminator updates in this call
+        (BatchNormalization statistics) is discarded.
+        """
+
+        def summed_outputs(inputs: list) -> Tensor:
+            return ops.sum(self._outputs(inputs[0], training=True))
+
+        _, (grads,) = loop.stateless_gradients(summed_outputs, [samples])
+        return grads
 
     # ----------------------------------------------------------------- steps
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def train_step(self, data: Any) -> dict[str, Tensor]:
         real = self._real_samples(data)
-        batch = tf.shape(real)[0]
+        batch = ops.shape(real)[0]
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
 
@@ -325,33 +334,40 @@ class GAN(CustomModel):
             # The step is traced once: `update` is a Python int here.
             object.__setattr__(self, "_discriminator_update", update)
             z = self._latent(batch, stream=update)
-            with tf.GradientTape() as tape:
+
+            def discriminator_objective(z: Tensor = z) -> tuple[Tensor, tuple]:
                 fake = self.generator(z, training=True)
                 d_loss = self.discriminator_loss(
                     self._outputs(real, training=True), self._outputs(fake, training=True)
                 )
+                penalty = None
                 if self._penalized:
                     penalty = _scalar(self.gradient_penalty(real, fake), "gradient_penalty()")
                     d_loss = d_loss + penalty
                 d_loss = self._replica_loss(d_loss)
-                scaled = self.discriminator_optimizer.scale_loss(d_loss)
-            self._update(self.discriminator_optimizer, tape.gradient(scaled, d_vars), d_vars)
+                return self.discriminator_optimizer.scale_loss(d_loss), (d_loss, penalty)
+
+            (d_loss, penalty), grads = loop.gradients(discriminator_objective, d_vars)
+            self._update(self.discriminator_optimizer, grads, d_vars)
 
         z = self._latent(batch, stream=self.discriminator_steps)
-        with tf.GradientTape() as tape:
+
+        def generator_objective() -> tuple[Tensor, Tensor]:
             fake = self.generator(z, training=True)
             g_loss = self._replica_loss(self.generator_loss(self._outputs(fake, training=True)))
-            scaled = self.generator_optimizer.scale_loss(g_loss)
-        self._update(self.generator_optimizer, tape.gradient(scaled, g_vars), g_vars)
+            return self.generator_optimizer.scale_loss(g_loss), g_loss
+
+        g_loss, grads = loop.gradients(generator_objective, g_vars)
+        self._update(self.generator_optimizer, grads, g_vars)
 
         self.steps.assign_add(1)
         if self._penalized:
             self.log("gradient_penalty", penalty, weight=batch)
         return self._report(d_loss, g_loss, batch)
 
-    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def test_step(self, data: Any) -> dict[str, Tensor]:
         real = self._real_samples(data)
-        batch = tf.shape(real)[0]
+        batch = ops.shape(real)[0]
         z = self._latent(batch, stream=0)
         fake = self.generator(z, training=False)
         fake_output = self._outputs(fake, training=False)
@@ -369,22 +385,22 @@ class GAN(CustomModel):
 
     # -------------------------------------------------------------- plumbing
 
-    def _real_samples(self, data: Any) -> tf.Tensor:
+    def _real_samples(self, data: Any) -> Tensor:
         x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError(
                 "GAN does not weight samples: call fit()/evaluate() without "
                 "sample_weight (or class_weight)."
             )
-        if not tf.is_tensor(x):
+        if not (ops.is_tensor(x) or isinstance(x, np.ndarray)):
             raise TypeError(
                 "GAN trains on one array of real samples: call fit(x) with x "
                 f"an array or a dataset of arrays; got {type(x).__name__}."
             )
         return x
 
-    def _outputs(self, samples: tf.Tensor, training: bool) -> tf.Tensor:
-        return tf.cast(self.discriminator(samples, training=training), "float32")
+    def _outputs(self, samples: Tensor, training: bool) -> Tensor:
+        return ops.cast(self.discriminator(samples, training=training), "float32")
 
     @property
     def _penalized(self) -> bool:
@@ -393,44 +409,30 @@ class GAN(CustomModel):
             or type(self).gradient_penalty is not GAN.gradient_penalty
         )
 
-    def _latent(self, batch: tf.Tensor, stream: int) -> tf.Tensor:
+    def _latent(self, batch: Any, stream: int) -> Tensor:
         """This replica's rows of the global batch's latent vectors; stream
         `i < discriminator_steps` for discriminator update `i`, stream
         `discriminator_steps` for the generator's."""
         return self._noise(batch, [self.latent_dim], "latent", stream)
 
-    def _noise(self, batch: tf.Tensor, shape: list, kind: str, stream: int) -> tf.Tensor:
+    def _noise(self, batch: Any, shape: list, kind: str, stream: int) -> Tensor:
         """This replica's rows of `(global batch, *shape)` numbers drawn from
         `seed`, `steps` and `stream`: `N(0, 1)` latent vectors, or `U(0, 1)`
         interpolation weights (a key of their own, one stream per
         discriminator update)."""
-        context = tf.distribute.get_replica_context()
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if context is None or replicas == 1:
-            offset, total = tf.zeros((), "int32"), batch
-        else:
-            sizes = context.all_gather(tf.reshape(batch, [1]), axis=0)
-            replica = tf.cast(context.replica_id_in_sync_group, "int32")
-            offset = tf.reduce_sum(sizes[:replica])
-            total = tf.reduce_sum(sizes)
-        global_shape = tf.concat([tf.reshape(total, [1]), tf.constant(shape, "int32")], 0)
-        if kind == "latent":
-            streams = self.discriminator_steps + 1
-            seed = tf.stack([tf.constant(self.seed, "int64"), streams * self.steps + stream])
-            noise = tf.random.stateless_normal(global_shape, seed)
-        else:
-            streams = self.discriminator_steps
-            seed = tf.stack([tf.constant(~self.seed, "int64"), streams * self.steps + stream])
-            noise = tf.random.stateless_uniform(global_shape, seed)
-        return noise[offset : offset + batch]
+        streams = self.discriminator_steps + 1 if kind == "latent" else self.discriminator_steps
+        counter = streams * self.steps.value + stream
+        if BACKEND == "tensorflow":
+            return _tf_noise(self.seed, counter, batch, shape, kind)
+        return _jax_noise(self.seed, counter, batch, shape, kind)
 
     @staticmethod
-    def _replica_loss(loss: tf.Tensor) -> tf.Tensor:
+    def _replica_loss(loss: Tensor) -> Tensor:
         """This replica's share: the optimizers sum gradients over replicas."""
         loss = _scalar(loss, "discriminator_loss(), generator_loss() and gradient_penalty()")
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replicas = _replicas_in_sync()
         if replicas > 1:
-            loss = loss * tf.cast(1.0 / replicas, loss.dtype)
+            loss = loss * ops.cast(1.0 / replicas, loss.dtype)
         return loss
 
     def _update(self, optimizer: Any, gradients: list, variables: list) -> None:
@@ -444,9 +446,9 @@ class GAN(CustomModel):
             # Exact (a power of two); keeps the optimizer's finite check and
             # dynamic scale update working.
             gradients = [_step.multiply(g, scale) for g in gradients]
-        optimizer.apply(gradients, variables)
+        loop.apply(optimizer, gradients, variables)
 
-    def _report(self, d_loss: tf.Tensor, g_loss: tf.Tensor, batch: tf.Tensor) -> dict:
+    def _report(self, d_loss: Tensor, g_loss: Tensor, batch: Any) -> dict:
         for tracker, loss in ((self.d_loss_tracker, d_loss), (self.g_loss_tracker, g_loss)):
             tracker.update_state(internals.unscale_loss_for_distribution(loss), sample_weight=batch)
         return self.get_metrics_result()
@@ -509,11 +511,56 @@ def _check_options(
         )
 
 
-def _scalar(loss: Any, source: str) -> tf.Tensor:
-    loss = tf.cast(loss, "float32")
-    if loss.shape.rank != 0:
+def _scalar(loss: Any, source: str) -> Tensor:
+    loss = ops.cast(loss, "float32")
+    if len(loss.shape) != 0:
         raise ValueError(
             f"{source} must return a scalar (the mean over the batch); got shape "
-            f"{loss.shape}. Reduce it, e.g. return tf.reduce_mean(per_sample_loss)."
+            f"{tuple(loss.shape)}. Reduce it, e.g. return "
+            "keras.ops.mean(per_sample_loss)."
         )
     return loss
+
+
+def _replicas_in_sync() -> int:
+    if BACKEND != "tensorflow":
+        return 1  # under keras.distribution the step sees the whole batch
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
+def _tf_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
+    """Under `tf.distribute`, each replica takes its rows of the global
+    batch's noise."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if context is None or replicas == 1:
+        offset, total = tf.zeros((), "int32"), batch
+    else:
+        sizes = context.all_gather(tf.reshape(batch, [1]), axis=0)
+        replica = tf.cast(context.replica_id_in_sync_group, "int32")
+        offset = tf.reduce_sum(sizes[:replica])
+        total = tf.reduce_sum(sizes)
+    global_shape = tf.concat([tf.reshape(total, [1]), tf.constant(shape, "int32")], 0)
+    if kind == "latent":
+        noise = tf.random.stateless_normal(
+            global_shape, tf.stack([tf.constant(seed, "int64"), counter])
+        )
+    else:
+        noise = tf.random.stateless_uniform(
+            global_shape, tf.stack([tf.constant(~seed, "int64"), counter])
+        )
+    return noise[offset : offset + batch]
+
+
+def _jax_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
+    """Under `keras.distribution` the step sees the global batch."""
+    import jax
+
+    key = jax.random.fold_in(jax.random.key(seed), 0 if kind == "latent" else 1)
+    key = jax.random.fold_in(key, counter)
+    draw = jax.random.normal if kind == "latent" else jax.random.uniform
+    return draw(key, (batch, *shape), "float32")

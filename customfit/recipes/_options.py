@@ -94,3 +94,13 @@ def replica_sum(gradients: list) -> list:
     present = [g for g in gradients if g is not None]
     summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
     return [None if g is None else next(summed) for g in gradients]
+
+
+def under_tf_distribute() -> bool:
+    """Whether a step runs in a replica context of a `tf.distribute`
+    strategy (False on JAX)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from customfit import _step
+from customfit._backend import loop
 from customfit._keras import internals
-from customfit._model import CustomModel
+from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
+from customfit.recipes._clipping import global_norm
 
 # Added to the gradient norm before dividing, as in the authors' code.
 _NORM_FLOOR = 1e-12
@@ -80,10 +82,8 @@ class SAM(CustomModel):
         config["rho"] = self.rho
         return config
 
-    def _loss_gradients(
-        self, x: Any, y: Any, sample_weight: Any
-    ) -> tuple[Any, tf.Tensor, list, list]:
-        state = [(v, tf.identity(v.value)) for v in self.non_trainable_variables]
+    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
+        state = [(v, ops.copy(v.value)) for v in self.non_trainable_variables]
         y_pred, loss, gradients, variables = super()._loss_gradients(x, y, sample_weight)
         if not variables:
             return y_pred, loss, gradients, variables
@@ -107,27 +107,19 @@ class SAM(CustomModel):
         pairs each non-trainable variable with its value before the first
         pass; the second pass reads those values.
         """
-        norm = tf.linalg.global_norm([g for g in gradients if g is not None])
+        norm = global_norm(gradients)
         scale = self.rho / (norm + _NORM_FLOOR)
         perturbed = [
-            tf.identity(v.value) if g is None else v.value + g * tf.cast(scale, g.dtype)
+            ops.copy(v.value) if g is None else v.value + g * ops.cast(scale, g.dtype)
             for g, v in zip(gradients, variables)
         ]
-        mapping = list(zip(variables, perturbed)) + state
-        with tf.GradientTape() as tape:
-            tape.watch(perturbed)
-            with keras.StatelessScope(
-                state_mapping=mapping, collect_losses=True, initialize_variables=False
-            ):
-                y_pred = _step.forward(self, x, training=True)
-                loss = internals.compute_loss(
-                    self,
-                    x=x,
-                    y=y,
-                    y_pred=y_pred,
-                    sample_weight=sample_weight,
-                    training=True,
-                )
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        return _step.unscaled(self, tape.gradient(loss, perturbed))
+
+        def scaled_loss(values: list) -> Tensor:
+            y_pred = _step.forward(self, x, training=True)
+            loss = internals.compute_loss(
+                self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            return loss if self.optimizer is None else self.optimizer.scale_loss(loss)
+
+        _, sam_gradients = loop.stateless_gradients(scaled_loss, perturbed, variables, state)
+        return _step.unscaled(self, sam_gradients)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from customfit import _saving
+from customfit._backend import loop
 from customfit._keras import internals
-from customfit._keras.step_function import StepFunction
-from customfit._model import CustomModel
+from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
 
@@ -33,7 +34,7 @@ class SkipNonFinite(CustomModel):
     compiled metrics see the batch, and the epoch's `loss` column is NaN if
     the batch's loss was.
 
-    **Counting.** Skipped steps are counted in a non-trainable int64
+    **Counting.** Skipped steps are counted in a non-trainable integer
     variable, `skipped_steps` (a property), created with the model, saved and
     loaded with it (`.keras`, `.weights.h5`, `BackupAndRestore`), so the
     count survives a restart. The column `count_log_name` (default
@@ -123,7 +124,7 @@ class SkipNonFinite(CustomModel):
         self.max_consecutive_skips = max_consecutive_skips
         self.max_skipped_steps = max_skipped_steps
         self.count_log_name = count_log_name
-        with tf.init_scope(), self.distribute_strategy.scope():
+        with loop.state_scope(self):
             state = _State()
         # Plain attributes: saved through save_own_variables, not as weights.
         object.__setattr__(self, "_skip_state", state)
@@ -142,7 +143,7 @@ class SkipNonFinite(CustomModel):
         """Training steps skipped so far (saved and loaded with the model)."""
         return int(self._skip_state.total.numpy())
 
-    def should_skip_update(self, loss: tf.Tensor, gradients: list) -> tf.Tensor:
+    def should_skip_update(self, loss: Tensor, gradients: list) -> Tensor:
         """Whether to skip this step's update besides non-finite values.
         Default: never.
 
@@ -170,62 +171,48 @@ class SkipNonFinite(CustomModel):
             return tf.linalg.global_norm(gradients) > 1e3   # a spike
         ```
         """
-        return tf.constant(False)
+        return ops.convert_to_tensor(False)
 
     # ------------------------------------------------------------ the step
 
-    def _update_weights(self, loss: tf.Tensor, gradients: list, variables: list) -> None:
-        skip = self._replica_skips(loss, gradients)
+    def _step_variables(self) -> list[keras.Variable]:
         state = self._skip_state
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            overflow = tf.logical_not(_all_finite(gradients))
-            flags = tf.cast(tf.stack([skip, overflow]), tf.int32)
-            flags = context.all_reduce(tf.distribute.ReduceOp.SUM, flags) > 0
-            skip = flags[0]
-            if internals.loss_scale_in_use(self.optimizer) is not None:
-                gradients = _overflowed_everywhere(flags[1], gradients)
+        return [*super()._step_variables(), state.total, state.consecutive, state.halted]
+
+    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
+        skip = self._replica_skips(loss, gradients)
 
         def update(gradients: list) -> None:
             super(SkipNonFinite, self)._update_weights(loss, list(gradients), variables)
 
-        if tf.distribute.has_strategy() and context is not None:
-            # The optimizer synchronizes replicas (merge_call), which is not
-            # allowed inside a tf.cond taken per replica (as in Keras'
-            # LossScaleOptimizer): decide once in cross-replica context, on
-            # the all-reduced flag, then update on every replica.
-            def decide(strategy: tf.distribute.Strategy, skip: Any, gradients: list) -> None:
-                skip = strategy.experimental_local_results(skip)[0]
-                tf.cond(
-                    state.halted.value | skip,
-                    self._count_skip,
-                    lambda: self._updated(
-                        lambda: strategy.extended.call_for_each_replica(update, args=(gradients,))
-                    ),
-                )
+        if options.under_tf_distribute():
+            _decide_across_replicas(self, skip, gradients, update)
+            return
+        loop.cond(
+            self._skip_state.halted.value | skip,
+            self._count_skip,
+            lambda: self._updated(lambda: update(gradients)),
+        )
 
-            context.merge_call(decide, args=(skip, list(gradients)))
-        else:
-            tf.cond(
-                state.halted.value | skip,
-                self._count_skip,
-                lambda: self._updated(lambda: update(gradients)),
-            )
-
-    def _replica_skips(self, loss: tf.Tensor, gradients: list) -> tf.Tensor:
+    def _replica_skips(self, loss: Tensor, gradients: list) -> Tensor:
         """This replica's decision: non-finite loss or gradients (gradients
         left to a LossScaleOptimizer), or `should_skip_update`."""
-        skip = tf.logical_not(_all_finite([loss]))
+        skip = ops.logical_not(_all_finite([loss]))
         if internals.loss_scale_in_use(self.optimizer) is None:
-            skip = skip | tf.logical_not(_all_finite(gradients))
-        wanted = tf.convert_to_tensor(self.should_skip_update(loss, gradients))
-        if wanted.dtype != tf.bool or wanted.shape.num_elements() != 1:
+            skip = ops.logical_or(skip, ops.logical_not(_all_finite(gradients)))
+        wanted = ops.convert_to_tensor(self.should_skip_update(loss, gradients))
+        shape = tuple(wanted.shape)
+        if (
+            keras.backend.standardize_dtype(wanted.dtype) != "bool"
+            or None in shape
+            or math.prod(shape) != 1
+        ):
             raise TypeError(
                 "should_skip_update() must return a boolean scalar; got "
-                f"{wanted.dtype.name} of shape {wanted.shape}. Return e.g. "
-                "tf.linalg.global_norm(gradients) > 1e3."
+                f"{keras.backend.standardize_dtype(wanted.dtype)} of shape {shape}. "
+                "Return e.g. tf.linalg.global_norm(gradients) > 1e3."
             )
-        return skip | tf.reshape(wanted, ())
+        return ops.logical_or(skip, ops.reshape(wanted, ()))
 
     def _count_skip(self) -> None:
         """A skipped step: counted unless a limit already stopped the run."""
@@ -234,34 +221,34 @@ class SkipNonFinite(CustomModel):
         def count() -> None:
             state.total.assign_add(1)
             state.consecutive.assign_add(1)
-            over = tf.constant(False)
+            over = ops.convert_to_tensor(False)
             if self.max_consecutive_skips is not None:
-                over |= state.consecutive.value > self.max_consecutive_skips
+                over = ops.logical_or(over, state.consecutive.value > self.max_consecutive_skips)
             if self.max_skipped_steps is not None:
-                over |= state.total.value > self.max_skipped_steps
+                over = ops.logical_or(over, state.total.value > self.max_skipped_steps)
             state.halted.assign(over)
 
-        tf.cond(state.halted, lambda: None, count)
+        loop.cond(state.halted.value, lambda: None, count)
 
     def _updated(self, update: Callable[[], Any]) -> None:
         update()
         self._skip_state.consecutive.assign(0)
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def train_step(self, data: Any) -> dict[str, Tensor]:
         logs = super().train_step(data)
         if self.count_log_name is None:
             return logs
         logs = dict(logs)
-        logs[self.count_log_name] = tf.identity(self._skip_state.total.value)
+        logs[self.count_log_name] = ops.copy(self._skip_state.total.value)
         return logs
 
     # ---------------------------------------------------- the host's check
 
     def make_train_function(self, force: bool = False) -> Callable:
-        # CustomModel's train function is a StepFunction (`step_function.make_function`).
-        function = cast(StepFunction, super().make_train_function(force))
-        if self._stop_if_halted not in function.after_each_execution:
-            function.after_each_execution.append(self._stop_if_halted)
+        function = super().make_train_function(force)
+        checks = cast(_ChecksAfterEachExecution, function).after_each_execution
+        if self._stop_if_halted not in checks:
+            checks.append(self._stop_if_halted)
         return function
 
     def _stop_if_halted(self) -> None:
@@ -318,7 +305,7 @@ class _State:
     context) and the flag a limit sets for the host's check."""
 
     def __init__(self) -> None:
-        def counter(name: str, dtype: str = "int64") -> keras.Variable:
+        def counter(name: str, dtype: str = "int") -> keras.Variable:
             return keras.Variable(
                 0, dtype=dtype, trainable=False, aggregation="only_first_replica", name=name
             )
@@ -328,18 +315,56 @@ class _State:
         self.halted = counter("skipping_halted", dtype="bool")
 
 
-def _all_finite(tensors: list) -> tf.Tensor:
-    checks = [tf.constant(True)]
+class _ChecksAfterEachExecution(Protocol):
+    """CustomModel's train function on either backend (`StepFunction`,
+    `StatelessStep`)."""
+
+    after_each_execution: list[Callable[[], None]]
+
+
+def _all_finite(tensors: list) -> Tensor:
+    finite = ops.convert_to_tensor(True)
     for t in tensors:
         if t is None:
             continue
-        if isinstance(t, tf.IndexedSlices):
-            t = t.values
-        checks.append(tf.reduce_all(tf.math.is_finite(t)))
-    return tf.reduce_all(tf.stack(checks))
+        t = getattr(t, "values", t)  # a tf.IndexedSlices' values
+        finite = ops.logical_and(finite, ops.all(ops.isfinite(t)))
+    return finite
 
 
-def _overflowed_everywhere(overflow: tf.Tensor, gradients: list) -> list:
+def _decide_across_replicas(
+    model: SkipNonFinite, skip: Any, gradients: list, update: Callable[[list], None]
+) -> None:
+    """Under `tf.distribute`: the replicas' decisions all-reduced, so if any
+    replica skips, all skip; the decision taken once, in cross-replica
+    context, because the optimizer synchronizes replicas (merge_call), which
+    is not allowed inside a `tf.cond` taken per replica (as in Keras'
+    LossScaleOptimizer); then the update runs on every replica."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context.num_replicas_in_sync > 1:
+        overflow = tf.logical_not(_all_finite(gradients))
+        flags = tf.cast(tf.stack([skip, overflow]), tf.int32)
+        flags = context.all_reduce(tf.distribute.ReduceOp.SUM, flags) > 0
+        skip = flags[0]
+        if internals.loss_scale_in_use(model.optimizer) is not None:
+            gradients = _overflowed_everywhere(flags[1], gradients)
+
+    def decide(strategy: tf.distribute.Strategy, skip: Any, gradients: list) -> None:
+        skip = strategy.experimental_local_results(skip)[0]
+        tf.cond(
+            model._skip_state.halted.value | skip,
+            model._count_skip,
+            lambda: model._updated(
+                lambda: strategy.extended.call_for_each_replica(update, args=(gradients,))
+            ),
+        )
+
+    context.merge_call(decide, args=(skip, list(gradients)))
+
+
+def _overflowed_everywhere(overflow: Any, gradients: list) -> list:
     """Every replica's gradients made non-finite when any replica's are.
 
     Under `MirroredStrategy`, Keras' `LossScaleOptimizer` decides from the
@@ -349,6 +374,7 @@ def _overflowed_everywhere(overflow: tf.Tensor, gradients: list) -> list:
     optimizer skips the step and lowers the scale, as on one device.
     Finite gradients are returned unchanged (selected, not recomputed).
     """
+    import tensorflow as tf
 
     def poisoned(g: tf.Tensor) -> tf.Tensor:
         return tf.where(overflow, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)

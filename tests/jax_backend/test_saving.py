@@ -3,6 +3,7 @@ training resumed from a file equals training that never stopped."""
 
 import keras
 import numpy as np
+import pytest
 
 import customfit
 from tests.jax_backend import models
@@ -48,4 +49,37 @@ def test_load_weights_of_another_architecture_is_refused_whole(digits, tmp_path)
     else:
         raise AssertionError("loading another architecture's weights did not fail")
     for a, b in zip(other.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keras_backup_and_restore_resumes_an_interrupted_fit(digits, tmp_path):
+    """Keras' own BackupAndRestore (epoch backups): a fit stopped by an error
+    in epoch 2 and run again with the same callback ends with the weights of
+    a fit that never stopped. (Without dropout: a new model would draw other
+    dropout masks than the uninterrupted one.)"""
+    x, y = digits[0][:256], digits[1][:256]
+    fit = dict(batch_size=64, epochs=3, verbose=0, shuffle=False)
+
+    def model():
+        keras.utils.set_random_seed(0)
+        built = models.mlp(customfit.CustomModel, dropout=0)
+        built.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        return built
+
+    straight = model()
+    expected = straight.fit(x, y, **fit).history
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("crash")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    interrupted = model()
+    with pytest.raises(RuntimeError, match="crash"):
+        interrupted.fit(x, y, callbacks=[backup, Crash()], **fit)
+    resumed = model()
+    history = resumed.fit(x, y, callbacks=[backup], **fit).history
+    assert history["loss"] == expected["loss"][1:]
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
