@@ -16,7 +16,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from customfit._keras import internals
 
@@ -80,6 +79,8 @@ def diagnose(
             "first: call model.compile(optimizer=..., loss=...) and pass the "
             "compiled model."
         )
+    import tensorflow as tf  # diagnose() runs on TensorFlow only
+
     data = tuple(
         tf.nest.map_structure(tf.convert_to_tensor, part)
         for part in (x, y, sample_weight)
@@ -194,7 +195,7 @@ def _training_changes_outputs(model: keras.Model, x: Any, state: _State, seed: i
         state.restore()
         keras.utils.set_random_seed(seed)
         outputs = model(x, training=training)
-        results.append([np.asarray(o) for o in tf.nest.flatten(outputs)])
+        results.append([np.asarray(o) for o in keras.tree.flatten(outputs)])
     return any(not np.array_equal(a, b) for a, b in zip(*results))
 
 
@@ -352,7 +353,9 @@ def _none_gradients(paths: list[str]) -> Finding:
 def _mean_prediction(replay: _Replay) -> float | None:
     if not replay.predictions:
         return None
-    flat = [np.asarray(t, dtype="float64").ravel() for t in tf.nest.flatten(replay.predictions[0])]
+    flat = [
+        np.asarray(t, dtype="float64").ravel() for t in keras.tree.flatten(replay.predictions[0])
+    ]
     return float(np.mean(np.concatenate(flat))) if flat else None
 
 

@@ -2,11 +2,12 @@
 
 The reference is a compiled step (`run_eagerly=False`), one replica,
 `steps_per_execution=1`. Against it: the same batches eagerly, with
-`steps_per_execution=k`, and on two replicas (`MirroredStrategy` over two
-logical CPUs, same global batch). Logical devices must be configured before
-TensorFlow starts, so the two-replica run happens in a fresh Python process
-(`python -m customfit._step_check SPEC`), which imports the model's build
-function by its "module:function" name.
+`steps_per_execution=k`, and on two replicas (on TensorFlow
+`MirroredStrategy` over two logical CPUs, on JAX `keras.distribution.
+DataParallel` over two CPU devices; the same global batch). The devices must
+be configured before the backend starts, so the two-replica run happens in a
+fresh Python process (`python -m customfit._step_check SPEC`), which imports
+the model's build function by its "module:function" name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from customfit._backend import BACKEND
 from customfit._diagnose import Finding, diagnose
 from customfit._training_parity import TrainingRecord, differences, fresh_compile_kwargs
 
@@ -37,6 +39,16 @@ from customfit._training_parity import TrainingRecord, differences, fresh_compil
 # loss).
 REPLICA_RTOL = 1e-5
 REPLICA_ATOL = 1e-6
+
+# On TensorFlow the eager step runs the graph's kernels: bit for bit. On JAX
+# it runs op by op while the jitted step is fused by XLA, which rounds
+# float32 differently by a few ulps (observed: 1.5e-8 after 3 SGD steps).
+EAGER_TOLERANCE = {"tensorflow": (0.0, 0.0), "jax": (REPLICA_RTOL, REPLICA_ATOL)}
+
+REPLICAS_SETTING = {
+    "tensorflow": "2 replicas (MirroredStrategy, same global batch)",
+    "jax": "2 devices (keras.distribution.DataParallel, same global batch)",
+}
 
 
 @dataclasses.dataclass
@@ -68,6 +80,7 @@ class StepReport:
 
     comparisons: list[Comparison]
     findings: list[Finding]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +104,7 @@ class StepReport:
                 rows.append(f"  {c.setting}: {line}")
         for finding in self.findings:
             rows.append(str(finding))
+        rows.extend(self.notes)
         return "\n".join(rows)
 
 
@@ -157,21 +171,11 @@ def run_setting(
             # Creates the weights now (inference mode: no update, no dropout
             # draw), so that the starting point can be recorded.
             model(_take(x, 1))
-    first: dict[str, Any] = {}
-
-    def weights() -> list[np.ndarray]:
-        return [np.array(w.numpy(), copy=True) for w in model.weights]
-
-    def on_batch_end(batch: int, logs: dict | None) -> None:
-        if batch == 0:
-            first.update(first=weights(), first_loss=(logs or {}).get("loss"))
-
-    recorder = keras.callbacks.LambdaCallback(
-        on_train_begin=lambda logs: first.update(start=weights()), on_train_batch_end=on_batch_end
-    )
+    recorder = _FirstBatch()
     history = model.fit(
         x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[recorder]
     )
+    first = recorder.first
     record = TrainingRecord(
         model_name=type(model).__name__,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
@@ -180,6 +184,27 @@ def run_setting(
     if first.get("first_loss") is not None:
         first["first_loss"] = float(first["first_loss"])
     return record, first
+
+
+class _FirstBatch(keras.callbacks.Callback):
+    """Records the weights `fit` starts from ("start") and the weights and
+    `loss` after the first batch ("first", "first_loss"). Reads them through
+    `self.model`, which on JAX puts the training state back into the
+    variables first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[str, Any] = {}
+
+    def _weights(self) -> list[np.ndarray]:
+        return [np.array(w.numpy(), copy=True) for w in self.model.weights]
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.first["start"] = self._weights()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if batch == 0:
+            self.first.update(first=self._weights(), first_loss=(logs or {}).get("loss"))
 
 
 def check_steps(
@@ -232,28 +257,27 @@ def _reports(
         eager, _ = run_setting(build_fn, x, y, run_eagerly=True, **common)
         grouped, _ = run_setting(build_fn, x, y, steps_per_execution=steps, **common)
         comparisons = [
-            _compare("eager (run_eagerly=True)", reference, eager, 0.0, 0.0),
+            _compare("eager (run_eagerly=True)", reference, eager, *EAGER_TOLERANCE[BACKEND]),
             _compare(f"steps_per_execution={steps}", reference, grouped, 0.0, 0.0),
         ]
-        keras.utils.set_random_seed(seed)
-        model = build_fn()
-        model.compile(
-            **{"optimizer": keras.optimizers.SGD(0.1), **fresh_compile_kwargs(compile_kwargs)}
-        )
-        findings = diagnose(model, _take(x, batch_size), _take(y, batch_size), seed=seed)
+        findings: list[Finding] = []
+        notes = []
+        if BACKEND == "tensorflow":
+            keras.utils.set_random_seed(seed)
+            model = build_fn()
+            model.compile(
+                **{"optimizer": keras.optimizers.SGD(0.1), **fresh_compile_kwargs(compile_kwargs)}
+            )
+            findings = diagnose(model, _take(x, batch_size), _take(y, batch_size), seed=seed)
+        else:
+            notes.append("diagnose() was not run: it replays the step on TensorFlow only.")
         if two_replicas is not None:
             two, two_first = two_replicas.results(timeout)[i]
             comparisons.append(
-                _compare(
-                    "2 replicas (MirroredStrategy, same global batch)",
-                    reference,
-                    two,
-                    REPLICA_RTOL,
-                    REPLICA_ATOL,
-                )
+                _compare(REPLICAS_SETTING[BACKEND], reference, two, REPLICA_RTOL, REPLICA_ATOL)
             )
             findings += _replica_findings(first_steps, two_first)
-        reports.append(StepReport(comparisons, findings))
+        reports.append(StepReport(comparisons, findings, notes))
     return reports
 
 
@@ -398,6 +422,10 @@ class _TwoReplicas:
         # The parent's import path, so the build function imports the same way.
         path = [p for p in sys.path if p and os.path.isdir(p)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env["KERAS_BACKEND"] = BACKEND
+        if BACKEND == "jax":
+            devices = "--xla_force_host_platform_device_count=2"
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices}".strip()
         # Output goes to a file: a full pipe would stall the process while
         # this one is busy with the other settings.
         self._log = open(folder / "log.txt", "w")
@@ -449,12 +477,25 @@ class _TwoReplicas:
         self._temp.cleanup()
 
 
-def _worker(spec_path: str) -> None:
+def _two_replicas() -> Any:
+    """The two-replica setting of this process: a `MirroredStrategy` over two
+    logical CPUs (TensorFlow), or `DataParallel` over the two CPU devices
+    `XLA_FLAGS` asked for, set globally (JAX; None returned)."""
+    if BACKEND == "jax":
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")[:2])
+        )
+        return None
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def _worker(spec_path: str) -> None:
+    strategy = _two_replicas()
     spec = json.loads(Path(spec_path).read_text())
     with np.load(spec["data"]) as data:
         parts: dict[str, Any] = {}
@@ -464,7 +505,6 @@ def _worker(spec_path: str) -> None:
                 parts.setdefault(name, {})[sub] = data[key]
             else:
                 parts[name] = data[key]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = Path(spec["out"])
     for i, name in enumerate(spec["builds"]):
         _, build = resolve_build(name)

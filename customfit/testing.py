@@ -3,7 +3,7 @@
 - `assert_trains_like_keras`: your model trains like stock `keras.Model.fit`
   (History, weights, `evaluate`, `predict`), bit for bit or within a tolerance.
 - `check_step`: the same step eagerly and compiled, with
-  `steps_per_execution > 1`, and on two replicas, compared (TensorFlow).
+  `steps_per_execution > 1`, and on two replicas, compared.
 - `diagnose`: the usual mistakes in a step, each with the fix (TensorFlow).
 
 The pytest fixture `customfit_deterministic` (registered through the
@@ -17,8 +17,12 @@ from typing import Any
 
 import keras
 
-from customfit._backend import BACKEND, require_tensorflow
+from customfit._backend import require_tensorflow
+from customfit._diagnose import Finding
+from customfit._diagnose import diagnose as _diagnose
 from customfit._model import CustomModel
+from customfit._step_check import Comparison, StepReport
+from customfit._step_check import check_step as _check_step
 from customfit._training_parity import (
     TrainingRecord,
     differences,
@@ -26,12 +30,6 @@ from customfit._training_parity import (
     format_differences,
 )
 from customfit._training_parity import record_training as _record_training
-
-if BACKEND == "tensorflow":
-    from customfit._diagnose import Finding
-    from customfit._diagnose import diagnose as _diagnose
-    from customfit._step_check import Comparison, StepReport
-    from customfit._step_check import check_step as _check_step
 
 __all__ = [
     "Comparison",
@@ -191,16 +189,22 @@ def check_step(
     from the same seed, compiled on one replica with `steps_per_execution=1`
     (the reference) and then:
 
-    - eagerly (`run_eagerly=True`), compared bit for bit;
+    - eagerly (`run_eagerly=True`), compared bit for bit (on JAX within
+      rtol=1e-5, atol=1e-6: XLA fuses the jitted step and rounds float32
+      differently from the eager one);
     - with `steps_per_execution=steps`, compared bit for bit;
-    - on two replicas (`MirroredStrategy` over two logical CPUs, same global
+    - on two replicas (`MirroredStrategy` over two logical CPUs; on JAX,
+      `keras.distribution.DataParallel` over two CPU devices; the same global
       batch), in a fresh Python process; compared within rtol=1e-5,
       atol=1e-6, because two replicas sum gradients in a different order.
       A step whose update doubles or whose `loss` halves is diagnosed.
 
-    `diagnose` also runs on the first batch. Layers that draw per-replica
-    randomness (Dropout) or per-replica statistics (BatchNormalization) make
-    two replicas legitimately differ: check the step on a model without them.
+    On TensorFlow, `diagnose` also runs on the first batch (the report notes
+    that it did not on JAX). Layers that draw per-replica randomness
+    (Dropout) or per-replica statistics (BatchNormalization) make two
+    replicas legitimately differ: check the step on a model without them.
+    On JAX, the eager comparison finds Python side effects that a jitted
+    step runs only when traced.
 
     Args:
         build: A function with no arguments returning the (uncompiled) model,
@@ -229,7 +233,6 @@ def check_step(
         assert report.ok, report
     ```
     """
-    require_tensorflow("customfit.testing.check_step")
     return _check_step(
         build,
         x,

@@ -38,8 +38,8 @@ def test_tensorflow_only_features_say_so(digits):
         model.fit(digits[0][:64], digits[1][:64], quick_run=1, verbose=0)
     from customfit import testing
 
-    with pytest.raises(ImportError, match="customfit.testing.check_step"):
-        testing.check_step(model, (digits[0][:64], digits[1][:64]))
+    with pytest.raises(ImportError, match="customfit.testing.diagnose"):
+        testing.diagnose(model, digits[0][:64], digits[1][:64])
 
 
 def test_a_name_logged_only_after_the_first_trace_is_an_error(digits):
