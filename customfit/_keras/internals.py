@@ -308,8 +308,9 @@ def make_jax_function(
 def jax_state_put_back(model: keras.Model) -> None:
     """Tells Keras' JAX `fit`/`evaluate` that the variables hold the current
     values, after a step that raised had its values put back: their `finally`
-    block (`jax_state_sync`) would otherwise assign the state of the batch
-    before, whose arrays the step consumed (donated)."""
+    block (`jax_state_sync`, Keras 3.15) would otherwise assign the state of
+    the batch before, whose arrays the step consumed (donated). Probed in
+    `tests/jax_backend/test_backend.py`."""
     model._jax_state_synced = True
 
 
