@@ -12,6 +12,7 @@ from customfit import _step
 from customfit._backend import BACKEND, loop
 from customfit._keras import internals
 from customfit._model import CustomModel, Tensor
+from customfit.recipes import _options as options
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -430,7 +431,7 @@ class GAN(CustomModel):
     def _replica_loss(loss: Tensor) -> Tensor:
         """This replica's share: the optimizers sum gradients over replicas."""
         loss = _scalar(loss, "discriminator_loss(), generator_loss() and gradient_penalty()")
-        replicas = _replicas_in_sync()
+        replicas = options.replicas_in_sync()
         if replicas > 1:
             loss = loss * ops.cast(1.0 / replicas, loss.dtype)
         return loss
@@ -520,14 +521,6 @@ def _scalar(loss: Any, source: str) -> Tensor:
             "keras.ops.mean(per_sample_loss)."
         )
     return loss
-
-
-def _replicas_in_sync() -> int:
-    if BACKEND != "tensorflow":
-        return 1  # under keras.distribution the step sees the whole batch
-    import tensorflow as tf
-
-    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 def _tf_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
