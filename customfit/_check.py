@@ -181,6 +181,38 @@ def device() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+def _releases(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
+    (a, b), (c, d) = tested
+    return f"{a}.{b} to {c}.{d}"
+
+
+def stack_lines(found: list[str]) -> list[str]:
+    """What `versions.problems()` compared, in words, and what it found."""
+    tensorflow = keras.backend.backend() == "tensorflow"
+    installed = f"Keras {keras.version()}" + (
+        f" and TensorFlow {tf.__version__}" if tensorflow else ""
+    )
+    tested = f"Keras {_releases(versions.TESTED_KERAS)}" + (
+        f" and TensorFlow {_releases(versions.TESTED_TENSORFLOW)}" if tensorflow else ""
+    )
+    copies = f"the {len(versions.COPIES)} Keras functions customfit copies or reproduces"
+    if not tensorflow:
+        code = f"Copied Keras code: not compared on {keras.backend.backend()}, where customfit "
+        code += "calls Keras' own loop."
+    elif found:
+        code = f"Copied Keras code: the source of {copies}, compared with the tested releases'."
+    else:
+        code = f"Copied Keras code: {copies} have their source in a tested release."
+    if found:
+        return [
+            f"Releases: {installed} installed; tested with {tested}.",
+            code,
+            f"Differences from the tested stack ({len(found)}):",
+            *(f"  - {problem}" for problem in found),
+        ]
+    return [f"Releases: {installed}, within the tested {tested}.", code]
+
+
 def main() -> int:
     """Prints the table; 0 if every check matched bit for bit, else 1."""
     started = time.monotonic()
@@ -189,10 +221,8 @@ def main() -> int:
         f"customfit {customfit.__version__}: Keras {keras.version()}, TensorFlow "
         f"{tf.__version__}, Python {platform.python_version()}, {device()}"
     )
-    found = versions.problems()
-    print("Tested stack and copied Keras code: " + ("as tested." if not found else "differs:"))
-    for problem in found:
-        print(f"  - {problem}")
+    for line in stack_lines(versions.problems()):
+        print(line)
     print()
     with warnings.catch_warnings():
         # Said above already.

@@ -79,7 +79,8 @@ def test_check_command_prints_its_table():
         from customfit.__main__ import main
         sys.exit(main(["check"]))
     """)
-    assert "Tested stack and copied Keras code: as tested." in out
+    assert f"Releases: Keras {keras.version()} and TensorFlow" in out
+    assert "Keras functions customfit copies or reproduces have their source in a tested" in out
     for row in ("default step", "Keras-2 train_step", "self.log in a hook",
                 "steps_per_execution=4", "every batch's logs"):
         assert row in out
