@@ -75,3 +75,34 @@ def test_draws_every_n_epochs_and_at_the_end_without_changing_the_backend(tmp_pa
     assert plot.drawn_epochs == [2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.png"]
     assert matplotlib.get_backend() == backend
+
+
+def test_epoch_and_batch_axes_have_whole_number_ticks(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    plot = TrainingPlot(tmp_path / "run", formats=("png",), draw_every=3)
+    plot.on_train_begin()
+    for epoch in range(3):
+        plot.on_epoch_begin(epoch)
+        for batch in range(3):
+            plot.on_train_batch_end(batch, {"loss": 2.0 - epoch - batch / 10})
+        plot.on_epoch_end(epoch, {"loss": 2.0 - epoch, "val_loss": 2.5 - epoch})
+    assert plot.drawn_epochs == [3]
+
+    batches, history = [ax for ax in figures[-1].axes if ax.get_visible()]
+    assert (batches.get_xlabel(), history.get_xlabel()) == ("batch", "epoch")
+    for ax in (batches, history):
+        low, high = sorted(ax.get_xlim())
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        labels = [label.get_text().replace("\N{MINUS SIGN}", "-")
+                  for label in ax.get_xticklabels() if low <= label.get_position()[0] <= high]
+        assert labels and all(text.lstrip("-").isdigit() for text in labels), labels
