@@ -3,7 +3,8 @@
 1. Trains the same MLP with `keras.Model` and with `customfit.CustomModel`
    under the same seeds and checks that the default step matches bit for bit.
 2. Trains a `CustomModel` whose `transform_gradients` hook clips gradients and
-   logs their norm, with TensorBoard logs and a `.keras` checkpoint.
+   logs their norm, with TensorBoard logs, a `.keras` checkpoint and a PNG
+   plot of the run (`customfit.callbacks.TrainingPlot`).
 
 Run: python examples/digits_demo.py --out runs/demo
 """
@@ -21,6 +22,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import customfit
+from customfit.callbacks import TrainingPlot
 
 
 @keras.saving.register_keras_serializable(package="digits_demo")
@@ -74,10 +76,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / "digits.keras"
     tensorboard_dir = args.out / "tensorboard"
+    plot = TrainingPlot(args.out / "training", formats=("png",))
     model, history = train(ClippedMLP, x_train, y_train, args.epochs, callbacks=[
         keras.callbacks.TensorBoard(tensorboard_dir, update_freq="epoch"),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_accuracy",
                                         save_best_only=True),
+        plot,
     ])
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(f"ClippedMLP: test accuracy {accuracy:.3f}, mean grad_norm per epoch "
@@ -86,6 +90,7 @@ def main() -> None:
     _, restored_accuracy = restored.evaluate(x_test, y_test, verbose=0)
     print(f"best checkpoint: {checkpoint} (test accuracy {restored_accuracy:.3f})")
     print(f"TensorBoard logs: {tensorboard_dir}  (tensorboard --logdir {tensorboard_dir})")
+    print(f"training plot: {plot.files[0]}  (loss within each epoch, and every History curve)")
     if not (same_weights and same_history):
         raise SystemExit("the default step diverged from stock fit")
 

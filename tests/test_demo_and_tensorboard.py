@@ -34,3 +34,6 @@ def test_demo_trains_matches_stock_and_writes_its_artifacts(tmp_path):
     assert "default CustomModel step equals stock fit: weights True, history True" in out
     assert (tmp_path / "digits.keras").is_file()
     assert list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert f"training plot: {tmp_path / 'training.png'}  (" in out
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "training.pdf").exists()
