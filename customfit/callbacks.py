@@ -543,6 +543,7 @@ class TrainingPlot(keras.callbacks.Callback):
 
     def _draw_batches(self, ax: Any) -> None:
         import matplotlib
+        from matplotlib.ticker import MaxNLocator
 
         colormap = matplotlib.colormaps["viridis"]
         epochs = sorted(self.batch_values)
@@ -552,18 +553,22 @@ class TrainingPlot(keras.callbacks.Callback):
             ax.plot(range(1, len(values) + 1), values, color=colour, label=f"epoch {epoch + 1}")
         ax.set_title(f"{self.batch_metric} within each epoch")
         ax.set_xlabel("batch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no batch 1.5
         ax.set_ylabel(f"{self.batch_metric} (mean of the epoch so far)")
         ax.grid(alpha=0.3)
         if epochs:
             ax.legend(fontsize="small", ncols=1 + len(epochs) // 8)
 
     def _draw_history(self, ax: Any, name: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
         for key, style, label in ((name, "o-", "training"), (f"val_{name}", "s--", "validation")):
             points = self.history.get(key)
             if points:
                 ax.plot(*zip(*points), style, label=label)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
