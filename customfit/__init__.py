@@ -2,12 +2,30 @@
 
 from customfit import recipes
 from customfit._backend import BACKEND
-from customfit._keras.versions import CompatibilityWarning
+from customfit._errors import (
+    CompatibilityWarning,
+    Preempted,
+    ResumeWarning,
+    SavingWarning,
+    TrainingGuardError,
+    UnreadableCheckpointError,
+)
 from customfit._model import CustomModel
 
 __version__ = "0.5.0"
 
-__all__ = ["CompatibilityWarning", "CustomModel", "recipes", "__version__"]
+__all__ = [
+    "CompatibilityWarning",
+    "CustomModel",
+    "Preempted",
+    "ResumeWarning",
+    "SavingWarning",
+    "TrainingGuardError",
+    "UnreadableCheckpointError",
+    "recipes",
+    "testing",
+    "__version__",
+]
 
 if BACKEND == "tensorflow":
     from customfit import callbacks  # noqa: F401 (in __all__ on TensorFlow)
@@ -16,9 +34,11 @@ if BACKEND == "tensorflow":
 
 
 def __getattr__(name: str) -> object:
-    # On JAX, `customfit.callbacks` is not imported: importing it says what it needs.
-    if name == "callbacks":
+    # Imported when first used: `customfit.testing` serves a user's tests,
+    # not training; on JAX, `customfit.callbacks` is not imported up front,
+    # and importing it says what it needs.
+    if name in ("callbacks", "testing"):
         import importlib
 
-        return importlib.import_module("customfit.callbacks")
+        return importlib.import_module(f"customfit.{name}")
     raise AttributeError(f"module 'customfit' has no attribute {name!r}")

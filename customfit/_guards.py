@@ -66,17 +66,13 @@ import numpy as np
 import tensorflow as tf
 
 from customfit import _optimizers
+from customfit._errors import TrainingGuardError
 from customfit._keras import internals
 
 _SWITCH = (
     "If this is intended, set `training_guards = False` on the model (or its "
     "class) to turn these checks off."
 )
-
-
-class TrainingGuardError(ValueError):
-    """The first training step would train silently wrong; the message says
-    why and how to fix it."""
 
 
 class _Record:

@@ -405,6 +405,20 @@ class CustomModel(keras.Model):
         super().save_own_variables(store)
         _saving.save_rng_states(self, store)
 
+    def get_build_config(self) -> dict | None:
+        """Keras' `get_build_config`, which Keras calls when it writes the
+        whole model's configuration: `save("model.keras")`,
+        `keras.saving.save_model`, `to_json` and `ModelCheckpoint` without
+        `save_weights_only`.
+
+        Warns (`customfit.SavingWarning`, once per class) when the class is
+        not registered with Keras, so that `keras.models.load_model` could not
+        find it again; decorate subclasses with
+        `@keras.saving.register_keras_serializable()`.
+        """
+        _saving.warn_if_unregistered(_defined_class(type(self)))
+        return super().get_build_config()
+
     def load_own_variables(self, store: Any) -> None:
         """Loads what `save_own_variables` saved; files written by
         `keras.Model` (without random-layer state) load as before."""
@@ -598,6 +612,13 @@ class CustomModel(keras.Model):
 
 
 _TWIN_ATTRIBUTE = "_customfit_functional_twin"
+
+
+def _defined_class(cls: type) -> type:
+    """The class the user defined: `cls`, or the class `cls` is the
+    functional twin of."""
+    base = cls.__bases__[0]
+    return base if base.__dict__.get(_TWIN_ATTRIBUTE) is cls else cls
 
 
 def _functional_twin(cls: type) -> type:

@@ -1,5 +1,5 @@
 """Saving and loading a `CustomModel`: random-generator state, checked loads,
-atomic file replacement."""
+atomic file replacement, and a warning for a class a file cannot name."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import tempfile
 import uuid
 import warnings
+import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 
 from customfit import _optimizers
+from customfit._errors import SavingWarning, UnreadableCheckpointError
 from customfit._keras import internals
 
 RNG_KEY_PREFIX = "customfit_rng_"
@@ -76,15 +78,6 @@ def all_state(model: keras.Model) -> list:
             seen.add(id(variable))
             state.append(variable)
     return state
-
-
-class UnreadableCheckpointError(OSError, ValueError):
-    """A checkpoint file that is truncated or corrupt.
-
-    An `OSError`, as Keras and h5py raise for such files (Keras'
-    `BackupAndRestore(double_checkpoint=True)` falls back to its other backup
-    on one), and a `ValueError` for code written against earlier customfit
-    releases."""
 
 
 def checked_load(
@@ -329,3 +322,31 @@ def write_text_atomically(path: str, text: str) -> None:
     with atomic_destination(path) as temporary:
         with open(temporary, "w") as f:
             f.write(text)
+
+
+_WARNED_UNREGISTERED: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+def warn_if_unregistered(cls: type) -> None:
+    """Warns once per class when Keras cannot find `cls` again by the name a
+    saved file records for it, so that `keras.models.load_model` would fail.
+
+    Keras writes `keras.saving.get_registered_name(cls)` (the bare class
+    name unless the class is registered) and, loading, looks that name up
+    among the registered classes and the `custom_objects` in scope."""
+    if cls in _WARNED_UNREGISTERED:
+        return
+    name = keras.saving.get_registered_name(cls)
+    if keras.saving.get_registered_object(name) is cls:
+        return
+    _WARNED_UNREGISTERED.add(cls)
+    warnings.warn(
+        f"{cls.__qualname__} is saved under the name '{name}', which Keras "
+        "cannot find when loading: keras.models.load_model will fail with "
+        f'"Could not locate class {name!r}". Decorate the class with '
+        "@keras.saving.register_keras_serializable() (and import or define it "
+        f"before loading), or load with custom_objects={{{name!r}: {cls.__name__}}}. "
+        "The file itself is complete.",
+        SavingWarning,
+        stacklevel=3,
+    )

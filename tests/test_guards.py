@@ -74,7 +74,7 @@ def test_forgotten_scale_loss_raises_in_the_first_step(data, mixed_float16, run_
     x, y = data
     model = compiled(base, run_eagerly)
     before = [np.array(w, copy=True) for w in model.get_weights()]
-    with pytest.raises(ValueError, match=r"never passed the loss to its scale_loss\(\)"
+    with pytest.raises(customfit.TrainingGuardError, match=r"never passed the loss to its scale_loss\(\)"
                        r"[\s\S]*self\.optimizer\.scale_loss\(loss\)[\s\S]*"
                        r"training_guards = False"):
         model.fit(x, y, batch_size=64, epochs=1, verbose=0)

@@ -231,12 +231,14 @@ def test_keras_backup_falls_back_to_its_previous_backup_on_a_corrupt_file(digits
 
     backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", double_checkpoint=True)
     model = compiled(functional)
-    with pytest.raises(KeyboardInterrupt):
+    stock_backup = pytest.warns(customfit.ResumeWarning, match="keras.callbacks.BackupAndRestore")
+    with pytest.raises(KeyboardInterrupt), stock_backup:
         fit(model, digits, epochs=3, callbacks=[backup, StopAfterOneEpoch()])
     latest = tmp_path / "backup" / "latest.weights.h5"
     assert (tmp_path / "backup" / "latest.weights.h5.bkp").exists()
     latest.write_bytes(b"\x00garbage" * 64)
-    history = fit(compiled(functional), digits, epochs=3, callbacks=[backup])
+    with stock_backup:
+        history = fit(compiled(functional), digits, epochs=3, callbacks=[backup])
     assert len(history["loss"]) == 2  # resumed from the previous backup, after epoch 1
 
 
@@ -364,7 +366,8 @@ def test_backup_of_another_model_is_refused_and_left_untouched(digits, tmp_path)
 def test_directory_of_something_else_is_refused(digits, tmp_path):
     backup = tmp_path / "backup"
     stock = keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)
-    fit(compiled(functional), digits, epochs=1, callbacks=[stock])
+    with pytest.warns(customfit.ResumeWarning, match="keras.callbacks.BackupAndRestore"):
+        fit(compiled(functional), digits, epochs=1, callbacks=[stock])
     model = compiled(functional)
     with pytest.raises(ValueError, match="not a customfit backup.*latest.weights.h5"):
         fit(model, digits, epochs=2, callbacks=[BackupAndRestore(backup)])
@@ -414,3 +417,41 @@ def test_backup_resumes_in_process_and_next_fit_starts_at_its_own_epoch(digits, 
     assert_same_state(state(resumed), expected_state)
     assert not backup.exists()
     assert len(fit(resumed, digits, epochs=2)["loss"]) == 2
+
+
+def test_unregistered_subclass_warns_at_save_and_keras_names_it_at_load(tmp_path):
+    """A subclass Keras cannot find by name saves whole, with a warning that
+    names both fixes; Keras' own load error names the class; each fix loads."""
+
+    class Clipped(customfit.CustomModel):
+        pass
+
+    model = models.mlp(Clipped)
+    with pytest.warns(customfit.SavingWarning,
+                      match=r"(?s)Clipped.*register_keras_serializable.*custom_objects"):
+        model.save(tmp_path / "clipped.keras")
+    keras.saving.save_model(model, tmp_path / "again.keras")  # once per class
+    with pytest.raises(TypeError, match=r"Could not locate class 'Clipped'.*"
+                                        r"register_keras_serializable"):
+        keras.models.load_model(tmp_path / "clipped.keras")
+    loaded = keras.models.load_model(tmp_path / "clipped.keras",
+                                     custom_objects={"Clipped": Clipped})
+    assert isinstance(loaded, Clipped)
+
+    registered = keras.saving.register_keras_serializable("tests")(
+        type("Registered", (customfit.CustomModel,), {}))
+    models.mlp(registered).save(tmp_path / "registered.keras")  # no warning
+    assert isinstance(keras.models.load_model(tmp_path / "registered.keras"), registered)
+    scoped = type("Scoped", (customfit.CustomModel,), {})
+    with keras.saving.custom_object_scope({"Scoped": scoped}):  # found there: no warning
+        models.mlp(scoped).save(tmp_path / "scoped.keras")
+
+
+def test_whole_model_checkpoint_of_an_unregistered_subclass_warns(digits, tmp_path):
+    class Unnamed(customfit.CustomModel):
+        pass
+
+    model = compiled(lambda: models.mlp(Unnamed))
+    with pytest.warns(customfit.SavingWarning, match="Unnamed"):
+        fit(model, digits, epochs=1,
+            callbacks=[ModelCheckpoint(tmp_path / "model.keras", save_weights_only=False)])

@@ -23,18 +23,11 @@ from typing import Any
 
 import keras
 
+from customfit._errors import CompatibilityWarning
+
 # Minor releases, both ends included.
 TESTED_KERAS = ((3, 10), (3, 15))
 TESTED_TENSORFLOW = ((2, 19), (2, 21))
-
-
-class CompatibilityWarning(UserWarning):
-    """customfit runs on a Keras or TensorFlow release it is not tested with,
-    or one whose training loop differs from the code customfit reproduces.
-
-    Training still runs; whether `CustomModel` still equals stock `fit` on
-    that release is unknown. `python -m customfit check` compares them on
-    the installed versions in under a minute."""
 
 
 @dataclasses.dataclass(frozen=True)
