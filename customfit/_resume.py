@@ -37,18 +37,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _cluster
+from customfit import _cluster, _preemption
+from customfit._errors import ResumeWarning
 from customfit._keras import internals
 
 _SEED_KEY = "keras_global_seed_generator"
-
-
-class ResumeWarning(UserWarning):
-    """Warned when `fit` starts with `BackupAndRestore(save_freq=N)` and an
-    input or setting it cannot resume exactly mid-epoch (a generator,
-    `keras.utils.PyDataset`, `steps_per_epoch`, `run_eagerly=True`), or when
-    a resumed epoch's metrics cannot be restored. Training still resumes
-    from the backup's weights and optimizer state."""
 
 
 def needs_resume_support(callback: Any) -> bool:
@@ -102,6 +95,9 @@ class FitResume:
         callbacks: The `ResumeCallbackList` Keras runs, once built; None when
             the caller passed a `keras.callbacks.CallbackList` of its own.
         epoch_iterator: `fit`'s epoch iterator, once `fit` has made it.
+        sigterm: The `SigtermWatch` of this call, installed while Keras'
+            `fit` runs; off under `MultiWorkerMirroredStrategy`, where a
+            worker that stops alone would leave the others waiting.
     """
 
     def __init__(self, model: keras.Model, arguments: dict) -> None:
@@ -112,15 +108,21 @@ class FitResume:
         self._dataset: _CountingDataset | None = None
         self._original_train_function: Callable | None = None
         self._metric_values: dict | None = None
+        self.sigterm = _preemption.SigtermWatch(
+            enabled=not _cluster.multi_worker(model.distribute_strategy)
+        )
 
     def __enter__(self) -> FitResume:
+        self.sigterm.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        """After Keras' `fit`: the model's own train function again."""
+        """After Keras' `fit`: the model's own train function and the
+        previous SIGTERM handler again."""
         if self._original_train_function is not None:
             self.model.train_function = self._original_train_function
             self._original_train_function = None
+        self.sigterm.__exit__(*exc)
 
     def saw_epoch_iterator(self, iterator: Any) -> None:
         """`fit` made its epoch iterator (before the callbacks' list)."""
@@ -223,6 +225,17 @@ def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
         listed = callbacks.callbacks
     else:
         listed = list(keras.tree.flatten(callbacks)) if callbacks else []
+    if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in listed):
+        warnings.warn(
+            "keras.callbacks.BackupAndRestore restarts an interrupted epoch "
+            "from its first batch (with save_freq=N it trains the epoch's "
+            "first batches again, with its metrics restarted) and writes no "
+            "backup on SIGTERM. customfit.callbacks.BackupAndRestore takes the "
+            "same backup_dir, save_freq and delete_checkpoint, resumes at the "
+            "next untrained batch exactly, and backs up on SIGTERM.",
+            ResumeWarning,
+            stacklevel=4,
+        )
     resuming = [c for c in listed if needs_resume_support(c)]
     if not resuming:
         return None

@@ -5,8 +5,9 @@
 - `BackupAndRestore`: resumes a killed `fit` from the last finished epoch,
   or with `save_freq=N` from the next untrained batch, exactly; its backup is
   replaced atomically, checked against the model, and saved after every
-  other callback has seen the epoch (or batch). `ResumeWarning` flags input
-  it cannot resume exactly mid-epoch.
+  other callback has seen the epoch (or batch), and on SIGTERM it writes a
+  backup and stops `fit` (`customfit.Preempted`). `customfit.ResumeWarning`
+  flags input it cannot resume exactly mid-epoch.
 - `LearningRateScheduler`, `ReduceLROnPlateau`: Keras' callbacks, for every
   optimizer of the model (`CustomModel.optimizers`) or the ones named.
 - `TrainingPlot`: draws the per-batch loss of each epoch and the `History`
@@ -31,6 +32,7 @@ import keras
 import numpy as np
 
 from customfit import _auto_steps, _cluster, _fit_call, _optimizers, _resume
+from customfit._errors import Preempted
 from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
 
@@ -39,7 +41,6 @@ __all__ = [
     "LearningRateScheduler",
     "ModelCheckpoint",
     "ReduceLROnPlateau",
-    "ResumeWarning",
     "TrainingPlot",
 ]
 
@@ -134,8 +135,6 @@ _STATE_FILE = "backup.json"
 _FORMAT = "customfit.BackupAndRestore/2"
 _READABLE_FORMATS = ("customfit.BackupAndRestore/1", _FORMAT)
 
-ResumeWarning = _resume.ResumeWarning
-
 
 class BackupAndRestore(keras.callbacks.Callback):
     """Resumes a killed training run where it stopped: from the last
@@ -166,7 +165,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     Exact for NumPy arrays (also with `shuffle=True`) and `tf.data`
     datasets whose order depends only on their seeds. Not exact, with a
-    `ResumeWarning` at the start of `fit`: a Python generator,
+    `customfit.ResumeWarning` at the start of `fit`: a Python generator,
     `keras.utils.PyDataset` or other input whose own state (position,
     shuffling) is not saved; `steps_per_epoch` (epochs share one iterator);
     `run_eagerly=True` (metrics created in the first step start from zero).
@@ -176,6 +175,21 @@ class BackupAndRestore(keras.callbacks.Callback):
     only (the first batch of an execution at or past each multiple of N).
     A kill during validation repeats the batches since the last backup and
     the validation, which gives the same result.
+
+    SIGTERM (a preemptible VM or a scheduler ending the job; `CustomModel`
+    only): the batch under way finishes (with `steps_per_execution=K`, the
+    execution; during validation, the validation and the epoch's end), a
+    backup of the state after it is written, whatever `save_freq` is, and
+    `fit` raises `customfit.Preempted` before any other batch runs; the
+    process, left to it, exits non-zero, and the same script started again
+    resumes there exactly. A SIGTERM handler the program had set is put back
+    and called once the backup is written. A second SIGTERM ends the process
+    at once through that handler (Python's default ends it), losing at most
+    the batches since the last complete backup. Under
+    `MultiWorkerMirroredStrategy`, SIGTERM keeps its default: the worker ends
+    at once, the others stop with an error, and the restarted cluster resumes
+    from the last complete backup (`save_freq=N` bounds what is repeated).
+    Outside `fit`, SIGTERM is handled as it was before.
 
     Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
 
@@ -229,12 +243,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch = 0
         self._last_backup_batch = 0
         self._resumed_at: tuple[int, int] | None = None
+        self._trained_since_backup = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Runs when `fit` starts, before any batch: refuses what could not
         be backed up or restored, then restores the backup, if there is one."""
         self._epochs_done = None
         self._resumed_at = None
+        self._trained_since_backup = False
         if not self.model.built:
             # A backup is loaded into the model's weights before the first
             # batch of a restarted fit, when they must already exist.
@@ -292,23 +308,38 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epochs_done = epoch + 1
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        """Runs before each epoch: saves the state after the previous one."""
+        """Runs before each epoch: saves the state after the previous one,
+        then stops `fit` if SIGTERM arrived."""
         if self._epochs_done is not None:
             self._save(self._epochs_done)
         self._epoch = epoch
         self._last_backup_batch = 0
         if self._resumed_at is not None and self._resumed_at[0] == epoch:
             self._last_backup_batch = self._resumed_at[1]
+        if self._sigterm_requested():
+            self._stop_for_sigterm(epoch, self._last_backup_batch)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        """Runs before each batch: with `save_freq=N`, saves the state after
-        the previous batches once N more have run since the last backup."""
-        if self.save_freq == "epoch" or _fit_call.replayed_begin(self.model):
+        """Runs before each batch: if SIGTERM arrived, saves the state after
+        the previous batches and stops `fit`; with `save_freq=N`, saves it
+        once N more batches have run since the last backup."""
+        if _fit_call.replayed_begin(self.model):
             return  # replayed after its execution ran: not the state before it
+        if self._sigterm_requested():
+            if self._trained_since_backup:
+                self._save(self._epoch, batch)
+            self._stop_for_sigterm(self._epoch, batch)
+        if self.save_freq == "epoch":
+            return
         save_freq = cast(int, self.save_freq)  # not "epoch": a number of batches
         if batch // save_freq > self._last_backup_batch // save_freq:
             self._save(self._epoch, batch)
             self._last_backup_batch = batch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Runs after each trained batch (the resumed epoch's skipped
+        batches reach no callback)."""
+        self._trained_since_backup = True
 
     def _customfit_execution_limit(self, batch: int) -> int | None:
         """`steps_per_execution="auto"`: an execution ends before each
@@ -318,8 +349,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         return _auto_steps.every_n_batches(cast(int, self.save_freq), batch)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        """Runs when `fit` ends: deletes the backup, or saves the final state."""
+        """Runs when `fit` ends: deletes the backup, or saves the final
+        state; after a SIGTERM, saves the final state and stops `fit`, so
+        that the script started again finds training done."""
         internals.set_initial_epoch(self.model, None)
+        if self._sigterm_requested():
+            if self._epochs_done is not None:
+                self._save(self._epochs_done)
+                self._stop_for_sigterm(self._epochs_done, 0)
+            self._stop_for_sigterm(*(self._resumed_at or (0, 0)))
         if self.delete_checkpoint:
             if not _cluster.is_chief(self.model.distribute_strategy):
                 return
@@ -333,6 +371,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _save(self, epoch: int, batch: int = 0) -> None:
         """Saves the state after `epoch` epochs and `batch` more batches
         (every worker; only the chief writes into `backup_dir`)."""
+        self._trained_since_backup = False
         stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
         strategy = self.model.distribute_strategy
@@ -370,6 +409,29 @@ class BackupAndRestore(keras.callbacks.Callback):
                 and not name.startswith(".tmp-")
             ):
                 os.remove(os.path.join(self.backup_dir, name))
+
+    def _sigterm_requested(self) -> bool:
+        resume = _fit_call.resume_of(self.model)
+        return resume is not None and resume.sigterm.requested
+
+    def _stop_for_sigterm(self, epoch: int, batch: int) -> None:
+        """Ends `fit` for the SIGTERM, with the backup on disk holding the
+        state after `epoch` epochs and `batch` batches (or none, if nothing
+        was trained)."""
+        sigterm = cast(_resume.FitResume, _fit_call.resume_of(self.model)).sigterm
+        sigterm.acted()
+        sigterm.call_previous_handler()
+        state = f"the state after {epoch} epochs and {batch} batches"
+        if os.path.exists(self.state_path):
+            where = f"the backup in {self.backup_dir} holds {state}"
+        else:
+            where = "no batch was trained, so there is no backup to write"
+        raise Preempted(
+            f"fit stopped on SIGTERM: {where}. Run the same script again to resume there.",
+            self.backup_dir,
+            epoch,
+            batch,
+        )
 
     def _read_saved_state(self, state: dict) -> dict:
         name = state.get("state")
@@ -790,3 +852,12 @@ def _require_writable_directory(directory: str, callback: str, model: keras.Mode
             "Give it a directory this process can create and write to. Nothing "
             "was trained."
         ) from error
+
+
+def __getattr__(name: str) -> object:
+    if name == "ResumeWarning":
+        raise AttributeError(
+            "customfit.callbacks.ResumeWarning is now customfit.ResumeWarning: "
+            "every customfit warning and exception is in the customfit module."
+        )
+    raise AttributeError(f"module 'customfit.callbacks' has no attribute {name!r}")

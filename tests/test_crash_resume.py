@@ -37,32 +37,44 @@ def finish(process, timeout=240):
     assert code == 0, f"training process failed ({code}):\n{output(process)}"
 
 
-def kill_and_restart(script, tmp_path, kill_at, check_killed):
-    """Runs `script` twice side by side: into `tmp_path/reference`, and into
-    `tmp_path/crashed` with `--pause-once-at epoch:batch`. Kills the second
-    with SIGKILL once it pauses there, calls `check_killed(crashed_out)`,
-    starts the same command again and waits for both runs to end. Returns
-    `(reference_out, crashed_out)`."""
-    reference_out, crashed_out = tmp_path / "reference", tmp_path / "crashed"
+def kill_and_restart(script, tmp_path, kill_at, check_killed, kill_signal=signal.SIGKILL,
+                     reference_out=None):
+    """Runs `script` twice side by side: into `tmp_path/reference` (unless
+    `reference_out` holds such a run already), and into `tmp_path/<signal>`
+    with `--pause-once-at epoch:batch`. Sends the second `kill_signal` once
+    it pauses there and checks how it ended (killed by SIGKILL; stopped by
+    SIGTERM with a `customfit.Preempted`, exit status 1), calls
+    `check_killed(crashed_out)`, starts the same command again and waits for
+    both runs to end. Returns `(reference_out, crashed_out)`."""
+    name = signal.Signals(kill_signal).name.lower()
+    crashed_out = tmp_path / name
     command = [sys.executable, str(script), str(crashed_out),
                "--pause-once-at", "{}:{}".format(*kill_at)]
-    reference = start([sys.executable, str(script), str(reference_out)],
-                      tmp_path / "reference.log")
-    crashed = start(command, tmp_path / "crashed.log")
-    processes = [reference, crashed]
+    processes = []
+    if reference_out is None:
+        reference_out = tmp_path / "reference"
+        processes.append(start([sys.executable, str(script), str(reference_out)],
+                               tmp_path / "reference.log"))
+    crashed = start(command, tmp_path / f"{name}.log")
+    processes.append(crashed)
     try:
         deadline = time.monotonic() + 240
         while not (crashed_out / "paused").exists():
             assert crashed.poll() is None, output(crashed)
             assert time.monotonic() < deadline, "the run never reached the kill point"
             time.sleep(0.1)
-        crashed.send_signal(signal.SIGKILL)
-        assert crashed.wait(timeout=30) == -signal.SIGKILL
+        crashed.send_signal(kill_signal)
+        if kill_signal == signal.SIGTERM:
+            assert crashed.wait(timeout=60) == 1, output(crashed)
+            assert "customfit.Preempted: fit stopped on SIGTERM" in output(crashed)
+        else:
+            assert crashed.wait(timeout=30) == -kill_signal
         check_killed(crashed_out)
-        restarted = start(command, tmp_path / "restarted.log")  # the same command
+        restarted = start(command, tmp_path / f"{name}-restarted.log")  # the same command
         processes.append(restarted)
-        finish(restarted)
-        finish(reference)
+        for process in processes[::-1]:
+            if process is not crashed:
+                finish(process)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -80,22 +92,47 @@ def h5_arrays(path):
 
 
 def runs(out):
-    """Each process's trained epochs and their logs, in start order."""
+    """Each process's trained epochs with their logs, and trained batches,
+    in start order."""
     files = sorted(out.glob("run-*.json"), key=os.path.getmtime)
-    return [{int(k): v for k, v in json.loads(f.read_text()).items()} for f in files]
+    found = [json.loads(f.read_text()) for f in files]
+    return [({int(k): v for k, v in run["epochs"].items()}, [tuple(b) for b in run["batches"]])
+            for run in found]
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigkilled_training_restarted_with_the_same_command_ends_identical(tmp_path):
+def test_sigkilled_or_sigtermed_training_restarted_with_the_same_command_ends_identical(
+        tmp_path):
+    """SIGKILL loses the batches since the last backup (save_freq="epoch":
+    the epoch's start); SIGTERM lets the batch under way finish and backs up
+    after it, and the restart trains from the next batch. Either way the
+    restarted run ends as the uninterrupted one, bit for bit."""
     def check_killed(crashed_out):
         assert not (crashed_out / "final.npz").exists()
         backup = json.loads((crashed_out / "backup" / "backup.json").read_text())
-        assert backup["epoch"] == KILL_AT[0]  # the epochs finished before the kill
+        assert (backup["epoch"], backup["batch"]) == (KILL_AT[0], 0)  # at the epoch's start
 
-    reference_out, crashed_out = kill_and_restart(SCRIPT, tmp_path, KILL_AT, check_killed)
-    (reference_run,) = runs(reference_out)
-    (resumed_run,) = runs(crashed_out)  # the killed process wrote none
+    def check_terminated(crashed_out):
+        assert not (crashed_out / "final.npz").exists()
+        backup = json.loads((crashed_out / "backup" / "backup.json").read_text())
+        assert (backup["epoch"], backup["batch"]) == (KILL_AT[0], KILL_AT[1] + 1)
+
+    reference_out, killed_out = kill_and_restart(SCRIPT, tmp_path, KILL_AT, check_killed)
+    _, terminated_out = kill_and_restart(SCRIPT, tmp_path, KILL_AT, check_terminated,
+                                         signal.SIGTERM, reference_out)
+    ((reference_run, reference_batches),) = runs(reference_out)
+    (_, stopped_batches), (terminated_run, terminated_batches) = runs(terminated_out)
+    # No batch ran after the SIGTERM's backup; the restart begins with the next.
+    assert stopped_batches[-1] == KILL_AT
+    assert terminated_batches == [b for b in reference_batches if b > KILL_AT]
+    ((killed_run, killed_batches),) = runs(killed_out)  # the killed process wrote none
+    assert killed_batches == [b for b in reference_batches if b >= (KILL_AT[0], 0)]
+    for crashed_out, resumed_run in ((killed_out, killed_run), (terminated_out, terminated_run)):
+        check_resumed(reference_out, reference_run, crashed_out, resumed_run)
+
+
+def check_resumed(reference_out, reference_run, crashed_out, resumed_run):
     assert sorted(resumed_run) == [2, 3, 4]
     for epoch, logs in resumed_run.items():
         assert logs == reference_run[epoch], epoch

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import customfit
-from customfit.callbacks import BackupAndRestore, ResumeWarning
+from customfit import ResumeWarning
+from customfit.callbacks import BackupAndRestore
 from tests import models
 from tests.subproc import ROOT
 from tests.test_crash_resume import kill_and_restart

@@ -2,17 +2,19 @@
 
     python tests/scripts/resumable_training.py OUT [--pause-once-at EPOCH:BATCH]
 
-Run it again with the same command after a kill and it resumes. It writes, in
-OUT: `best.weights.h5` (best val_loss), `final.npz` (weights, random-layer
-state and optimizer variables at the end) and `run-<pid>.json` (the epochs
-this process trained and their logs). With --pause-once-at, the first process
-to reach that batch writes OUT/paused and sleeps, so a test can kill it there.
+Run it again with the same command after a kill or a SIGTERM and it
+resumes. It writes, in OUT: `best.weights.h5` (best val_loss), `final.npz`
+(weights, random-layer state and optimizer variables at the end) and
+`run-<pid>.json` (the epochs this process trained and their logs, and the
+batches it trained; also when `fit` stops on SIGTERM). With --pause-once-at,
+the first process to reach that batch writes OUT/paused and waits for a
+signal, so a test can kill it or send it SIGTERM there.
 """
 
 import argparse
 import json
 import os
-import time
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -85,7 +87,7 @@ def pause_once(out, epoch, batch):
         if not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(f"{epoch}:{batch}\n")
-            time.sleep(300)  # killed here by the test
+            signal.pause()  # until the test's signal; after a SIGTERM, fit goes on
 
     return AtBatch((epoch, batch), pause)
 
@@ -120,15 +122,18 @@ def main():
     if args.pause_once_at:
         epoch, batch = map(int, args.pause_once_at.split(":"))
         callbacks.append(pause_once(args.out, epoch, batch))
-    model.fit(x[:512], y[:512], validation_data=(x[512:768], y[512:768]),
-              batch_size=64, epochs=EPOCHS, verbose=0, callbacks=callbacks)
+    try:
+        model.fit(x[:512], y[:512], validation_data=(x[512:768], y[512:768]),
+                  batch_size=64, epochs=EPOCHS, verbose=0, callbacks=callbacks)
+    finally:
+        with open(os.path.join(args.out, f"run-{os.getpid()}.json"), "w") as f:
+            json.dump({"epochs": record.epochs,
+                       "batches": [[e, b] for e, b, _ in record.batches]}, f)
 
     state = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
     state.update({f"optimizer/{i}": v.numpy()
                   for i, v in enumerate(model.optimizer.variables)})
     np.savez(os.path.join(args.out, "final.npz"), **state)
-    with open(os.path.join(args.out, f"run-{os.getpid()}.json"), "w") as f:
-        json.dump(record.epochs, f)
 
 
 if __name__ == "__main__":

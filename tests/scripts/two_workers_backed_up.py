@@ -1,7 +1,7 @@
 """One worker of a two-worker training run backed up mid-epoch to a shared
 directory, for a kill at any batch.
 
-    TF_CONFIG=... python tests/scripts/two_workers_backed_up.py OUT [--kill-at EPOCH:BATCH]
+    TF_CONFIG=... python tests/scripts/two_workers_backed_up.py OUT [--kill-at EPOCH:BATCH] [--signal TERM]
 
 Both workers are started with the same command (their `TF_CONFIG` differs).
 They train a model with Dropout, a `log`ged column and momentum SGD on a
@@ -11,9 +11,10 @@ as on a shared file system. Each worker writes OUT/worker-<index>/final.npz
 (variables and optimizer variables at the end) and run-<pid>.json (its epoch
 and per-batch logs).
 
-With --kill-at, worker 1 kills itself with SIGKILL at the end of that batch,
-unless OUT/killed exists (it writes it first): run the same command again to
-resume.
+With --kill-at, worker 1 kills itself with SIGKILL at the end of that batch
+(with --signal TERM: sends itself SIGTERM there, and SIGKILL one batch later,
+as a preempted VM gets them), unless OUT/killed exists (it writes it first):
+run the same command again to resume.
 """
 
 import argparse
@@ -55,6 +56,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"])
     args = parser.parse_args()
     worker = strategy.cluster_resolver.task_id
     directory = os.path.join(args.out, f"worker-{worker}")
@@ -78,6 +80,9 @@ def main():
     marker = os.path.join(args.out, "killed")
     if args.kill_at and worker == 1 and not os.path.exists(marker):
         at = tuple(map(int, args.kill_at.split(":")))
+        if args.signal == "TERM":
+            callbacks.append(AtBatch(at, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+            at = (at[0], at[1] + 1)
         callbacks.append(AtBatch(at, lambda: kill_marked(marker, at)))
     model.fit(dataset, epochs=EPOCHS, verbose=0, shuffle=False, callbacks=callbacks)
 
