@@ -1,11 +1,14 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
-import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+
+from tests.subproc import SHARED_DIRECTORY
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -23,6 +26,18 @@ def pytest_configure(config):
 
     if not config.pluginmanager.is_registered(plugin):
         config.pluginmanager.register(plugin, "customfit")
+    # One directory for the whole run (`run_python_once`), made before
+    # pytest-xdist starts its workers, which inherit the variable.
+    if not hasattr(config, "workerinput") and SHARED_DIRECTORY not in os.environ:
+        config._customfit_shared = tempfile.mkdtemp(prefix="customfit-tests-")
+        os.environ[SHARED_DIRECTORY] = config._customfit_shared
+
+
+def pytest_unconfigure(config):
+    shared = getattr(config, "_customfit_shared", None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        del os.environ[SHARED_DIRECTORY]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ loss and metrics: read back with TensorBoard's own reader and served by the
 real `tensorboard` server."""
 
 import json
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -72,10 +72,16 @@ def test_logged_values_are_written_per_batch_and_per_epoch(digits, tmp_path):
         float(np.float32(h)) for h in history["val_loss"]]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def served_at(log_path, server, deadline):
+    """The address TensorBoard printed once it listened (on the port the
+    system gave it: `--port 0`, so that no other process can take it first)."""
+    while True:
+        found = re.search(r"TensorBoard \S+ at (http://127\.0\.0\.1:\d+)/", log_path.read_text())
+        if found:
+            return found.group(1)
+        assert server.poll() is None, log_path.read_text()[-2000:]
+        assert time.monotonic() < deadline, "TensorBoard did not start in time"
+        time.sleep(0.5)
 
 
 def get_json(url):
@@ -87,16 +93,15 @@ def get_json(url):
 @pytest.mark.multiprocess
 def test_tensorboard_server_serves_the_logged_scalar(digits, tmp_path):
     history, _ = train_with_tensorboard(digits, tmp_path / "logs")
-    port = free_port()
     with open(tmp_path / "server.log", "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"),
-             "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false",
+             "--host", "127.0.0.1", "--port", "0", "--load_fast", "false",
              "--reload_interval", "1"],
             stdout=subprocess.DEVNULL, stderr=log)
-    base = f"http://127.0.0.1:{port}/data/plugin/scalars"
     try:
         deadline, tags = time.monotonic() + 90, {}
+        base = f"{served_at(tmp_path / 'server.log', server, deadline)}/data/plugin/scalars"
         while "epoch_grad_norm" not in tags.get("train", {}):
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
             assert time.monotonic() < deadline, f"no tag served in time: {tags}"
