@@ -14,7 +14,10 @@ writes keep whole.
 
 Outside such a `fit`, SIGTERM is left to whatever handled it before: the
 watch installs its handler when `fit` starts and puts the previous one back
-when it ends, however it ends.
+when it ends, however it ends. Under `MultiWorkerMirroredStrategy` it
+installs nothing: TensorFlow's coordination service catches SIGTERM in C++,
+and a worker that stopped alone would leave the others waiting in the
+step's collectives.
 """
 
 from __future__ import annotations

@@ -178,18 +178,19 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     SIGTERM (a preemptible VM or a scheduler ending the job; `CustomModel`
     only): the batch under way finishes (with `steps_per_execution=K`, the
-    execution; during validation, the validation and the epoch's end), a
-    backup of the state after it is written, whatever `save_freq` is, and
-    `fit` raises `customfit.Preempted` before any other batch runs; the
+    execution; in an epoch's last batch or its validation, the validation
+    and the epoch's end too), a backup of the state after it is written,
+    whatever `save_freq` is, and `fit` raises `customfit.Preempted` before any other batch runs; the
     process, left to it, exits non-zero, and the same script started again
     resumes there exactly. A SIGTERM handler the program had set is put back
     and called once the backup is written. A second SIGTERM ends the process
     at once through that handler (Python's default ends it), losing at most
     the batches since the last complete backup. Under
-    `MultiWorkerMirroredStrategy`, SIGTERM keeps its default: the worker ends
-    at once, the others stop with an error, and the restarted cluster resumes
-    from the last complete backup (`save_freq=N` bounds what is repeated).
-    Outside `fit`, SIGTERM is handled as it was before.
+    `MultiWorkerMirroredStrategy`, TensorFlow catches SIGTERM itself and the
+    worker trains on until SIGKILL ends it; the others then stop with an
+    error, and the restarted cluster resumes from the last complete backup
+    (`save_freq=N` bounds what is repeated). Outside `fit`, SIGTERM is
+    handled as it was before.
 
     Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
 
