@@ -50,15 +50,18 @@ class CustomModel(keras.Model):
     Example:
 
     ```python
+    from keras import ops
+
     class ClippedModel(customfit.CustomModel):
         def transform_gradients(self, gradients, variables):
-            clipped, norm = tf.clip_by_global_norm(gradients, 1.0)
+            norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in gradients))
             self.log("grad_norm", norm)
-            return clipped
+            return [g * ops.minimum(1.0, 1.0 / norm) for g in gradients]
     ```
 
     The first training step is checked for two mistakes that train silently
-    wrong in Keras, and raises `ValueError` naming the fix: gradients applied
+    wrong in Keras, and raises `customfit.TrainingGuardError` (a
+    `ValueError`) naming the fix: gradients applied
     by a `LossScaleOptimizer` (mixed precision) without `scale_loss` on the
     loss, and, under `tf.distribute`, a loss not divided by the number of
     replicas. Set `training_guards = False` (on the class or the model) if
@@ -121,10 +124,10 @@ class CustomModel(keras.Model):
         Example:
 
         ```python
-        def transform_gradients(self, gradients, variables):
-            norm = tf.linalg.global_norm(gradients)
-            self.log("grad_norm", norm)
-            return [tf.clip_by_norm(g, 1.0) for g in gradients]
+        def transform_gradients(self, gradients, variables):  # from keras import ops
+            norms = [ops.sqrt(ops.sum(ops.square(g))) for g in gradients]
+            self.log("grad_norm", ops.sqrt(sum(n * n for n in norms)))
+            return [g / ops.maximum(n, 1.0) for g, n in zip(gradients, norms)]  # norms <= 1
         ```
         """
         return gradients
@@ -272,8 +275,17 @@ class CustomModel(keras.Model):
     # ------------------------------------------------------------- the steps
 
     def train_step(self, data: Any) -> dict[str, Tensor]:
-        """One training step on one batch; see the class docstring for order
-        (and `customfit/_step.py` for the maths)."""
+        """One training step on one batch, as stock `fit`'s: the forward pass
+        and the loss, their gradients, `transform_gradients`,
+        `apply_gradients`, then the metrics (the class docstring gives the
+        order and what each part sees).
+
+        Override a hook to change one part. Override this method to write the
+        whole step, as for `keras.Model`: with the Keras-2 helpers
+        (`compiled_loss`, `compiled_metrics`, `metrics`), `compute_loss`, and
+        `value_and_gradients` to take gradients on every backend. It returns
+        the logs (`{name: value}`) that callbacks, the progress bar and
+        `History` get."""
         return _step.train_step(self, data)
 
     def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
