@@ -6,6 +6,7 @@
     python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow
     python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
     python3 -m nox -s docs              # the documentation site, warnings as errors
+    python3 -m nox -s readme            # the README's examples, each as its install line says
 
 The primary stack (the newest of each) runs the whole suite and Keras' own
 tests from the README's command; `.ci/run` runs `compat`, `jax`, `lint`
@@ -17,8 +18,16 @@ takes longer than the tests), so the stack under test is exactly the one
 named.
 """
 
+import dataclasses
+import re
+import shlex
+import shutil
+import textwrap
+from pathlib import Path
+
 import nox
 
+ROOT = Path(__file__).resolve().parent
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
@@ -147,3 +156,139 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", f"{session.create_tmp()}/site",
                 env={"NO_MKDOCS_2_WARNING": "1"})
 
+
+
+# The README's and Getting started's commands and examples, each in a fresh
+# environment made by the install line the page gives for it, read from the
+# page: a ```bash block of `python3 -m pip install ...` lines (and `export
+# NAME=value` lines) is the environment of the ```python block that follows
+# it; a one-line ```bash block `python3 -m pip install ... && python3
+# examples/...` runs its example in the environment its install part makes.
+# `customfit` in an install line is this checkout, as a source distribution
+# built from a copy of it, and `-e .` this checkout, editable. Pages with
+# code blocks of their own run in the main environment (tests/test_docs.py);
+# the test command is `.ci/run` itself.
+EXAMPLE_PAGES = ("README.md", "docs/getting-started.md")
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_PIP_INSTALL = "python3 -m pip install "
+
+
+@dataclasses.dataclass
+class Example:
+    """One block to run: where, the environment's install lines, its
+    environment variables, and the Python code or the example command."""
+
+    where: str
+    installs: tuple[str, ...]
+    env: dict[str, str]
+    code: str = ""
+    command: str = ""
+
+
+def examples(page: str) -> list[Example]:
+    """The install-line examples of `page` (a path under the checkout), in
+    order; a ```python block without an install block before it, or an
+    install block without a ```python block after it, is an error."""
+    found: list[Example] = []
+    pending: Example | None = None
+    for number, match in enumerate(_FENCE.finditer((ROOT / page).read_text()), 1):
+        language, body = match.group(1), match.group(2)
+        lines = [line.strip() for line in body.strip().splitlines()]
+        where = f"{page}, code block {number}"
+        if language == "python":
+            if pending is None:
+                raise ValueError(f"{where}: no install block ({_PIP_INSTALL}...) before it")
+            pending.code, pending.where = textwrap.dedent(body), where
+            found.append(pending)
+            pending = None
+            continue
+        if pending is not None:
+            raise ValueError(f"{pending.where}: an install block without a Python block after it")
+        if language != "bash":
+            continue
+        installs = tuple(line for line in lines
+                         if line.startswith(_PIP_INSTALL) and "&&" not in line)
+        exports = [line for line in lines if line.startswith("export ")]
+        if installs and len(installs) + len(exports) == len(lines):
+            env = dict(line[len("export "):].split("=", 1) for line in exports)
+            pending = Example(where, installs, env)
+        elif len(lines) == 1 and lines[0].startswith(_PIP_INSTALL):
+            install, _, command = lines[0].partition(" && ")
+            if command.startswith("python3 examples/") and "&&" not in command:
+                found.append(Example(where, (install,), {}, command=command))
+    if pending is not None:
+        raise ValueError(f"{pending.where}: an install block without a Python block after it")
+    return found
+
+
+def _pip_arguments(line: str, sdist: str) -> list[str]:
+    """`python3 -m pip install ...` as pip's arguments, `customfit[...]`
+    meaning the source distribution `sdist`."""
+    arguments = []
+    for argument in shlex.split(line[len(_PIP_INSTALL):]):
+        name, extras = re.fullmatch(r"([^\[]*)(\[.*\])?", argument).groups()
+        arguments.append(f"customfit{extras or ''} @ file://{sdist}"
+                         if name == "customfit" else argument)
+    return arguments
+
+
+_NOT_SOURCE = (".git", "build", "dist", "site", "runs", ".nox", "*.egg-info", "__pycache__",
+               ".pytest_cache", ".mypy_cache", ".ruff_cache", ".whl", ".build")
+
+
+@nox.session
+def readme(session: nox.Session) -> None:
+    """The README's and Getting started's examples, each in a fresh
+    environment made by exactly the install line the page gives for it (a
+    JAX one without TensorFlow), with customfit from a source distribution
+    of this checkout."""
+    session.install("setuptools>=64", "wheel")
+    tmp = Path(session.create_tmp()).resolve()
+    source = tmp / "source"
+    for stale in (source, tmp / "dist"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
+    with session.chdir(source):
+        session.run("python", "-c", "import setuptools.build_meta as b; "
+                    f"print(b.build_sdist({str(tmp / 'dist')!r}))", silent=True)
+    (sdist,) = (tmp / "dist").glob("customfit-*.tar.gz")
+    environments: dict[tuple[str, ...], Path] = {}
+    ran: dict[tuple, str] = {}
+    for page in EXAMPLE_PAGES:
+        for example in examples(page):
+            key = (example.installs, tuple(example.env.items()), example.code, example.command)
+            if key in ran:
+                session.log(f"{example.where}: the same as {ran[key]}")
+                continue
+            ran[key] = example.where
+            session.log(f"{example.where}: {' && '.join(example.installs)}")
+            python = environments.get(example.installs)
+            if python is None:
+                venv = tmp / f"env{len(environments)}"
+                shutil.rmtree(venv, ignore_errors=True)
+                session.run("python", "-m", "venv", str(venv))
+                python = venv / "bin" / "python"
+                for line in example.installs:
+                    session.run(str(python), "-m", "pip", "install", "--quiet",
+                                *_pip_arguments(line, str(sdist)), external=True)
+                environments[example.installs] = python
+            # Keras' default backend unless the page sets one; nothing of the
+            # caller's Python path.
+            env = {"KERAS_BACKEND": "tensorflow", **example.env, "PYTHONPATH": "",
+                   "TF_CPP_MIN_LOG_LEVEL": "3"}
+            if env["KERAS_BACKEND"] != "tensorflow":
+                # customfit needs no TensorFlow there, as the page says.
+                session.run(str(python), "-c", "import importlib.util, keras; "
+                            "assert importlib.util.find_spec('tensorflow') is None; "
+                            f"assert keras.backend.backend() == {env['KERAS_BACKEND']!r}",
+                            env=env, external=True)
+            run = tmp / "run"
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir()
+            with session.chdir(run):
+                if example.command:
+                    script, *arguments = shlex.split(example.command)[1:]
+                    session.run(str(python), str(ROOT / script), *arguments,
+                                env=env, external=True)
+                else:
+                    session.run(str(python), "-c", example.code, env=env, external=True)

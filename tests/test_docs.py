@@ -8,6 +8,7 @@ visible to the reader. A block that defines pytest-style `test_*` functions
 the `customfit_deterministic` fixture would.
 """
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -67,7 +68,25 @@ def test_python_blocks_run(page, tmp_path):
 
 def test_ci_runs_the_test_command_the_docs_give():
     """`.ci/run`, the README and Getting started give one test command."""
+    if not (ROOT / ".ci").exists() and not (ROOT / ".git").exists():
+        pytest.skip("a source distribution: .ci/ is not in it (MANIFEST.in)")
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command.startswith("python3 -m pip install -e")
     for page in (ROOT / "README.md", ROOT / "docs" / "getting-started.md"):
         assert f"```bash\n{command}\n```" in page.read_text(), page.name
+
+
+def test_every_example_of_the_readme_and_getting_started_has_its_install_line():
+    """`nox -s readme` runs each of them in the environment its install
+    line makes; it reads them as `examples` reads them."""
+    if not (ROOT / "noxfile.py").exists():
+        pytest.skip("a source distribution: noxfile.py is not in it (MANIFEST.in)")
+    spec = importlib.util.spec_from_file_location("noxfile", ROOT / "noxfile.py")
+    noxfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noxfile)
+    for page in noxfile.EXAMPLE_PAGES:
+        examples = noxfile.examples(page)  # raises for a block without one
+        assert len([e for e in examples if e.code]) == len(python_blocks(ROOT / page)), page
+    readme = {e.where: e for e in noxfile.examples("README.md")}
+    assert any(e.env.get("KERAS_BACKEND") == "jax" for e in readme.values())
+    assert any(e.command.startswith("python3 examples/") for e in readme.values())
