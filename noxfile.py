@@ -292,3 +292,6 @@ def readme(session: nox.Session) -> None:
                                 env=env, external=True)
                 else:
                     session.run(str(python), "-c", example.code, env=env, external=True)
+    # Each environment holds a whole Keras stack: not kept for the next run.
+    for path in (*(python.parent.parent for python in environments.values()), source, run):
+        shutil.rmtree(path)
