@@ -126,6 +126,7 @@ def test_every_batch_as_with_one_batch_per_execution(digits, executions, known_l
     assert run[0].steps_per_execution == 1
 
 
+@pytest.mark.slow
 def test_executions_end_where_callbacks_read_the_weights(digits, executions, tmp_path):
     """A checkpoint every 5 batches, a backup every 7 and a validation every
     6: with 8 batches proposed, each execution ends at the next of them."""
@@ -165,6 +166,7 @@ def test_executions_end_where_callbacks_read_the_weights(digits, executions, tmp
     assert ends == [4, 5, 6, 9, 11, 13, 14, 17, 18]
 
 
+@pytest.mark.slow
 def test_a_callback_that_may_read_the_weights_makes_executions_one_batch(digits, executions):
     class EveryBatch(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):

@@ -95,6 +95,7 @@ def customfit_optimizers(model):
     return [model.optimizer]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", ["weights", "keras"])
 @pytest.mark.parametrize("composite", COMPOSITES)
 def test_fresh_instance_loads_its_file_and_resumes_exactly(digits, tmp_path, composite, file):

@@ -47,6 +47,7 @@ def test_subclass_calling_super_init_with_inputs_and_outputs(digits):
     model.fit(digits[0][:64], digits[1][:64], verbose=0)
 
 
+@pytest.mark.slow
 def test_any_order_in_one_process():
     """The upstream failure needs a fresh process to show: keras.Model is
     rewritten first, then a subclass with its own __init__ breaks."""

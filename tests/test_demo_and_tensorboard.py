@@ -1,6 +1,7 @@
 """The README's demo runs, and logged values reach TensorBoard's event files."""
 
 import keras
+import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,6 +26,7 @@ def test_logged_value_is_written_to_tensorboard(digits, tmp_path):
     assert values == [3.0, 3.0]
 
 
+@pytest.mark.slow
 def test_demo_trains_matches_stock_and_writes_its_artifacts(tmp_path):
     out = run_python(f"""
         import runpy, sys

@@ -54,6 +54,7 @@ def fit(model, x, y, optimizer="adam", **kwargs):
     (functional, nested),
     (subclassed, nested),
 ], ids=["functional", "sequential", "nested-functional", "nested-subclassed"])
+@pytest.mark.slow
 def test_wrapped_model_trains_like_the_original_under_stock_fit(digits, build, wrap):
     x, y = digits[0][:512], digits[1][:512]
     keras.utils.set_random_seed(0)
@@ -93,6 +94,7 @@ def test_layers_are_shared_not_copied():
                for a, b in zip(separate.weights, base.weights, strict=True))
 
 
+@pytest.mark.slow
 def test_keras_applications_model_is_rewrapped_and_trains_its_variables():
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.25,
@@ -205,6 +207,7 @@ def test_wrapper_has_its_own_compile_and_leaves_the_originals_alone(digits):
     assert int(base_optimizer.iterations) == 4 and int(model.optimizer.iterations) == 4
 
 
+@pytest.mark.slow
 def test_compiled_with_the_originals_optimizer_it_continues_its_training(digits):
     x, y = digits[0][:256], digits[1][:256]
 

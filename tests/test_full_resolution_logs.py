@@ -191,6 +191,7 @@ WRITER_PER_BATCH = "_push_writer(self._train_writer" in inspect.getsource(
     keras.callbacks.TensorBoard.on_train_batch_begin)
 
 
+@pytest.mark.slow
 def test_summaries_inside_the_step_get_the_real_batch_and_update_freq(digits, tmp_path):
     train4, validation4 = tensorboard_run(Logged, digits, tmp_path / "k4", 4, update_freq=3)
     train1, validation1 = tensorboard_run(Logged, digits, tmp_path / "k1", 1, update_freq=3)
@@ -215,6 +216,7 @@ def test_summaries_inside_the_step_every_batch(digits, tmp_path):
     assert len(set(values)) == len(values)  # one value per batch, not repeated
 
 
+@pytest.mark.slow
 def test_stock_keras_summaries_inside_the_step(digits, tmp_path):
     """Pins upstream: the step's summaries keep the step and the record
     decision of the moment the step was traced: batch 1 in Keras 3.15, where
@@ -313,6 +315,7 @@ def _plain(value):
     return value
 
 
+@pytest.mark.slow
 def test_vector_metric_reaches_callbacks_history_and_evaluate(digits):
     """`F1Score(average=None)` logs one value per class. On CustomModel it
     reaches callbacks (with k=4 too), History and evaluate as with stock fit

@@ -67,6 +67,7 @@ def test_keras2_step_equals_stock_fit(digits, regularize):
         compile_kwargs=compile_kwargs(), fit_kwargs=fit_kwargs(fit), seed=SEED)
 
 
+@pytest.mark.slow
 def test_keras2_weighted_step_equals_stock_fit(digits):
     x, y = digits[0][:300], digits[1][:300]
     fit = dict(sample_weight=models.sample_weights(300))
@@ -77,6 +78,7 @@ def test_keras2_weighted_step_equals_stock_fit(digits):
         seed=SEED)
 
 
+@pytest.mark.slow
 def test_keras2_step_on_multi_output_model_reports_stock_log_names(digits):
     x, y = models.multi_io_data(digits[0][:256], digits[1][:256])
     _, actual = assert_trains_like_keras(

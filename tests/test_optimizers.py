@@ -320,6 +320,7 @@ def tiny_gan():
     return gan
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_unbuilt_second_optimizer_trains_under_mirrored_strategy():
     # Built lazily inside the replicated step, Keras fails with a graph

@@ -450,6 +450,7 @@ def trained_teacher(x, y):
     return teacher
 
 
+@pytest.mark.slow
 def test_distiller_history_equals_stock(digits):
     """The example's default step differentiates all trainable weights, the
     teacher's included: each run gets its own teacher."""

@@ -84,6 +84,7 @@ def test_both_trains_on_clean_and_adversarial_inputs(digits):
     np.testing.assert_allclose(np.abs(batch[32:] - x).max(), 0.1, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_adversarial_training_resists_fgsm_better(digits):
     """Held-out digits (797), FGSM at epsilon 0.1 on inputs in [0, 1], after
     5 epochs of Adam on 1000 digits: observed 0.54 accuracy for plain

@@ -154,6 +154,7 @@ def test_composes_with_a_gradient_recipe_per_player(images, tmp_path):
     assert loaded.clip_norm == 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_keras_file_restores_both_optimizers_and_resumes_exactly(images, tmp_path, variant):
     options = VARIANTS[variant]

@@ -131,6 +131,7 @@ def uninterrupted_run(name, data):
 @pytest.mark.parametrize("name, how", [
     ("functional", "keras_file"), ("subclassed", "weights_file"),
     ("two_optimizers", "keras_file"), ("two_optimizers", "weights_file")])
+@pytest.mark.slow
 def test_training_resumed_from_a_file_equals_uninterrupted(digits, tmp_path, name, how):
     build = BUILDERS[name]
     expected_state, history = uninterrupted_run(name, digits)

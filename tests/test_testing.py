@@ -45,6 +45,7 @@ def test_assert_trains_like_keras_shows_where_and_by_how_much(digits):
     assert actual.model_name == "Nudged" and reference.model_name == "Functional"
 
 
+@pytest.mark.slow
 def test_assert_trains_like_keras_compares_vector_metrics(digits):
     """A metric with one value per class (F1Score) is compared element by
     element, in History and evaluate()."""
@@ -166,6 +167,7 @@ def _readme_user_test() -> str:
     return guide.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_pytest_plugin_and_the_readme_user_test(tmp_path):
     """In a fresh pytest: the fixture seeds only the tests that ask for it,
     and the guide's complete user test passes as written."""

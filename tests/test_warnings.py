@@ -46,6 +46,7 @@ def test_fit_save_and_load_warn_no_more_than_stock_keras(digits, tmp_path):
     lambda i, o: recipes.GradientAccumulation(i, o, accumulation_steps=2),
     lambda i, o: recipes.SkipNonFinite(i, o),
 ], ids=["accumulation", "skipping"])
+@pytest.mark.slow
 def test_recipes_with_saved_state_warn_no_more_than_custom_model(digits, tmp_path, recipe):
     def saved(build):
         def work():
