@@ -167,8 +167,9 @@ class SkipNonFinite(CustomModel):
         Example:
 
         ```python
-        def should_skip_update(self, loss, gradients):
-            return tf.linalg.global_norm(gradients) > 1e3   # a spike
+        def should_skip_update(self, loss, gradients):  # from keras import ops
+            squares = [ops.sum(ops.square(g)) for g in gradients if g is not None]
+            return ops.sqrt(sum(squares)) > 1e3  # a spike
         ```
         """
         return ops.convert_to_tensor(False)
@@ -210,7 +211,9 @@ class SkipNonFinite(CustomModel):
             raise TypeError(
                 "should_skip_update() must return a boolean scalar; got "
                 f"{keras.backend.standardize_dtype(wanted.dtype)} of shape {shape}. "
-                "Return e.g. tf.linalg.global_norm(gradients) > 1e3."
+                "Return a boolean scalar, e.g. the global norm of the "
+                "gradients > 1e3: ops.sqrt(sum(ops.sum(ops.square(g)) for g in "
+                "gradients)) > 1e3."
             )
         return ops.logical_or(skip, ops.reshape(wanted, ()))
 
