@@ -12,7 +12,7 @@ from customfit._errors import (
 )
 from customfit._model import CustomModel
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "CompatibilityWarning",
