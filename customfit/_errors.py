@@ -55,7 +55,7 @@ class UnreadableCheckpointError(OSError, ValueError):
     releases."""
 
 
-class Preempted(RuntimeError):
+class Preempted(BaseException):
     """`fit` stopped on SIGTERM after writing a backup.
 
     Raised by `CustomModel.fit` with a `customfit.callbacks.BackupAndRestore`
@@ -65,13 +65,19 @@ class Preempted(RuntimeError):
     same script again resumes from there. Left uncaught, it ends the process
     with a non-zero exit status.
 
+    Like `KeyboardInterrupt`, it is a `BaseException`, not an `Exception`:
+    an `except Exception` around `fit` (to log and go on, or to retry) does
+    not keep running a process that was asked to end.
+
     Attributes:
         backup_dir: The directory holding the backup.
-        epoch: The epoch the backup resumes in (0-based).
-        batch: The number of batches of that epoch already trained.
+        epoch: The epoch a restart resumes in (0-based), None without a
+            backup (nothing was trained).
+        batch: The number of batches of that epoch already trained, None
+            without a backup.
     """
 
-    def __init__(self, message: str, backup_dir: str, epoch: int, batch: int) -> None:
+    def __init__(self, message: str, backup_dir: str, epoch: int | None, batch: int | None) -> None:
         super().__init__(message)
         self.backup_dir = backup_dir
         self.epoch = epoch

@@ -417,19 +417,22 @@ class CustomModel(keras.Model):
         super().save_own_variables(store)
         _saving.save_rng_states(self, store)
 
-    def get_build_config(self) -> dict | None:
-        """Keras' `get_build_config`, which Keras calls when it writes the
-        whole model's configuration: `save("model.keras")`,
-        `keras.saving.save_model`, `to_json` and `ModelCheckpoint` without
-        `save_weights_only`.
+    def save_assets(self, dir_path: str) -> None:
+        """Keras' hook for files besides the weights, which Keras calls on
+        every model in a whole-model save only: `save("model.keras")`,
+        `keras.saving.save_model`, `ModelCheckpoint` without
+        `save_weights_only`, pickling. Writes nothing.
 
         Warns (`customfit.SavingWarning`, once per class) when the class is
         not registered with Keras, so that `keras.models.load_model` could not
         find it again; decorate subclasses with
-        `@keras.saving.register_keras_serializable()`.
+        `@keras.saving.register_keras_serializable()`. A subclass that
+        overrides it calls `super().save_assets(dir_path)`.
         """
         _saving.warn_if_unregistered(_defined_class(type(self)))
-        return super().get_build_config()
+        inherited = getattr(super(), "save_assets", None)
+        if inherited is not None:
+            inherited(dir_path)
 
     def load_own_variables(self, store: Any) -> None:
         """Loads what `save_own_variables` saved; files written by

@@ -35,8 +35,8 @@ class SigtermWatch:
     """Catches SIGTERM while one `fit` runs (a context manager).
 
     Nothing is installed outside the main thread (Python delivers signals
-    there only), when SIGTERM is ignored (`SIG_IGN`) or handled outside
-    Python, or when `enabled` is False.
+    there only), when SIGTERM is ignored (`SIG_IGN`) or caught outside
+    Python (a native handler, seen on Linux), or when `enabled` is False.
 
     Attributes:
         requested: Whether a SIGTERM arrived that `fit` has not acted on yet.
@@ -54,7 +54,7 @@ class SigtermWatch:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return self
         previous = signal.getsignal(signal.SIGTERM)
-        if previous is None or previous == signal.SIG_IGN:
+        if previous is None or previous == signal.SIG_IGN or _caught_natively(previous):
             return self
         self._previous = previous
         signal.signal(signal.SIGTERM, self._handle)
@@ -64,24 +64,27 @@ class SigtermWatch:
     def __exit__(self, *exc: Any) -> None:
         """Puts the previous handler back; a SIGTERM that `fit` ended before
         acting on goes to it now."""
-        pending = self.requested
-        self.acted()
-        if pending:
+        self._uninstall()
+        if self.requested:
+            self.requested = False
             self._deliver()
 
     def acted(self) -> None:
-        """`fit` has stopped for the SIGTERM (or is ending): the previous
-        handler is put back, and SIGTERM goes to it again from now on."""
+        """`fit` stops for the SIGTERM: the previous handler is put back, and
+        SIGTERM goes to it again from now on."""
+        self._uninstall()
         self.requested = False
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
 
     def call_previous_handler(self) -> None:
         """Calls the handler that was there before `fit` with the SIGTERM
-        that stopped it, if it is a Python function (the user's own)."""
+        that stopped it, if it is a Python function (the program's own)."""
         if callable(self._previous):
             self._previous(signal.SIGTERM, self._frame)
+
+    def _uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:  # a second SIGTERM: stop now, as without `fit`
@@ -91,13 +94,17 @@ class SigtermWatch:
             return
         self.requested = True
         self._frame = frame
-        # Not print(): a handler that writes to a stream the main thread is
-        # writing to can fail with a reentrant call.
-        os.write(
-            2,
-            b"customfit: SIGTERM received; fit stops after the batch under way, "
-            b"once a backup is written.\n",
-        )
+        # Not print(), which can fail with a reentrant call when the main
+        # thread was writing to the same stream; and nothing may escape the
+        # handler into `fit` (a closed stderr, a broken pipe).
+        try:
+            os.write(
+                2,
+                b"customfit: SIGTERM received; fit stops after the batch under way, "
+                b"once a backup is written.\n",
+            )
+        except OSError:
+            pass
 
     def _deliver(self) -> None:
         """SIGTERM again, for the previous handler (installed already)."""
@@ -105,3 +112,20 @@ class SigtermWatch:
             self._previous(signal.SIGTERM, self._frame)
         elif self._previous == signal.SIG_DFL:
             signal.raise_signal(signal.SIGTERM)
+
+
+def _caught_natively(python_handler: _Handler) -> bool:
+    """Whether SIGTERM has a handler Python does not know of: one installed
+    in C or C++ (TensorFlow's coordination service installs one), which
+    `signal.getsignal` reports as `SIG_DFL`. Read from Linux's
+    /proc/self/status; False where that does not exist."""
+    if python_handler != signal.SIG_DFL:
+        return False
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return False

@@ -95,14 +95,17 @@ class FitResume:
         callbacks: The `ResumeCallbackList` Keras runs, once built; None when
             the caller passed a `keras.callbacks.CallbackList` of its own.
         epoch_iterator: `fit`'s epoch iterator, once `fit` has made it.
+        inexact: Why a backup taken mid-epoch could not resume this `fit`
+            exactly (a generator, `steps_per_epoch`, ...), or "".
         sigterm: The `SigtermWatch` of this call, installed while Keras'
             `fit` runs; off under `MultiWorkerMirroredStrategy`, where a
             worker that stops alone would leave the others waiting.
     """
 
-    def __init__(self, model: keras.Model, arguments: dict) -> None:
+    def __init__(self, model: keras.Model, arguments: dict, inexact: str = "") -> None:
         self.model = model
         self.arguments = arguments
+        self.inexact = inexact
         self.callbacks: ResumeCallbackList | None = None
         self.epoch_iterator: Any = None
         self._dataset: _CountingDataset | None = None
@@ -195,14 +198,27 @@ class FitResume:
         callbacks = cast(ResumeCallbackList, self.callbacks)
         if callbacks.step is not None and callbacks.step < callbacks.skip_below:
             self._skip(iterator, callbacks.step, callbacks.skip_below)
-            return {}
-        if self._metric_values is not None:
-            trace_ahead = getattr(self._original_train_function, "trace_ahead", None)
-            if trace_ahead is not None:  # a customfit StepFunction
-                trace_ahead(iterator)
-            restore_metrics(self.model, self._metric_values)
-            self._metric_values = None
+            if callbacks.step + self.model.steps_per_execution < callbacks.skip_below:
+                return {}
+            # The last call that skips returns the epoch's logs as the
+            # interrupted run left them: with data of unknown length, a
+            # backup may follow the epoch's last batch, and Keras ends the
+            # epoch with these logs.
+            self._restore_metrics(iterator)
+            return self.model.get_metrics_result()
+        self._restore_metrics(iterator)
         return cast(Callable, self._original_train_function)(iterator)
+
+    def _restore_metrics(self, iterator: Any) -> None:
+        """Puts back the backup's metric values, once, after tracing the
+        step so that metrics created while tracing exist."""
+        if self._metric_values is None:
+            return
+        trace_ahead = getattr(self._original_train_function, "trace_ahead", None)
+        if trace_ahead is not None:  # a customfit StepFunction
+            trace_ahead(iterator)
+        restore_metrics(self.model, self._metric_values)
+        self._metric_values = None
 
     def _skip(self, iterator: Any, step: int, skip_below: int) -> None:
         for _ in range(self.model.steps_per_execution):
@@ -234,14 +250,26 @@ def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
             "same backup_dir, save_freq and delete_checkpoint, resumes at the "
             "next untrained batch exactly, and backs up on SIGTERM.",
             ResumeWarning,
-            stacklevel=4,
+            stacklevel=_USER_FRAME,
         )
     resuming = [c for c in listed if needs_resume_support(c)]
     if not resuming:
         return None
-    if any(getattr(c, "save_freq", "epoch") != "epoch" for c in resuming):
-        _warn_if_inexact(model, arguments)
-    return FitResume(model, arguments)
+    inexact = _inexact_mid_epoch(model, arguments)
+    if inexact and any(getattr(c, "save_freq", "epoch") != "epoch" for c in resuming):
+        warnings.warn(
+            "BackupAndRestore(save_freq=...) cannot resume this fit() exactly "
+            f"mid-epoch: {inexact}. Weights and optimizer state are restored; "
+            "use NumPy arrays or a tf.data.Dataset for an exact resume.",
+            ResumeWarning,
+            stacklevel=_USER_FRAME,
+        )
+    return FitResume(model, arguments, inexact)
+
+
+# The caller of `CustomModel.fit`, seen from `for_fit`: for_fit <-
+# FitCall.__init__ <- the loop's fit <- CustomModel.fit <- the caller.
+_USER_FRAME = 5
 
 
 class _CountingDataset:
@@ -259,7 +287,9 @@ class _CountingDataset:
         return getattr(self.dataset, name)
 
 
-def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
+def _inexact_mid_epoch(model: keras.Model, arguments: dict) -> str:
+    """Why a backup taken mid-epoch could not resume this `fit` exactly
+    ("" if it could)."""
     x = arguments.get("x")
     problems = []
     if (
@@ -290,15 +320,7 @@ def _warn_if_inexact(model: keras.Model, arguments: dict) -> None:
             "saved metric values are restored, so the resumed epoch's logs "
             "can differ"
         )
-    if problems:
-        warnings.warn(
-            "BackupAndRestore(save_freq=...) cannot resume this fit() exactly "
-            f"mid-epoch: {'; '.join(problems)}. Weights and optimizer state "
-            "are restored; use NumPy arrays or a tf.data.Dataset for an "
-            "exact resume.",
-            ResumeWarning,
-            stacklevel=4,
-        )
+    return "; ".join(problems)
 
 
 def _is_replayable(x: Any) -> bool:

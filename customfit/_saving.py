@@ -348,5 +348,5 @@ def warn_if_unregistered(cls: type) -> None:
         f"before loading), or load with custom_objects={{{name!r}: {cls.__name__}}}. "
         "The file itself is complete.",
         SavingWarning,
-        stacklevel=3,
+        stacklevel=2,
     )

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from customfit import _auto_steps, _cluster, _fit_call, _optimizers, _resume
-from customfit._errors import Preempted
+from customfit._errors import Preempted, ResumeWarning
 from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
 
@@ -189,8 +189,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     `MultiWorkerMirroredStrategy`, TensorFlow catches SIGTERM itself and the
     worker trains on until SIGKILL ends it; the others then stop with an
     error, and the restarted cluster resumes from the last complete backup
-    (`save_freq=N` bounds what is repeated). Outside `fit`, SIGTERM is
-    handled as it was before.
+    (`save_freq=N` bounds what is repeated). Outside `fit`, and in a `fit`
+    run outside the main thread (Python's signals reach that thread only),
+    SIGTERM is handled as it was before. A backup mid-epoch is written when
+    it would resume exactly: not for the inputs listed above (then the last
+    backup stays, and `Preempted` says so) unless `save_freq=N` asks for
+    mid-epoch backups anyway.
 
     Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
 
@@ -244,6 +248,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch = 0
         self._last_backup_batch = 0
         self._resumed_at: tuple[int, int] | None = None
+        self._backed_up_at: tuple[int, int] | None = None
         self._trained_since_backup = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -251,6 +256,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         be backed up or restored, then restores the backup, if there is one."""
         self._epochs_done = None
         self._resumed_at = None
+        self._backed_up_at = None
         self._trained_since_backup = False
         if not self.model.built:
             # A backup is loaded into the model's weights before the first
@@ -302,7 +308,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"of epoch {epoch}; resuming mid-epoch needs a "
                 f"customfit.CustomModel, this model is a {type(self.model).__name__}."
             )
-        self._resumed_at = (epoch, batch)
+        self._resumed_at = self._backed_up_at = (epoch, batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Runs after each epoch; the backup follows when the next one begins."""
@@ -318,7 +324,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._resumed_at is not None and self._resumed_at[0] == epoch:
             self._last_backup_batch = self._resumed_at[1]
         if self._sigterm_requested():
-            self._stop_for_sigterm(epoch, self._last_backup_batch)
+            self._stop_for_sigterm()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Runs before each batch: if SIGTERM arrived, saves the state after
@@ -327,9 +333,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         if _fit_call.replayed_begin(self.model):
             return  # replayed after its execution ran: not the state before it
         if self._sigterm_requested():
-            if self._trained_since_backup:
+            inexact = self._mid_epoch_backup_refused()
+            if self._trained_since_backup and inexact is None:
                 self._save(self._epoch, batch)
-            self._stop_for_sigterm(self._epoch, batch)
+            self._stop_for_sigterm(inexact)
         if self.save_freq == "epoch":
             return
         save_freq = cast(int, self.save_freq)  # not "epoch": a number of batches
@@ -355,10 +362,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         that the script started again finds training done."""
         internals.set_initial_epoch(self.model, None)
         if self._sigterm_requested():
-            if self._epochs_done is not None:
+            if self.model.stop_training:
+                # A callback ended training (EarlyStopping): a restart has
+                # no epoch left to train either.
+                self._save(self.params["epochs"])
+            elif self._epochs_done is not None:
                 self._save(self._epochs_done)
-                self._stop_for_sigterm(self._epochs_done, 0)
-            self._stop_for_sigterm(*(self._resumed_at or (0, 0)))
+            self._stop_for_sigterm()
         if self.delete_checkpoint:
             if not _cluster.is_chief(self.model.distribute_strategy):
                 return
@@ -373,6 +383,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Saves the state after `epoch` epochs and `batch` more batches
         (every worker; only the chief writes into `backup_dir`)."""
         self._trained_since_backup = False
+        self._backed_up_at = (epoch, batch)
         stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
         strategy = self.model.distribute_strategy
@@ -415,18 +426,38 @@ class BackupAndRestore(keras.callbacks.Callback):
         resume = _fit_call.resume_of(self.model)
         return resume is not None and resume.sigterm.requested
 
-    def _stop_for_sigterm(self, epoch: int, batch: int) -> None:
-        """Ends `fit` for the SIGTERM, with the backup on disk holding the
-        state after `epoch` epochs and `batch` batches (or none, if nothing
-        was trained)."""
+    def _mid_epoch_backup_refused(self) -> str | None:
+        """Why a backup taken now, mid-epoch, would not resume exactly, or
+        None. With `save_freq=N` such backups are taken anyway (`fit` warned
+        when it started)."""
+        resume = cast(_resume.FitResume, _fit_call.resume_of(self.model))
+        if resume.callbacks is None:
+            return "fit got a keras.callbacks.CallbackList, not a list of callbacks"
+        if self.save_freq == "epoch" and resume.inexact:
+            return resume.inexact
+        return None
+
+    def _stop_for_sigterm(self, not_backed_up: str | None = None) -> None:
+        """Ends `fit` for the SIGTERM; the backup on disk (if any) holds the
+        state a restart begins with. `not_backed_up`: why the batches since
+        that backup were not backed up."""
         sigterm = cast(_resume.FitResume, _fit_call.resume_of(self.model)).sigterm
         sigterm.acted()
         sigterm.call_previous_handler()
-        state = f"the state after {epoch} epochs and {batch} batches"
-        if os.path.exists(self.state_path):
-            where = f"the backup in {self.backup_dir} holds {state}"
-        else:
+        if self._backed_up_at is None:
             where = "no batch was trained, so there is no backup to write"
+            epoch, batch = None, None
+        else:
+            epoch, batch = self._backed_up_at
+            where = (
+                f"the backup in {self.backup_dir} holds the state after {epoch} "
+                f"epochs and {batch} batches"
+            )
+        if not_backed_up is not None and self._trained_since_backup:
+            where += (
+                "; the batches trained since then were not backed up, because a "
+                f"backup mid-epoch would not resume exactly: {not_backed_up}"
+            )
         raise Preempted(
             f"fit stopped on SIGTERM: {where}. Run the same script again to resume there.",
             self.backup_dir,
@@ -856,9 +887,13 @@ def _require_writable_directory(directory: str, callback: str, model: keras.Mode
 
 
 def __getattr__(name: str) -> object:
-    if name == "ResumeWarning":
-        raise AttributeError(
-            "customfit.callbacks.ResumeWarning is now customfit.ResumeWarning: "
-            "every customfit warning and exception is in the customfit module."
+    if name == "ResumeWarning":  # until 0.7
+        warnings.warn(
+            "customfit.callbacks.ResumeWarning is customfit.ResumeWarning now "
+            "(every customfit exception and warning is in customfit); the old "
+            "name goes in customfit 0.7.",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return ResumeWarning
     raise AttributeError(f"module 'customfit.callbacks' has no attribute {name!r}")

@@ -112,9 +112,9 @@ def _run_cluster(arguments: list[str], count: int,
                     stdout=out, stderr=err, text=True,
                 ))
             deadline = time.monotonic() + timeout
-            while any(proc.poll() is None for proc in procs):
-                if any(proc.returncode not in (None, 0) and PORT_TAKEN in _read(err)
-                       for proc, (_, err) in zip(procs, outputs)):
+            while None in (codes := [proc.poll() for proc in procs]):
+                if any(code not in (None, 0) and PORT_TAKEN in _read(err)
+                       for code, (_, err) in zip(codes, outputs)):
                     break
                 if time.monotonic() > deadline:
                     running = [i for i, proc in enumerate(procs) if proc.poll() is None]

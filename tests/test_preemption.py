@@ -8,14 +8,18 @@ training process from outside and restarts it."""
 import json
 import os
 import signal
+import warnings
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import customfit
 from customfit.callbacks import BackupAndRestore
+from customfit import _preemption
 from tests import models
+from tests.subproc import run_python
 
 EPOCHS, BATCHES = 3, 8  # 256 samples in batches of 32
 
@@ -61,7 +65,33 @@ def user_handler():
         signal.signal(signal.SIGTERM, previous)
 
 
-def train(digits, backup_dir, sigterm_at=None, times=1, steps_per_execution=1, **backup):
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Ends training after epoch 1, as EarlyStopping would."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            self.model.stop_training = True
+
+
+def inputs(digits, kind):
+    """The same 8 batches of 32 as arrays shuffled by `fit`, as a `tf.data`
+    pipeline whose length `fit` cannot know (filtered), or as a generator."""
+    x, y = digits[0][:256], digits[1][:256]
+    if kind == "arrays":
+        return dict(x=x, y=y, batch_size=32, shuffle=True)
+    if kind == "unknown_length":
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda *_: True)
+        return dict(x=dataset.shuffle(256, seed=4).batch(32), shuffle=False)
+
+    def generator():
+        while True:
+            for start in range(0, 256, 32):
+                yield x[start:start + 32], y[start:start + 32]
+    return dict(x=generator(), steps_per_epoch=BATCHES, shuffle=False)
+
+
+def train(digits, backup_dir, sigterm_at=None, times=1, steps_per_execution=1,
+          data="arrays", callbacks=(), **backup):
     """3 epochs of 8 batches from one seed, as a new process would; returns
     (final state, History, the batches trained), or the `Preempted` raised
     and the batches trained before it."""
@@ -70,10 +100,13 @@ def train(digits, backup_dir, sigterm_at=None, times=1, steps_per_execution=1, *
     model.compile(keras.optimizers.SGD(0.3, momentum=0.9), "sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution)
     recorder = SigtermAt(sigterm_at or (-1, -1), times)
-    x, y = digits[0][:256], digits[1][:256]
     try:
-        history = model.fit(x, y, batch_size=32, epochs=EPOCHS, shuffle=True, verbose=0,
-                            callbacks=[BackupAndRestore(backup_dir, **backup), recorder])
+        with warnings.catch_warnings():
+            # Keras' own, after the first epoch of data of unknown length.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            history = model.fit(**inputs(digits, data), epochs=EPOCHS, verbose=0,
+                                callbacks=[BackupAndRestore(backup_dir, **backup), recorder,
+                                           *callbacks])
     except customfit.Preempted as stopped:
         return stopped, recorder.trained
     state = [v.numpy() for v in model.variables + model.optimizer.variables]
@@ -92,22 +125,24 @@ def assert_same_state(state, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps_per_execution, sigterm_at, backed_up_at", [
-    pytest.param(1, (1, 4), (1, 5), id="mid-epoch"),
-    pytest.param(4, (1, 1), (1, 4), id="mid-execution"),
-    pytest.param(1, (1, 7), (2, 0), id="last-batch"),
+@pytest.mark.parametrize("steps_per_execution, data, sigterm_at, backed_up_at", [
+    pytest.param(1, "arrays", (1, 4), (1, 5), id="mid-epoch"),
+    pytest.param(4, "arrays", (1, 1), (1, 4), id="mid-execution"),
+    pytest.param(1, "arrays", (1, 7), (2, 0), id="last-batch"),
+    # Keras learns that the data ended by asking for batch 8.
+    pytest.param(1, "unknown_length", (1, 7), (1, 8), id="last-batch-of-unknown-length"),
 ])
 def test_sigterm_backs_up_the_batch_under_way_and_resumes_exactly(
-        tmp_path, digits, user_handler, steps_per_execution, sigterm_at, backed_up_at):
+        tmp_path, digits, user_handler, steps_per_execution, data, sigterm_at, backed_up_at):
     """save_freq="epoch", yet the backup is taken at the batch after the one
     the SIGTERM arrived in (with 4 batches per execution: after the
     execution); the restart trains from there and ends as a run that was
     never interrupted, bit for bit."""
+    kwargs = dict(steps_per_execution=steps_per_execution, data=data)
     (expected, expected_history), expected_batches = train(
-        digits, tmp_path / "reference", steps_per_execution=steps_per_execution)
+        digits, tmp_path / "reference", **kwargs)
 
-    stopped, trained = train(digits, tmp_path / "backup", sigterm_at,
-                             steps_per_execution=steps_per_execution)
+    stopped, trained = train(digits, tmp_path / "backup", sigterm_at, **kwargs)
     assert isinstance(stopped, customfit.Preempted)
     assert (stopped.epoch, stopped.batch) == backed_up_at
     assert str(tmp_path / "backup") in str(stopped)
@@ -118,8 +153,7 @@ def test_sigterm_backs_up_the_batch_under_way_and_resumes_exactly(
     assert user_handler.calls == 1
     assert signal.getsignal(signal.SIGTERM) is user_handler
 
-    (state, history), resumed = train(digits, tmp_path / "backup",
-                                      steps_per_execution=steps_per_execution)
+    (state, history), resumed = train(digits, tmp_path / "backup", **kwargs)
     assert resumed == [b for b in expected_batches if b >= backed_up_at]
     assert_same_state(state, expected)
     assert history == {k: v[backed_up_at[0]:] for k, v in expected_history.items()}
@@ -195,3 +229,74 @@ def test_keras_own_backup_callback_on_custom_model_is_pointed_at_customfits(tmp_
                       match="customfit.callbacks.BackupAndRestore takes the same"):
         model.fit(digits[0][:64], digits[1][:64], epochs=1, verbose=0,
                   callbacks=[keras.callbacks.BackupAndRestore(tmp_path / "b")])
+
+
+@pytest.mark.slow
+def test_sigterm_after_early_stopping_leaves_nothing_to_train(tmp_path, digits, user_handler):
+    """A callback ended training in the epoch the SIGTERM arrived in: the
+    backup records training as done, as the uninterrupted run ended."""
+    (expected, expected_history), _ = train(digits, tmp_path / "reference",
+                                            callbacks=[StopAfterEpoch()])
+    assert len(expected_history["loss"]) == 2
+    stopped, _ = train(digits, tmp_path / "backup", sigterm_at=(1, 7),
+                       callbacks=[StopAfterEpoch()])
+    assert (stopped.epoch, stopped.batch) == (EPOCHS, 0)
+    (state, history), resumed = train(digits, tmp_path / "backup", callbacks=[StopAfterEpoch()])
+    assert resumed == [] and history == {}
+    assert_same_state(state, expected)
+
+
+def test_input_that_cannot_resume_mid_epoch_keeps_the_epochs_backup(tmp_path, digits,
+                                                                    user_handler):
+    """A generator's position is not saved: a backup mid-epoch would not
+    resume exactly, so the last backup (after epoch 1) stays, and the
+    message says why."""
+    stopped, trained = train(digits, tmp_path / "backup", sigterm_at=(1, 3), data="generator")
+    assert "would not resume exactly: the input is a Python generator" in str(stopped)
+    assert (stopped.epoch, stopped.batch) == (1, 0)
+    assert trained[-1] == (1, 3)
+    assert backup_position(tmp_path / "backup") == (1, 0)
+
+
+def test_sigterm_is_noted_when_stderr_is_gone():
+    """The handler's note on stderr may fail (a pipe whose reader ended);
+    that must not reach the training code, nor lose the request."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    saved_stderr = os.dup(2)
+    previous = signal.signal(signal.SIGTERM, UserHandler())
+    try:
+        os.dup2(writer, 2)
+        with _preemption.SigtermWatch() as watch:
+            os.kill(os.getpid(), signal.SIGTERM)
+            requested = watch.requested
+            watch.acted()
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        os.close(writer)
+        signal.signal(signal.SIGTERM, previous)
+    assert requested
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_native_sigterm_handler_is_left_in_place():
+    """A handler installed in C (as TensorFlow's coordination service does),
+    which Python reports as SIG_DFL, is not replaced, and still runs."""
+    out = run_python("""
+        import ctypes, os, signal, time
+        from customfit._preemption import SigtermWatch
+
+        @ctypes.CFUNCTYPE(None, ctypes.c_int)
+        def native(signum):
+            os.write(1, b"native handler ran\\n")
+
+        ctypes.CDLL(None).signal(signal.SIGTERM, native)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with SigtermWatch() as watch:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            print("requested:", watch.requested)
+    """)
+    assert out == "native handler ran\nrequested: False\n"

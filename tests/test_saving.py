@@ -428,6 +428,10 @@ def test_unregistered_subclass_warns_at_save_and_keras_names_it_at_load(tmp_path
         pass
 
     model = models.mlp(Clipped)
+    # Serialized without a file to load: no warning (warnings fail tests).
+    keras.models.clone_model(model)
+    model.to_json()
+    keras.Sequential([model]).get_config()
     with pytest.warns(customfit.SavingWarning,
                       match=r"(?s)Clipped.*register_keras_serializable.*custom_objects"):
         model.save(tmp_path / "clipped.keras")

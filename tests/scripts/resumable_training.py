@@ -85,9 +85,17 @@ def pause_once(out, epoch, batch):
 
     def pause():
         if not os.path.exists(marker):
+            # Python writes a byte to `wake` for each signal it handles, in
+            # whichever thread the signal lands, also before the read below.
+            woken, wake = os.pipe()
+            os.set_blocking(wake, False)
+            previous = signal.set_wakeup_fd(wake)
             with open(marker, "w") as f:
                 f.write(f"{epoch}:{batch}\n")
-            signal.pause()  # until the test's signal; after a SIGTERM, fit goes on
+            os.read(woken, 1)  # until the test's signal; after a SIGTERM, fit goes on
+            signal.set_wakeup_fd(previous)
+            os.close(woken)
+            os.close(wake)
 
     return AtBatch((epoch, batch), pause)
 
