@@ -386,6 +386,7 @@ def vae(base):
     return model
 
 
+@pytest.mark.slow
 def test_vae_history_equals_stock(digits):
     images = digits[0][:192]
     results = []
