@@ -233,6 +233,11 @@ class FitResume:
                 ) from None
 
 
+# The caller of `CustomModel.fit`, seen from `for_fit`: for_fit <-
+# FitCall.__init__ <- the loop's fit <- CustomModel.fit <- the caller.
+_USER_FRAME = 5
+
+
 def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
     """A `FitResume` for a `fit` call (Keras' arguments, by name) with a
     callback that resumes training, warning first if it cannot be exact."""
@@ -265,11 +270,6 @@ def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
             stacklevel=_USER_FRAME,
         )
     return FitResume(model, arguments, inexact)
-
-
-# The caller of `CustomModel.fit`, seen from `for_fit`: for_fit <-
-# FitCall.__init__ <- the loop's fit <- CustomModel.fit <- the caller.
-_USER_FRAME = 5
 
 
 class _CountingDataset:

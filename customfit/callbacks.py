@@ -180,21 +180,21 @@ class BackupAndRestore(keras.callbacks.Callback):
     only): the batch under way finishes (with `steps_per_execution=K`, the
     execution; in an epoch's last batch or its validation, the validation
     and the epoch's end too), a backup of the state after it is written,
-    whatever `save_freq` is, and `fit` raises `customfit.Preempted` before any other batch runs; the
-    process, left to it, exits non-zero, and the same script started again
-    resumes there exactly. A SIGTERM handler the program had set is put back
-    and called once the backup is written. A second SIGTERM ends the process
-    at once through that handler (Python's default ends it), losing at most
-    the batches since the last complete backup. Under
+    whatever `save_freq` is, and `fit` raises `customfit.Preempted` before
+    any other batch runs; the process, left to it, exits non-zero, and the
+    same script started again resumes there exactly. A backup mid-epoch is
+    written where it resumes exactly: not for the inputs listed above (the
+    last backup stays, and `Preempted` says so) unless `save_freq=N` asks
+    for mid-epoch backups anyway. A SIGTERM handler the program had set is
+    put back and called once the backup is written. A second SIGTERM ends
+    the process at once through that handler (Python's default ends it),
+    losing at most the batches since the last complete backup. Under
     `MultiWorkerMirroredStrategy`, TensorFlow catches SIGTERM itself and the
     worker trains on until SIGKILL ends it; the others then stop with an
     error, and the restarted cluster resumes from the last complete backup
     (`save_freq=N` bounds what is repeated). Outside `fit`, and in a `fit`
     run outside the main thread (Python's signals reach that thread only),
-    SIGTERM is handled as it was before. A backup mid-epoch is written when
-    it would resume exactly: not for the inputs listed above (then the last
-    backup stays, and `Preempted` says so) unless `save_freq=N` asks for
-    mid-epoch backups anyway.
+    SIGTERM is handled as it was before.
 
     Differences from `keras.callbacks.BackupAndRestore`, which it replaces:
 
