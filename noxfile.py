@@ -43,8 +43,9 @@ TEST_DEPENDENCIES = ("pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "ten
 # What depends on Keras' loop: parity with stock fit, the hooks, the Keras-2
 # helpers, every private Keras API, the per-batch logs, resuming, saving, the
 # published steps, `log` against Keras' Mean, the warnings Keras' saving
-# emits and composite checkpoints; the subprocess tests (slow) are left to
-# the primary.
+# emits and composite checkpoints; the tests that start subprocesses
+# (`multiprocess`) are left to the primary. Two pytest-xdist processes.
+COMPAT_SELECTION = ("-m", "not multiprocess", "-n", "2", "--dist", "worksteal")
 COMPAT_TESTS = (
     "tests/test_parity.py", "tests/test_hooks.py", "tests/test_keras2_helpers.py",
     "tests/test_keras_internals.py", "tests/test_versions.py",
@@ -87,7 +88,7 @@ def compat(session: nox.Session, tensorflow: str) -> None:
             session.install(keras)
             _print_stack(session)
         tests = [t for t in COMPAT_TESTS if keras in EDGES or t not in BETWEEN_EDGES_SKIPPED]
-        session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+        session.run("python", "-m", "pytest", *COMPAT_SELECTION, "-p", "no:cacheprovider",
                     *tests, *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
         if keras in EDGES:
             session.run("python", "-m", "customfit", "check", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -102,7 +103,7 @@ def nightly(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "--yes", "keras")
     session.install("--pre", "--upgrade", "--force-reinstall", "--no-deps", "keras-nightly")
     session.install("--no-deps", "-e", ".")
-    session.run("python", "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+    session.run("python", "-m", "pytest", *COMPAT_SELECTION, "-p", "no:cacheprovider",
                 "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
                 *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
