@@ -87,17 +87,6 @@ class Preempted(BaseException):
         return type(self), (str(self), self.backup_dir, self.epoch, self.batch)
 
 
-# Named as users import them, in tracebacks and warnings too.
-for _public in (
-    CompatibilityWarning,
-    Preempted,
-    ResumeWarning,
-    SavingWarning,
-    TrainingGuardError,
-    UnreadableCheckpointError,
-):
-    _public.__module__ = "customfit"
-
 __all__ = [
     "CompatibilityWarning",
     "Preempted",
@@ -106,3 +95,7 @@ __all__ = [
     "TrainingGuardError",
     "UnreadableCheckpointError",
 ]
+
+# Named as users import them, in tracebacks and warnings too.
+for _name in __all__:
+    globals()[_name].__module__ = "customfit"
