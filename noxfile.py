@@ -122,7 +122,8 @@ JAX_TESTS = (
 @nox.session
 def jax(session: nox.Session) -> None:
     """CustomModel on Keras' JAX backend: parity with stock fit, the hooks,
-    the Keras-2 helpers, saving, DataParallel over two CPU devices and the
+    the Keras-2 helpers, saving, DataParallel over two CPU devices and
+    across two processes, ModelParallel over four CPU devices and the
     recipes written with keras.ops, in an
     environment without TensorFlow (customfit installed without its
     dependencies, as the README says for JAX users)."""
