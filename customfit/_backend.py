@@ -1,29 +1,35 @@
-"""The Keras backend customfit runs on, and the loop adapter for it.
+"""The Keras backend customfit runs on, and its implementation of the loop
+contract (`customfit._contract`).
 
-`CustomModel`'s hooks, `log`, the Keras-2 helpers and saving are written
-once, with `keras.ops`; what depends on how the backend runs a step (taking
-gradients, compiling the step, `fit`'s extras) is in one module per backend,
-with the same functions:
-
-- `customfit._tf_loop` (TensorFlow): `tf.function` steps, every batch
-  replayed to callbacks, `steps_per_execution="auto"`, resuming mid-epoch,
-  `tf.distribute`;
-- `customfit._jax_loop` (JAX): the stateful step run as Keras' stateless
-  JAX step, jitted, under `keras.distribution`.
-
-`loop` is the module for the backend Keras was imported with.
+`loop`, `replicas` and `cluster` are the modules of the backend Keras was
+imported with: `customfit/_tensorflow/` or `customfit/_jax/`. The rest of
+customfit reaches the backend through these three names only.
 """
 
 from __future__ import annotations
 
 import keras
 
+from customfit._contract import Cluster, Loop, Replicas
+
 BACKEND = keras.backend.backend()
 
+loop: Loop
+replicas: Replicas
+cluster: Cluster
+
 if BACKEND == "tensorflow":
-    from customfit import _tf_loop as loop
+    from customfit._tensorflow import cluster as _tf_cluster
+    from customfit._tensorflow import loop as _tf_loop
+    from customfit._tensorflow import replicas as _tf_replicas
+
+    loop, replicas, cluster = _tf_loop, _tf_replicas, _tf_cluster
 elif BACKEND == "jax":
-    from customfit import _jax_loop as loop  # type: ignore[no-redef]
+    from customfit._jax import cluster as _jax_cluster
+    from customfit._jax import loop as _jax_loop
+    from customfit._jax import replicas as _jax_replicas
+
+    loop, replicas, cluster = _jax_loop, _jax_replicas, _jax_cluster
 else:
     raise ImportError(
         f"customfit runs on Keras' TensorFlow and JAX backends; Keras uses "
@@ -38,10 +44,8 @@ def require_tensorflow(feature: str) -> None:
     if BACKEND != "tensorflow":
         raise ImportError(
             f"{feature} needs Keras' TensorFlow backend (KERAS_BACKEND="
-            f"tensorflow); Keras runs on {BACKEND}. On JAX, CustomModel, its "
-            "hooks, log() and the Keras-2 helpers work, with Keras' own "
-            "callbacks (keras.callbacks)."
+            f"tensorflow); Keras runs on {BACKEND}."
         )
 
 
-__all__ = ["BACKEND", "loop", "require_tensorflow"]
+__all__ = ["BACKEND", "cluster", "loop", "replicas", "require_tensorflow"]

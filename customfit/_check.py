@@ -1,5 +1,5 @@
 """`python -m customfit check`: does CustomModel train like stock `fit` on
-this install (its Keras, TensorFlow, processor or GPU)?
+this install (its Keras, backend, processor or GPU)?
 
 Each check trains a small model twice under the same seeds, with op
 determinism, on generated data (nothing is downloaded), and compares
@@ -10,12 +10,9 @@ differs, by how much.
 
 from __future__ import annotations
 
-from customfit._backend import require_tensorflow
-
-require_tensorflow("python -m customfit check")
-
 import dataclasses
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -23,9 +20,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 import customfit
+from customfit._backend import BACKEND
 from customfit._keras import versions
 from customfit._model import CustomModel
 from customfit._training_parity import differences, enable_determinism, record_training
@@ -70,14 +68,20 @@ def mlp(base: type) -> keras.Model:
 
 
 class Keras2Step(CustomModel):
-    """A whole `train_step` the tf.keras way, with the Keras-2 helpers."""
+    """A whole `train_step` the tf.keras way, with the Keras-2 helpers (the
+    gradients taken by `value_and_gradients`, a `tf.GradientTape` on
+    TensorFlow)."""
 
-    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+    def train_step(self, data: Any) -> dict[str, Any]:
         x, y = data
-        with tf.GradientTape() as tape:
+
+        def loss_fn() -> tuple[Any, Any]:
             y_pred = self(x, training=True)
-            loss = self.compiled_loss(y, y_pred, regularization_losses=self.losses)
-        gradients = tape.gradient(loss, self.trainable_weights)
+            return self.compiled_loss(y, y_pred, regularization_losses=self.losses), y_pred
+
+        (_, y_pred), gradients = self.value_and_gradients(
+            loss_fn, self.trainable_weights, has_aux=True
+        )
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         self.compiled_metrics.update_state(y, y_pred)
         return {m.name: m.result() for m in self.metrics}
@@ -86,10 +90,8 @@ class Keras2Step(CustomModel):
 class Logging(CustomModel):
     """A hook that logs the gradient norm and leaves the gradients alone."""
 
-    def transform_gradients(
-        self, gradients: list[tf.Tensor], variables: list[tf.Variable]
-    ) -> list[tf.Tensor]:
-        self.log("grad_norm", tf.linalg.global_norm(gradients))
+    def transform_gradients(self, gradients: list, variables: list) -> list:
+        self.log("grad_norm", ops.sqrt(sum(ops.sum(ops.square(g)) for g in gradients)))
         return gradients
 
 
@@ -175,10 +177,19 @@ CHECKS: tuple[Callable[[], Result], ...] = (
 
 
 def device() -> str:
-    gpus = tf.config.list_logical_devices("GPU")
+    try:
+        gpus = keras.distribution.list_devices("gpu")
+    except (RuntimeError, ValueError):  # JAX without a GPU backend
+        gpus = []
     if gpus:
         return f"{len(gpus)} GPU(s)"
     return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def backend_version() -> str:
+    """The backend library and its release, e.g. "TensorFlow 2.21.0"."""
+    name = {"tensorflow": "TensorFlow", "jax": "JAX"}.get(BACKEND, BACKEND)
+    return f"{name} {sys.modules[BACKEND].__version__}"
 
 
 def _releases(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
@@ -188,10 +199,8 @@ def _releases(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
 
 def stack_lines(found: list[str]) -> list[str]:
     """What `versions.problems()` compared, in words, and what it found."""
-    tensorflow = keras.backend.backend() == "tensorflow"
-    installed = f"Keras {keras.version()}" + (
-        f" and TensorFlow {tf.__version__}" if tensorflow else ""
-    )
+    tensorflow = BACKEND == "tensorflow"
+    installed = f"Keras {keras.version()}" + (f" and {backend_version()}" if tensorflow else "")
     tested = f"Keras {_releases(versions.TESTED_KERAS)}" + (
         f" and TensorFlow {_releases(versions.TESTED_TENSORFLOW)}" if tensorflow else ""
     )
@@ -218,8 +227,8 @@ def main() -> int:
     started = time.monotonic()
     enable_determinism(0)
     print(
-        f"customfit {customfit.__version__}: Keras {keras.version()}, TensorFlow "
-        f"{tf.__version__}, Python {platform.python_version()}, {device()}"
+        f"customfit {customfit.__version__}: Keras {keras.version()}, "
+        f"{backend_version()}, Python {platform.python_version()}, {device()}"
     )
     for line in stack_lines(versions.problems()):
         print(line)

@@ -11,9 +11,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from customfit import _auto_steps, _resume
+from customfit._keras import internals
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def _split_validation_here(arguments: dict[str, Any]) -> None:
     if not split or arguments.get("validation_data") is not None:
         return
     arrays = (arguments.get("x"), arguments.get("y"), arguments.get("sample_weight"))
-    flat = [a for a in tf.nest.flatten(arrays) if a is not None]
+    flat = [a for a in keras.tree.flatten(arrays) if a is not None]
     if not flat or not all(hasattr(a, "shape") and hasattr(a, "__getitem__") for a in flat):
         raise ValueError(
             "validation_split needs NumPy arrays or tensors; for other inputs "
@@ -178,7 +178,7 @@ def _split_validation_here(arguments: dict[str, Any]) -> None:
         )
 
     def part(start: int, stop: int) -> Any:
-        return tf.nest.map_structure(lambda a: None if a is None else a[start:stop], arrays)
+        return keras.tree.map_structure(lambda a: None if a is None else a[start:stop], arrays)
 
     (arguments["x"], arguments["y"], arguments["sample_weight"]) = part(0, split_at)
     arguments["validation_data"] = part(split_at, size)
@@ -188,7 +188,7 @@ def _split_validation_here(arguments: dict[str, Any]) -> None:
 def _keep_first_batches(arguments: dict[str, Any], batches: int) -> None:
     """Training data cut to its first `batches` batches, unshuffled."""
     x = arguments.get("x")
-    if isinstance(x, tf.data.Dataset):
+    if x is not None and internals.is_tf_dataset(x):
         # cache() keeps the first pass's batches, so a shuffling pipeline
         # gives the same batches every epoch.
         arguments["x"] = x.take(batches).cache()
@@ -196,7 +196,7 @@ def _keep_first_batches(arguments: dict[str, Any], batches: int) -> None:
         size = (arguments.get("batch_size") or 32) * batches
         for name in ("x", "y", "sample_weight"):
             if arguments.get(name) is not None:
-                arguments[name] = tf.nest.map_structure(lambda a: a[:size], arguments[name])
+                arguments[name] = keras.tree.map_structure(lambda a: a[:size], arguments[name])
     else:
         raise ValueError(
             f"fit(overfit_batches={batches}) takes NumPy arrays, tensors or a "
@@ -215,7 +215,5 @@ def _cap_validation_steps(arguments: dict[str, Any], batches: int) -> None:
 
 
 def _is_array_like(x: Any) -> bool:
-    flat = tf.nest.flatten(x)
-    return bool(flat) and all(
-        isinstance(a, (np.ndarray, tf.Tensor)) or hasattr(a, "__array__") for a in flat
-    )
+    flat = keras.tree.flatten(x)
+    return bool(flat) and all(isinstance(a, np.ndarray) or hasattr(a, "__array__") for a in flat)

@@ -79,10 +79,8 @@ def diagnose(
             "first: call model.compile(optimizer=..., loss=...) and pass the "
             "compiled model."
         )
-    import tensorflow as tf  # diagnose() runs on TensorFlow only
-
     data = tuple(
-        tf.nest.map_structure(tf.convert_to_tensor, part)
+        keras.tree.map_structure(keras.ops.convert_to_tensor, part)
         for part in (x, y, sample_weight)
         if part is not None
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from customfit import _auto_steps, _cluster, _dev_modes, _optimizers, _per_batch, _resume
+from customfit import _auto_steps, _backend, _dev_modes, _optimizers, _per_batch, _resume
 from customfit._keras import internals
 
 _SIGNATURES = {
@@ -95,15 +95,14 @@ class FitCall:
         to the right phase. Across workers, a collective that fails because
         a peer is gone becomes an error that says to restart the cluster."""
         phase = "train" if self.method == "fit" else "test"
-        strategy = self.model.distribute_strategy
         _RUNNING.setdefault(id(self.model), []).append(self)
         try:
             with self.model._step_logs.in_phase(phase), self.resume or contextlib.nullcontext():
                 return keras_method(**self.arguments)
-        except _cluster.LOST_CONTACT as error:
-            if not _cluster.multi_worker(strategy):
+        except _backend.cluster.LOST_CONTACT as error:
+            if not _backend.cluster.multi_worker(self.model):
                 raise
-            raise RuntimeError(_cluster.lost_contact_message(strategy, error)) from error
+            raise RuntimeError(_backend.cluster.lost_contact_message(self.model, error)) from error
         finally:
             if self.plan is not None:
                 self.plan.finish()

@@ -9,7 +9,8 @@ the moment the step was traced.
 
 Two pieces fix that:
 
-- the step function (`_keras.step_function.make_function`, Keras' own, copied)
+- the step function (on TensorFlow `_keras._tensorflow.step_function`, Keras'
+  own, copied)
   hands back the logs of each step of an execution, and runs each step with
   the real batch number as `tf.summary`'s default step when a
   `keras.callbacks.TensorBoard` with an integer `update_freq` is among the
@@ -30,9 +31,10 @@ import contextlib
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
 
-from customfit._keras import internals, step_function
+from customfit import _backend
+from customfit._keras import internals
 
 
 class Channel:
@@ -46,7 +48,7 @@ class Channel:
         rows: Set by the step function after an execution with more than one
             step: `(layout, stacked)`, `stacked[i]` the flattened logs after
             the execution's `i`-th batch, `layout` their names, shapes and
-            dtypes (see `step_function.row_logs`). None otherwise.
+            dtypes (see `row_logs`). None otherwise.
         steps: Set before an execution when the number of batches varies
             from one execution to the next (`steps_per_execution="auto"`):
             how many the next one runs (fewer when the data end). None: the
@@ -55,10 +57,10 @@ class Channel:
 
     def __init__(self) -> None:
         self.summary: tuple[int, int] | None = None
-        self.rows: tuple[list, tf.Tensor] | None = None
+        self.rows: tuple[list, Any] | None = None
         self.steps: int | None = None
 
-    def take_rows(self) -> tuple[list, tf.Tensor] | None:
+    def take_rows(self) -> tuple[list, Any] | None:
         rows, self.rows = self.rows, None
         return rows
 
@@ -78,7 +80,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
 
     With a `keras.callbacks.TensorBoard(update_freq=N)` among the callbacks
     (N an integer), it also tells the step functions the TensorBoard step of
-    each execution's first batch (see `step_function.make_function`), and writes the
+    each execution's first batch (see the backend's step function), and writes the
     callbacks' epoch-end summaries unconditionally: Keras' callback leaves its
     per-batch `record_if` condition in place at the end of an epoch, so epoch
     scalars and histograms were written only when the epoch's last batch
@@ -179,7 +181,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         layout, stacked = rows
         begin = getattr(self.inner, f"on_{phase}_batch_begin")
         first = self._first_batch[phase]
-        rows = stacked.numpy().tolist()
+        rows = np.asarray(stacked).tolist()
         for offset, row in enumerate(rows):
             if offset:
                 self.replaying = True
@@ -187,7 +189,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
                     begin(first + offset)
                 finally:
                     self.replaying = False
-            end(first + offset, step_function.row_logs(layout, row))
+            end(first + offset, row_logs(layout, row))
         if len(rows) < planned:
             self._after_short[phase] = first + len(rows)
 
@@ -213,7 +215,9 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
     # ---- forwarded as they are
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        recording = tf.summary.record_if(True) if self._tensorboard() else contextlib.nullcontext()
+        recording = (
+            _backend.loop.recording_summaries() if self._tensorboard() else contextlib.nullcontext()
+        )
         with recording:
             self.inner.on_epoch_end(epoch, logs)
 
@@ -284,3 +288,19 @@ def callback_list(
         model=model,
         **list_kwargs,
     )
+
+
+def row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str, Any]:
+    """One batch's logs back from its row: Python floats for scalars (as
+    Keras gives callbacks), arrays of the step's dtype otherwise. Exact: the
+    float64 copy of a float32 or int32 value is exact."""
+    logs: dict[str, Any] = {}
+    start = 0
+    for name, shape, dtype in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        if shape:
+            logs[name] = np.asarray(row[start : start + size]).astype(dtype).reshape(shape)
+        else:
+            logs[name] = row[start]
+        start += size
+    return logs

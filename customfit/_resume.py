@@ -35,9 +35,8 @@ from typing import Any, cast
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from customfit import _cluster, _preemption
+from customfit import _backend, _preemption
 from customfit._errors import ResumeWarning
 from customfit._keras import internals
 
@@ -111,9 +110,7 @@ class FitResume:
         self._dataset: _CountingDataset | None = None
         self._original_train_function: Callable | None = None
         self._metric_values: dict | None = None
-        self.sigterm = _preemption.SigtermWatch(
-            enabled=not _cluster.multi_worker(model.distribute_strategy)
-        )
+        self.sigterm = _preemption.SigtermWatch(enabled=not _backend.cluster.multi_worker(model))
 
     def __enter__(self) -> FitResume:
         self.sigterm.__enter__()
@@ -221,10 +218,11 @@ class FitResume:
         self._metric_values = None
 
     def _skip(self, iterator: Any, step: int, skip_below: int) -> None:
+        ended: tuple[type[BaseException], ...] = (StopIteration, *_backend.loop.END_OF_DATA)
         for _ in range(self.model.steps_per_execution):
             try:
                 next(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
+            except ended:
                 raise ValueError(
                     f"The data ran out after {step} batches while skipping the "
                     f"{skip_below} batches the interrupted run had trained in "
@@ -324,7 +322,7 @@ def _inexact_mid_epoch(model: keras.Model, arguments: dict) -> str:
 
 
 def _is_replayable(x: Any) -> bool:
-    if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset, np.ndarray, tf.Tensor)):
+    if isinstance(x, np.ndarray) or internals.is_tf_dataset(x):
         return True
     if isinstance(x, dict):
         return all(_is_replayable(v) for v in x.values())
@@ -369,42 +367,15 @@ def capture_state(
 
 
 def metric_values(model: keras.Model) -> list[np.ndarray]:
-    """The value of each of `metric_variables(model)`, one row per replica
-    (under `tf.distribute` each replica holds its own part of a metric):
-    every replica of the cluster, gathered from every worker, across
-    workers (a collective, which every worker runs at the same point)."""
-    strategy = model.distribute_strategy
-    variables = [variable for _, variable in metric_variables(model)]
-    if _cluster.multi_worker(strategy):
-        return _cluster.every_replica(model, variables, strategy)
-    return [
-        np.stack(
-            [
-                np.asarray(part.numpy())
-                for part in strategy.experimental_local_results(variable.value)
-            ]
-        )
-        for variable in variables
-    ]
+    """The value of each of `metric_variables(model)`, one row per replica:
+    every replica of the cluster, gathered from every process (a
+    collective, which every process runs at the same point)."""
+    return _backend.cluster.every_replica(model, [v for _, v in metric_variables(model)])
 
 
 def assign_metric_values(model: keras.Model, values: list[np.ndarray]) -> None:
     """Puts back what `metric_values` returned, replica by replica."""
-    strategy = model.distribute_strategy
-    named = metric_variables(model)
-    for (name, _), saved in zip(named, values):
-        if len(saved) != strategy.num_replicas_in_sync:
-            raise ValueError(
-                f"The backup holds metric '{name}' for {len(saved)} replicas; "
-                f"this run has {strategy.num_replicas_in_sync}. Resume with the "
-                "same number of replicas, or delete the backup directory."
-            )
-    if _cluster.multi_worker(strategy):
-        _cluster.assign_every_replica([v for _, v in named], values, strategy)
-        return
-    for (_, variable), saved in zip(named, values):
-        for part, value in zip(strategy.experimental_local_results(variable.value), saved):
-            part.assign(value)
+    _backend.cluster.assign_every_replica(model, [v for _, v in metric_variables(model)], values)
 
 
 def restore_global_state(state: dict) -> None:

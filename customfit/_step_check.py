@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from customfit._backend import BACKEND
+from customfit._backend import BACKEND, loop
 from customfit._diagnose import Finding, diagnose
 from customfit._training_parity import TrainingRecord, differences, fresh_compile_kwargs
 
@@ -481,17 +481,7 @@ def _two_replicas() -> Any:
     """The two-replica setting of this process: a `MirroredStrategy` over two
     logical CPUs (TensorFlow), or `DataParallel` over the two CPU devices
     `XLA_FLAGS` asked for, set globally (JAX; None returned)."""
-    if BACKEND == "jax":
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")[:2])
-        )
-        return None
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    tf.config.experimental.enable_op_determinism()
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return loop.two_replicas()
 
 
 def _worker(spec_path: str) -> None:

@@ -218,8 +218,7 @@ def enable_determinism(seed: int) -> None:
     """Seeds Python, NumPy, the backend and Keras and, on TensorFlow, turns
     on op determinism (which TensorFlow offers no public way to turn off
     again)."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    from customfit import _backend
 
-        tf.config.experimental.enable_op_determinism()
+    _backend.loop.enable_op_determinism()
     keras.utils.set_random_seed(seed)

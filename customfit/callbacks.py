@@ -31,7 +31,8 @@ from typing import Any, cast
 import keras
 import numpy as np
 
-from customfit import _auto_steps, _cluster, _fit_call, _optimizers, _resume
+from customfit import _auto_steps, _fit_call, _optimizers, _resume
+from customfit._backend import cluster
 from customfit._errors import Preempted, ResumeWarning
 from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
@@ -95,16 +96,15 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath = internals.checkpoint_file_path(self, epoch, batch, logs)
         if not internals.checkpoint_should_save(self, epoch, batch, logs, filepath):
             return
-        strategy = self.model.distribute_strategy
         with (
-            _cluster.written_to(filepath, strategy) as target,
+            cluster.written_to(filepath, self.model) as target,
             atomic_destination(target) as temporary,
         ):
             if self.save_weights_only:
                 self.model.save_weights(temporary, overwrite=True)
             else:
                 self.model.save(temporary, overwrite=True)
-        if self.save_best_only and self.best is not None and _cluster.is_chief(strategy):
+        if self.save_best_only and self.best is not None and cluster.is_chief(self.model):
             write_text_atomically(
                 self.best_path,
                 json.dumps({"monitor": self.monitor, "best": float(self.best), "epoch": epoch}),
@@ -278,7 +278,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             )
         state = self._read_state()
         position = [-1, -1] if state is None else [state["epoch"], state.get("batch", 0)]
-        if not _cluster.agreed(position, self.model.distribute_strategy):
+        if not cluster.agreed(position, self.model):
             raise ValueError(
                 f"The workers see different backups in {self.backup_dir} (this "
                 f"one: {'none' if state is None else position}). Put backup_dir "
@@ -370,7 +370,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self._save(self._epochs_done)
             self._stop_for_sigterm()
         if self.delete_checkpoint:
-            if not _cluster.is_chief(self.model.distribute_strategy):
+            if not cluster.is_chief(self.model):
                 return
             if os.path.exists(self.state_path):
                 os.remove(self.state_path)  # first: no half-deleted backup
@@ -386,9 +386,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._backed_up_at = (epoch, batch)
         stem = f"epoch-{epoch}" + (f"-batch-{batch}" if batch else "")
         weights_name, state_name = f"{stem}.weights.h5", f"{stem}.state.npz"
-        strategy = self.model.distribute_strategy
         with (
-            _cluster.written_to(os.path.join(self.backup_dir, weights_name), strategy) as target,
+            cluster.written_to(os.path.join(self.backup_dir, weights_name), self.model) as target,
             atomic_destination(target) as temporary,
         ):
             self.model.save_weights(temporary)
@@ -396,7 +395,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         saved: dict[str, Any] = _resume.capture_state(
             self.model, batch, _fit_call.resume_of(self.model)
         )
-        if not _cluster.is_chief(strategy):
+        if not cluster.is_chief(self.model):
             return
         with atomic_destination(os.path.join(self.backup_dir, state_name)) as temporary:
             with open(temporary, "wb") as f:
@@ -610,7 +609,7 @@ class TrainingPlot(keras.callbacks.Callback):
         """Writes the figure to every format now (on the chief only, under
         `MultiWorkerMirroredStrategy`); returns the file names."""
         model = getattr(self, "model", None)
-        if model is not None and not _cluster.is_chief(model.distribute_strategy):
+        if model is not None and not cluster.is_chief(model):
             return self.files
         Figure, FigureCanvasAgg = _require_matplotlib()
         names = [n for n in self.history if not n.startswith("val_")]
@@ -872,7 +871,7 @@ def _require_writable_directory(directory: str, callback: str, model: keras.Mode
     write to at its first save, after training up to it. Created if absent,
     as the callback would. Only the chief writes (see `_cluster`); a callback
     driven without a model writes from this process."""
-    if not directory or (model is not None and not _cluster.is_chief(model.distribute_strategy)):
+    if not directory or (model is not None and not cluster.is_chief(model)):
         return
     try:
         os.makedirs(directory, exist_ok=True)

@@ -34,10 +34,9 @@ def deterministic(seed: int = 0) -> int:
     the seed. (JAX on CPU is deterministic: seeding is enough.)"""
     import keras
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    from customfit import _backend
 
-        tf.config.experimental.enable_op_determinism()
+    _backend.loop.enable_op_determinism()
     keras.utils.set_random_seed(seed)
     return seed
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import customfit
 from customfit._keras import internals, versions
+from customfit._keras._tensorflow import trainer as tf_trainer
 from tests import models
 
 
@@ -122,7 +123,7 @@ def test_compiled_metric_log_names_replay_compile_metrics_result(digits):
 
 def test_fit_and_evaluate_build_through_maybe_symbolic_build():
     """CustomModel overrides `_maybe_symbolic_build` (see
-    `internals.symbolic_build`); Keras must still call it with these names."""
+    `_keras._tensorflow.trainer.symbolic_build`); Keras must still call it with these names."""
     assert "self._maybe_symbolic_build(iterator=epoch_iterator)" in inspect.getsource(
         keras.Model.fit)
     assert "self._maybe_symbolic_build(iterator=epoch_iterator)" in inspect.getsource(
@@ -138,14 +139,14 @@ def test_symbolic_build_under_a_strategy_builds_from_one_replica(digits):
         model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     dataset = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(digits).batch(8))
-    internals.symbolic_build(model, iterator=[(0, 0, iter(dataset))])
+    tf_trainer.symbolic_build(model, iterator=[(0, 0, iter(dataset))])
     assert model.built and model.optimizer.built
     assert internals.compiled_metrics_object(model).built
 
 
 def test_logs_reduced_along_first_axis_only_across_workers():
-    assert not internals.logs_reduced_along_first_axis(tf.distribute.get_strategy())
-    assert not internals.logs_reduced_along_first_axis(
+    assert not tf_trainer.logs_reduced_along_first_axis(tf.distribute.get_strategy())
+    assert not tf_trainer.logs_reduced_along_first_axis(
         tf.distribute.MirroredStrategy(["/cpu:0"]))
     # True across workers: tests/test_multiworker.py (a strategy that joins a
     # cluster changes the process's TensorFlow context, so not created here).
@@ -296,10 +297,10 @@ def test_copied_keras_functions_match_a_tested_release():
 
 def test_reduce_per_replica_and_autoconvert_optionals():
     logs = {"loss": tf.constant(1.5)}
-    assert internals.reduce_per_replica(logs, tf.distribute.get_strategy(), "auto") is not None
+    assert tf_trainer.reduce_per_replica(logs, tf.distribute.get_strategy(), "auto") is not None
     model = models.mlp(customfit.CustomModel)
     seen = []
-    wrapped = internals.autoconvert_optionals(model, lambda data: seen.append(data))
+    wrapped = tf_trainer.autoconvert_optionals(model, lambda data: seen.append(data))
     empty = tf.experimental.Optional.empty(None)
     wrapped((tf.constant(1.0), empty))
     # Keras 3.12 and later turn an empty Optional into None; 3.10 and 3.11

@@ -76,7 +76,7 @@ def _check_per_replica_logs(distributed: dict, one_device: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_stock_fit_still_fails_across_workers(worker_results):
-    """Upstream bug CustomModel works around (see `_keras.internals.symbolic_build`).
+    """Upstream bug CustomModel works around (see `_keras._tensorflow.trainer.symbolic_build`).
     When this fails, Keras has fixed it and the workaround can go."""
     for results in worker_results:
         assert "PerReplica" in results["stock_error"]

@@ -54,7 +54,7 @@ def test_a_changed_keras_function_is_named(fresh_check, monkeypatch):
     changed = dataclasses.replace(copy, known={"0" * 16: "3.15"})
     monkeypatch.setattr(versions, "COPIES", (changed, *versions.COPIES[1:]))
     assert (f"keras.Model._make_function in Keras {keras.version()} differs from the "
-            "releases _keras.step_function.make_function was checked against (3.15)."
+            "releases _keras._tensorflow.step_function.make_function was checked against (3.15)."
             in versions.problems())
     with pytest.warns(customfit.CompatibilityWarning, match="_make_function"):
         versions.check_once()
@@ -67,7 +67,7 @@ def test_a_missing_keras_function_is_named(fresh_check, monkeypatch):
     missing = dataclasses.replace(versions.COPIES[0], find=gone)
     monkeypatch.setattr(versions, "COPIES", (missing,))
     assert (f"Keras {keras.version()} has no keras.Model._make_function, which "
-            "_keras.step_function.make_function reproduces." in versions.problems())
+            "_keras._tensorflow.step_function.make_function reproduces." in versions.problems())
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
-from keras import tree
 from keras.src.backend.common import global_state as _global_state
 from keras.src.backend.common import stateless_scope as _stateless_scope
 from keras.src.losses import loss as _loss_module
@@ -24,14 +23,17 @@ from keras.src.models import model as _model
 from keras.src.random import seed_generator as _seed_generator
 from keras.src.saving import object_registration as _object_registration
 from keras.src.trainers import compile_utils as _compile_utils
-
-if keras.backend.backend() == "tensorflow":
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as _tf_trainer
+from keras.src.trainers import data_adapters as _data_adapters
 
 Functional = _functional.Functional
 CompileMetrics = _compile_utils.CompileMetrics
 MetricsList = _compile_utils.MetricsList
+
+
+def is_tf_dataset(x: Any) -> bool:
+    """Whether `x` is a `tf.data.Dataset` or a distributed one (checked by
+    class name, without importing TensorFlow)."""
+    return bool(_data_adapters.is_tf_dataset(x))
 
 
 def is_functional_call(args: tuple, kwargs: dict) -> bool:
@@ -51,7 +53,7 @@ def share_registered_name(twin: type, original: type) -> None:
         names[twin] = names[original]
 
 
-def unscale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:
+def unscale_loss_for_distribution(loss: Any) -> Any:
     """The per-replica loss multiplied back by the number of replicas."""
     return _loss_module.unscale_loss_for_distribution(loss)
 
@@ -75,27 +77,14 @@ def call_has_training_arg(model: keras.Model) -> bool:
     return model._call_has_training_arg
 
 
-def compute_loss(model: keras.Model, **kwargs: Any) -> tf.Tensor:
+def compute_loss(model: keras.Model, **kwargs: Any) -> Any:
     """`model.compute_loss`, also for overrides without a `training` argument."""
     return model._compute_loss(**kwargs)
 
 
-def aggregate_additional_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
+def aggregate_additional_loss(model: keras.Model, loss: Any) -> Any:
     """One `add_loss`/regularization term, summed and scaled per replica."""
     return model._aggregate_additional_loss(loss)
-
-
-def reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
-    """Keras' reduction of a step's per-replica outputs (`_make_function`'s)."""
-    return _tf_trainer.reduce_per_replica(values, strategy, reduction=reduction)
-
-
-def autoconvert_optionals(model: keras.Model, step: Callable) -> Callable:
-    """`step` taking batches whose `tf.experimental.Optional` parts become
-    None, as in Keras' `_make_function` (Keras 3.12 and later; earlier ones
-    pass batches on as they are, and so does this)."""
-    convert = getattr(model, "_autoconvert_optionals", None)
-    return step if convert is None else convert(step)
 
 
 def epoch_batches(epoch_iterator: Any) -> int | None:
@@ -113,44 +102,13 @@ def tensorboard_batch_count(callback: keras.callbacks.TensorBoard, phase: str) -
     return callback._global_test_batch
 
 
-def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
-    """Keras' `_maybe_symbolic_build`, working under every strategy.
-
-    Before `fit`/`evaluate` under a strategy, Keras builds the model from the
-    shapes of one batch. It first merges a distributed batch with
-    `strategy.reduce("MEAN", batch, axis=None)`, which takes one tensor, not a
-    nest: under `MultiWorkerMirroredStrategy` that raises `ValueError: Attempt
-    to convert a value (PerReplica ...)`. Only shapes and dtypes are used, so
-    one replica's part of the batch is taken instead.
-    """
-    if model._distribute_strategy is None:
-        return
-    strategy = model.distribute_strategy
-    if iterator is not None:
-        # Keras 3.10 yields `(step, batches)`, later releases
-        # `(begin_step, end_step, batches)`.
-        for *_, batches in iterator:
-            data_batch = next(batches)
-            break
-
-    def one_replica(value: Any) -> Any:
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    with strategy.scope():
-        model._symbolic_build(data_batch=tree.map_structure(one_replica, data_batch))
+def keras_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    """Keras' own `_maybe_symbolic_build` (what `fit` and `evaluate` call
+    once they have the data)."""
+    keras.Model._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
 
 
-def logs_reduced_along_first_axis(strategy: tf.distribute.Strategy) -> bool:
-    """Whether Keras reduces a step's logs with `strategy.reduce("MEAN", value,
-    axis=0)` (multi-worker collective strategies), which needs rank-1 values:
-    a scalar raises `Invalid reduction dimension 0 for input with 0 dimensions`.
-    Under every other strategy Keras averages the replicas' scalars."""
-    return _tf_trainer._collective_all_reduce_multi_worker(strategy)
-
-
-def loss_scale_in_use(optimizer: Any) -> tf.Tensor | float | None:
+def loss_scale_in_use(optimizer: Any) -> Any | float | None:
     """The factor `optimizer.scale_loss` multiplies the loss by, or None.
 
     Mirrors `LossScaleOptimizer.scale_loss`: before the optimizer is built it

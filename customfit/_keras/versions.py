@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -61,7 +62,7 @@ def _attribute(module: str, *path: str) -> Callable[[], Any]:
 COPIES = (
     Copy(
         "keras.Model._make_function",
-        "_keras.step_function.make_function",
+        "_keras._tensorflow.step_function.make_function",
         _attribute("keras", "Model", "_make_function"),
         {"55eb952812cac1fb": "3.10, 3.11", "bb33b7a0da3d2740": "3.12 to 3.15"},
     ),
@@ -107,13 +108,13 @@ COPIES = (
     ),
     Copy(
         "keras.Model._maybe_symbolic_build",
-        "internals.symbolic_build",
+        "_keras._tensorflow.trainer.symbolic_build",
         _attribute("keras", "Model", "_maybe_symbolic_build"),
         {"181752273e37d689": "3.10", "92a504f5eba9b29f": "3.11 to 3.15"},
     ),
     Copy(
         "keras.Model._symbolic_build",
-        "internals.symbolic_build",
+        "_keras._tensorflow.trainer.symbolic_build",
         _attribute("keras", "Model", "_symbolic_build"),
         {
             "330210b83242a6af": "3.10",
@@ -171,10 +172,8 @@ def problems() -> list[str]:
     found = []
     stack = [("Keras", keras.version(), TESTED_KERAS)]
     tensorflow = keras.backend.backend() == "tensorflow"
-    if tensorflow:
-        import tensorflow as tf
-
-        stack.append(("TensorFlow", tf.__version__, TESTED_TENSORFLOW))
+    if tensorflow:  # imported by Keras already
+        stack.append(("TensorFlow", sys.modules["tensorflow"].__version__, TESTED_TENSORFLOW))
     for name, version, tested in stack:
         if not tested[0] <= release(version) <= tested[1]:
             found.append(

@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from customfit import _saving
-from customfit._backend import loop
+from customfit._backend import loop, replicas
 from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 
@@ -154,8 +154,8 @@ class GradientAccumulation(CustomModel):
             for total in state.sums:
                 total.assign(ops.zeros_like(total.value))
 
-        if options.under_tf_distribute():
-            _update_on_every_replica_if(lambda: state.count.value % steps == 0, update)
+        if replicas.in_replica_context():
+            replicas.update_on_every_replica_if(lambda: state.count.value % steps == 0, update)
         else:
             loop.cond(state.count.value % steps == 0, update, lambda: None)
 
@@ -218,20 +218,3 @@ class _State:
 
     def matches(self, variables: list) -> bool:
         return self._ids == [id(v) for v in variables]
-
-
-def _update_on_every_replica_if(predicate: Callable[[], Any], update: Callable[[], None]) -> None:
-    """`update()` on every replica when `predicate()`, read in cross-replica
-    context, is true. The optimizer synchronizes replicas (merge_call), which
-    is not allowed inside a `tf.cond` taken per replica; so the decision is
-    taken once, in cross-replica context."""
-    import tensorflow as tf
-
-    def decide(strategy: tf.distribute.Strategy) -> None:
-        tf.cond(
-            predicate(),
-            lambda: strategy.extended.call_for_each_replica(update),
-            lambda: None,
-        )
-
-    tf.distribute.get_replica_context().merge_call(decide)

@@ -7,6 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from customfit._backend import replicas
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
@@ -62,7 +63,7 @@ class GlobalNormClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        norm = global_norm(options.replica_sum(gradients))
+        norm = global_norm(replicas.summed(gradients))
         self.log(self.log_name, norm)
         # As tf.clip_by_global_norm scales: 1 while the norm is within bounds.
         scale = self.clip_norm * ops.minimum(1.0 / norm, 1.0 / self.clip_norm)
@@ -142,7 +143,7 @@ class AdaptiveGradientClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        totals = options.replica_sum(gradients)
+        totals = replicas.summed(gradients)
         self.log(self.log_name, global_norm(totals))
         clipped = [
             None if g is None else g * self._unit_factor(total, variable)

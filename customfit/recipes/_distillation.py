@@ -7,10 +7,10 @@ from typing import Any
 import keras
 from keras import ops
 
+from customfit._backend import replicas
 from customfit._keras import internals
 from customfit._keras2 import track_loss
 from customfit._model import CustomModel
-from customfit.recipes import _options as options
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -141,9 +141,9 @@ class Distiller(CustomModel):
             weight = ops.cast(sample_weight, per_sample.dtype)
             per_sample = per_sample * ops.reshape(weight, ops.shape(per_sample))
         kl = ops.sum(per_sample) / ops.cast(ops.size(per_sample), "float32")
-        replicas = options.replicas_in_sync()
-        if replicas > 1:
-            kl = kl * (1.0 / replicas)
+        replica_count = replicas.count()
+        if replica_count > 1:
+            kl = kl * (1.0 / replica_count)
         return self.temperature**2 * kl
 
     def get_config(self) -> dict:

@@ -9,10 +9,9 @@ import numpy as np
 from keras import ops
 
 from customfit import _step
-from customfit._backend import BACKEND, loop
+from customfit._backend import loop, replicas
 from customfit._keras import internals
 from customfit._model import CustomModel, Tensor
-from customfit.recipes import _options as options
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
 
 
@@ -423,17 +422,15 @@ class GAN(CustomModel):
         discriminator update)."""
         streams = self.discriminator_steps + 1 if kind == "latent" else self.discriminator_steps
         counter = streams * self.steps.value + stream
-        if BACKEND == "tensorflow":
-            return _tf_noise(self.seed, counter, batch, shape, kind)
-        return _jax_noise(self.seed, counter, batch, shape, kind)
+        return replicas.global_batch_noise(self.seed, counter, batch, shape, kind)
 
     @staticmethod
     def _replica_loss(loss: Tensor) -> Tensor:
         """This replica's share: the optimizers sum gradients over replicas."""
         loss = _scalar(loss, "discriminator_loss(), generator_loss() and gradient_penalty()")
-        replicas = options.replicas_in_sync()
-        if replicas > 1:
-            loss = loss * ops.cast(1.0 / replicas, loss.dtype)
+        replica_count = replicas.count()
+        if replica_count > 1:
+            loss = loss * ops.cast(1.0 / replica_count, loss.dtype)
         return loss
 
     def _update(self, optimizer: Any, gradients: list, variables: list) -> None:
@@ -521,39 +518,3 @@ def _scalar(loss: Any, source: str) -> Tensor:
             "keras.ops.mean(per_sample_loss)."
         )
     return loss
-
-
-def _tf_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
-    """Under `tf.distribute`, each replica takes its rows of the global
-    batch's noise."""
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if context is None or replicas == 1:
-        offset, total = tf.zeros((), "int32"), batch
-    else:
-        sizes = context.all_gather(tf.reshape(batch, [1]), axis=0)
-        replica = tf.cast(context.replica_id_in_sync_group, "int32")
-        offset = tf.reduce_sum(sizes[:replica])
-        total = tf.reduce_sum(sizes)
-    global_shape = tf.concat([tf.reshape(total, [1]), tf.constant(shape, "int32")], 0)
-    if kind == "latent":
-        noise = tf.random.stateless_normal(
-            global_shape, tf.stack([tf.constant(seed, "int64"), counter])
-        )
-    else:
-        noise = tf.random.stateless_uniform(
-            global_shape, tf.stack([tf.constant(~seed, "int64"), counter])
-        )
-    return noise[offset : offset + batch]
-
-
-def _jax_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
-    """Under `keras.distribution` the step sees the global batch."""
-    import jax
-
-    key = jax.random.fold_in(jax.random.key(seed), 0 if kind == "latent" else 1)
-    key = jax.random.fold_in(key, counter)
-    draw = jax.random.normal if kind == "latent" else jax.random.uniform
-    return draw(key, (batch, *shape), "float32")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import keras
-
 
 def number(
     recipe: str, name: str, value: Any, *, minimum: float = 0.0, inclusive: bool = True
@@ -67,40 +65,3 @@ _EXAMPLES = {
 
 def _example(name: str) -> str:
     return _EXAMPLES.get(name, "1")
-
-
-def replicas_in_sync() -> int:
-    """The replicas of the current `tf.distribute` strategy; 1 on JAX, where
-    the step sees the whole batch."""
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return int(tf.distribute.get_strategy().num_replicas_in_sync)
-
-
-def replica_sum(gradients: list) -> list:
-    """The gradients summed over the replicas in sync (what the optimizer will
-    apply), for decisions that must not depend on how a batch is split; the
-    gradients themselves on one replica or outside a replica context, and on
-    JAX, where the step sees the whole (sharded) batch."""
-    if keras.backend.backend() != "tensorflow":
-        return list(gradients)
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return list(gradients)
-    present = [g for g in gradients if g is not None]
-    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
-    return [None if g is None else next(summed) for g in gradients]
-
-
-def under_tf_distribute() -> bool:
-    """Whether a step runs in a replica context of a `tf.distribute`
-    strategy (False on JAX)."""
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None

@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from customfit import _saving
-from customfit._backend import loop
+from customfit._backend import loop, replicas
 from customfit._keras import internals
 from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
@@ -186,8 +186,8 @@ class SkipNonFinite(CustomModel):
         def update(gradients: list) -> None:
             super(SkipNonFinite, self)._update_weights(loss, list(gradients), variables)
 
-        if options.under_tf_distribute():
-            _decide_across_replicas(self, skip, gradients, update)
+        if replicas.in_replica_context():
+            replicas.skip_on_every_replica_if(self, skip, gradients, update)
             return
         loop.cond(
             self._skip_state.halted.value | skip,
@@ -333,63 +333,6 @@ def _all_finite(tensors: list) -> Tensor:
         t = getattr(t, "values", t)  # a tf.IndexedSlices' values
         finite = ops.logical_and(finite, ops.all(ops.isfinite(t)))
     return finite
-
-
-def _decide_across_replicas(
-    model: SkipNonFinite, skip: Any, gradients: list, update: Callable[[list], None]
-) -> None:
-    """Under `tf.distribute`: the replicas' decisions all-reduced, so if any
-    replica skips, all skip; the decision taken once, in cross-replica
-    context, because the optimizer synchronizes replicas (merge_call), which
-    is not allowed inside a `tf.cond` taken per replica (as in Keras'
-    LossScaleOptimizer); then the update runs on every replica."""
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context.num_replicas_in_sync > 1:
-        overflow = tf.logical_not(_all_finite(gradients))
-        flags = tf.cast(tf.stack([skip, overflow]), tf.int32)
-        flags = context.all_reduce(tf.distribute.ReduceOp.SUM, flags) > 0
-        skip = flags[0]
-        if internals.loss_scale_in_use(model.optimizer) is not None:
-            gradients = _overflowed_everywhere(flags[1], gradients)
-
-    def decide(strategy: tf.distribute.Strategy, skip: Any, gradients: list) -> None:
-        skip = strategy.experimental_local_results(skip)[0]
-        tf.cond(
-            model._skip_state.halted.value | skip,
-            model._count_skip,
-            lambda: model._updated(
-                lambda: strategy.extended.call_for_each_replica(update, args=(gradients,))
-            ),
-        )
-
-    context.merge_call(decide, args=(skip, list(gradients)))
-
-
-def _overflowed_everywhere(overflow: Any, gradients: list) -> list:
-    """Every replica's gradients made non-finite when any replica's are.
-
-    Under `MirroredStrategy`, Keras' `LossScaleOptimizer` decides from the
-    first replica's gradients alone whether to apply them; an overflow on
-    another replica would reach the weights through the all-reduce (inf
-    weights in stock `fit`). With the overflow on every replica, the
-    optimizer skips the step and lowers the scale, as on one device.
-    Finite gradients are returned unchanged (selected, not recomputed).
-    """
-    import tensorflow as tf
-
-    def poisoned(g: tf.Tensor) -> tf.Tensor:
-        return tf.where(overflow, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
-
-    result = []
-    for g in gradients:
-        if isinstance(g, tf.IndexedSlices):
-            g = tf.IndexedSlices(poisoned(g.values), g.indices, g.dense_shape)
-        elif g is not None:
-            g = poisoned(g)
-        result.append(g)
-    return result
 
 
 def _check_bases(cls: type) -> None:

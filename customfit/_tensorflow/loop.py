@@ -17,8 +17,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _auto_steps, _dev_modes, _fit_call, _guards, _optimizers, _per_batch, _step
-from customfit._keras import internals, step_function
+from customfit import _auto_steps, _dev_modes, _fit_call, _optimizers, _per_batch, _step
+from customfit._keras._tensorflow import step_function, trainer
+from customfit._tensorflow import guards
+
+END_OF_DATA: tuple[type[BaseException], ...] = (tf.errors.OutOfRangeError,)
 
 
 def init(model: keras.Model) -> None:
@@ -77,7 +80,7 @@ def replica_results(metrics: dict[str, keras.metrics.Mean]) -> dict[str, tf.Tens
 
 def gradients_rescaled(optimizer: Any) -> None:
     """`apply_gradients` re-applied the loss scale (for the first step's guard)."""
-    _guards.gradients_rescaled(optimizer)
+    guards.gradients_rescaled(optimizer)
 
 
 def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
@@ -142,7 +145,7 @@ def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = N
     call = _fit_call.FitCall.current(model)
     if call is not None:
         call.saw_epoch_iterator(iterator)
-    internals.symbolic_build(model, iterator=iterator, data_batch=data_batch)
+    trainer.symbolic_build(model, iterator=iterator, data_batch=data_batch)
     if call is not None:
         call.batches_known(iterator)  # Keras makes its CallbackList right after
 
@@ -152,19 +155,19 @@ def _checked(model: keras.Model, step: Callable, phase: str) -> Callable:
     function runs it: logging to `phase`'s columns, the first training step
     guarded, its logs checked and flattened, the logged values added."""
     step_name = f"{phase}_step"
-    guards = _guards.StepGuards(model) if phase == "train" else None
+    step_guards = guards.StepGuards(model) if phase == "train" else None
     step_logs = model._step_logs
 
     def checked_step(data: Any) -> Any:
         with step_logs.in_phase(phase):
-            if guards is None:
+            if step_guards is None:
                 return checked_logs(step(data))
-            with guards.watching(), _optimizers.built_over_all_when_first_applied(model):
+            with step_guards.watching(), _optimizers.built_over_all_when_first_applied(model):
                 return checked_logs(step(data))
 
     def checked_logs(logs: Any) -> dict[str, Any]:
         logs = _step.checked_logs(model, logs, step_name)
-        if internals.logs_reduced_along_first_axis(model.distribute_strategy):
+        if trainer.logs_reduced_along_first_axis(model.distribute_strategy):
             # Keras averages these over all workers' replicas along axis 0.
             logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
         return logs
@@ -207,3 +210,19 @@ def stateless_gradients(
         ):
             value = function(sources)
     return value, tape.gradient(value, sources)
+
+
+def recording_summaries() -> Any:
+    return tf.summary.record_if(True)
+
+
+def enable_op_determinism() -> None:
+    tf.config.experimental.enable_op_determinism()
+
+
+def two_replicas() -> tf.distribute.Strategy:
+    """A `MirroredStrategy` over two logical CPUs, deterministic."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.experimental.enable_op_determinism()
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -1,4 +1,5 @@
-"""Which worker of a multi-worker cluster this process is, and where it writes.
+"""Which worker of a multi-worker cluster this process is, and where it
+writes (the `Cluster` contract on TensorFlow).
 
 Under `tf.distribute.MultiWorkerMirroredStrategy` every worker runs the same
 `fit`, callbacks included. Files are written by the chief only (the worker
@@ -20,47 +21,49 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit._keras import internals
+from customfit._keras._tensorflow import trainer
 
 
-def multi_worker(strategy: tf.distribute.Strategy) -> bool:
-    """Whether `strategy` spans several worker processes."""
-    return internals.logs_reduced_along_first_axis(strategy)
+def multi_worker(model: keras.Model) -> bool:
+    """Whether the model's strategy spans several worker processes."""
+    return trainer.logs_reduced_along_first_axis(model.distribute_strategy)
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def is_chief(model: keras.Model) -> bool:
     """Whether this process writes the files (always, with one process)."""
-    return bool(strategy.extended.should_checkpoint)
+    return bool(model.distribute_strategy.extended.should_checkpoint)
 
 
-def task_id(strategy: tf.distribute.Strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
+def task_id(model: keras.Model) -> int:
+    resolver = getattr(model.distribute_strategy, "cluster_resolver", None)
     return int(getattr(resolver, "task_id", 0) or 0)
 
 
 @contextlib.contextmanager
-def written_to(path: str, strategy: tf.distribute.Strategy) -> Iterator[str]:
+def written_to(path: str, model: keras.Model) -> Iterator[str]:
     """Where this worker writes what belongs at `path`: `path` itself on the
     chief, a file of the same name in a private temporary directory on the
     others (deleted when the block ends)."""
-    if is_chief(strategy):
+    if is_chief(model):
         yield path
         return
-    directory = tempfile.mkdtemp(prefix=f"customfit-worker-{task_id(strategy)}-")
+    directory = tempfile.mkdtemp(prefix=f"customfit-worker-{task_id(model)}-")
     try:
         yield os.path.join(directory, os.path.basename(path))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def agreed(values: list[int], strategy: tf.distribute.Strategy) -> bool:
+def agreed(values: list[int], model: keras.Model) -> bool:
     """Whether every worker passed the same `values` (a collective: every
     worker must call it, at the same point)."""
-    if not multi_worker(strategy):
+    if not multi_worker(model):
         return True
+    strategy = model.distribute_strategy
     local = tf.constant([values], tf.int64)
     every = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0).numpy()
     return bool((every == every[0]).all())
@@ -71,15 +74,18 @@ def agreed(values: list[int], strategy: tf.distribute.Strategy) -> bool:
 _GATHERS: weakref.WeakKeyDictionary[Any, tuple[list, Callable]] = weakref.WeakKeyDictionary()
 
 
-def every_replica(
-    owner: Any, variables: list, strategy: tf.distribute.Strategy
-) -> list[np.ndarray]:
+def every_replica(model: keras.Model, variables: list) -> list[np.ndarray]:
     """Each variable's value on every replica of the cluster, one row per
-    replica in replica order (a collective: every worker must call it).
-    `owner` (the model) keeps the compiled gather for these variables."""
+    replica in replica order (under `tf.distribute` each replica holds its
+    own part of a metric); across workers, a collective: every worker must
+    call it. The model keeps the compiled gather for these variables."""
+    strategy = model.distribute_strategy
+    if not multi_worker(model):
+        local = strategy.experimental_local_results
+        return [np.stack([np.asarray(part.numpy()) for part in local(v.value)]) for v in variables]
     if not variables:
         return []
-    cached = _GATHERS.get(owner)
+    cached = _GATHERS.get(model)
     if (
         cached is None
         or len(cached[0]) != len(variables)
@@ -94,14 +100,25 @@ def every_replica(
             return [strategy.gather(rows_of_one, axis=0) for rows_of_one in strategy.run(rows)]
 
         cached = (list(variables), tf.function(gathered))
-        _GATHERS[owner] = cached
+        _GATHERS[model] = cached
     return [np.asarray(g.numpy()) for g in cached[1]()]
 
 
-def assign_every_replica(
-    variables: list, values: list[np.ndarray], strategy: tf.distribute.Strategy
-) -> None:
+def assign_every_replica(model: keras.Model, variables: list, values: list[np.ndarray]) -> None:
     """Puts back what `every_replica` returned, each replica its own row."""
+    strategy = model.distribute_strategy
+    for variable, saved in zip(variables, values):
+        if len(saved) != strategy.num_replicas_in_sync:
+            raise ValueError(
+                f"The backup holds metric variable '{variable.path}' for {len(saved)} replicas; "
+                f"this run has {strategy.num_replicas_in_sync}. Resume with the "
+                "same number of replicas, or delete the backup directory."
+            )
+    if not multi_worker(model):
+        for variable, saved in zip(variables, values):
+            for part, value in zip(strategy.experimental_local_results(variable.value), saved):
+                part.assign(value)
+        return
     constants = [tf.constant(v) for v in values]
 
     def assign() -> None:
@@ -112,10 +129,10 @@ def assign_every_replica(
     strategy.run(assign)
 
 
-def lost_contact_message(strategy: tf.distribute.Strategy, error: Exception) -> str:
+def lost_contact_message(model: keras.Model, error: BaseException) -> str:
     first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     return (
-        f"Worker {task_id(strategy)} lost contact with the rest of the cluster "
+        f"Worker {task_id(model)} lost contact with the rest of the cluster "
         f"({type(error).__name__}: {first_line[:300]}): a worker stopped, or the "
         "network between them failed. The surviving workers cannot go on "
         "alone. Restart every worker with the same command; with "
@@ -125,7 +142,7 @@ def lost_contact_message(strategy: tf.distribute.Strategy, error: Exception) -> 
 
 
 # What a collective reports when a peer of the cluster is gone.
-LOST_CONTACT = (
+LOST_CONTACT: tuple[type[BaseException], ...] = (
     tf.errors.UnavailableError,
     tf.errors.DeadlineExceededError,
     tf.errors.CancelledError,

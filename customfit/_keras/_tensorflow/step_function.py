@@ -4,7 +4,7 @@ execution and the real batch number for `tf.summary`.
 Taken from Keras 3.15.1 (`keras/src/backend/tensorflow/trainer.py`,
 `TensorFlowTrainer._make_function`; Keras 3.12 to 3.15 have the same source,
 3.10 and 3.11 differ only in not converting `tf.experimental.Optional`
-inputs, which `internals.autoconvert_optionals` adapts). `versions.COPIES`
+inputs, which `trainer.autoconvert_optionals` adapts). `versions.COPIES`
 holds the hash of that source for each tested release, and customfit warns
 when the installed Keras has another.
 
@@ -36,11 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from customfit._keras import internals
+from customfit._keras._tensorflow import trainer
 
 
 def make_function(model: keras.Model, step_function: Callable, channel: Any) -> StepFunction:
@@ -58,13 +57,13 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
     def one_step_on_data(data: Any) -> Any:
         """Runs a single training step on a batch of data."""
         outputs = model.distribute_strategy.run(step_function, args=(data,))
-        return internals.reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
+        return trainer.reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
 
     if not model.run_eagerly:
         one_step_on_data = tf.function(
             one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
         )
-    one_step_on_data = internals.autoconvert_optionals(model, one_step_on_data)
+    one_step_on_data = trainer.autoconvert_optionals(model, one_step_on_data)
 
     def step_at(data: Any, summary: Any, offset: Any) -> Any:
         """`one_step_on_data(data)`; with `summary=(first_step, every)`, as
@@ -273,19 +272,3 @@ def layout(outputs: Any) -> list[tuple[str, tuple, Any]]:
         (name, tuple(outputs[name].shape), outputs[name].dtype.as_numpy_dtype)
         for name in tree.flatten({name: name for name in outputs})
     ]
-
-
-def row_logs(layout: list[tuple[str, tuple, Any]], row: list[float]) -> dict[str, Any]:
-    """One batch's logs back from its row: Python floats for scalars (as
-    Keras gives callbacks), arrays of the step's dtype otherwise. Exact: the
-    float64 copy of a float32 or int32 value is exact."""
-    logs: dict[str, Any] = {}
-    start = 0
-    for name, shape, dtype in layout:
-        size = int(np.prod(shape, dtype=np.int64))
-        if shape:
-            logs[name] = np.asarray(row[start : start + size]).astype(dtype).reshape(shape)
-        else:
-            logs[name] = row[start]
-        start += size
-    return logs

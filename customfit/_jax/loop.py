@@ -43,6 +43,8 @@ from customfit import _optimizers, _step
 from customfit._keras import internals
 from customfit._keras2 import track_loss
 
+END_OF_DATA: tuple[type[BaseException], ...] = ()
+
 # The `StatelessStep` running now (its variables are what the step reads).
 _running: list[StatelessStep] = []
 
@@ -127,7 +129,7 @@ def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: 
 
 
 def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
-    internals.symbolic_build(model, iterator=iterator, data_batch=data_batch)
+    internals.keras_symbolic_build(model, iterator=iterator, data_batch=data_batch)
 
 
 def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
@@ -475,3 +477,21 @@ def stateless_gradients(
 
     value, gradients = jax.value_and_grad(differentiated)(list(sources))
     return value, list(gradients)
+
+
+def recording_summaries() -> Any:
+    """Nothing to switch: Keras' TensorBoard callback on JAX writes no
+    summaries from inside the step."""
+    return contextlib.nullcontext()
+
+
+def enable_op_determinism() -> None:
+    """Nothing: XLA on CPU is deterministic."""
+
+
+def two_replicas() -> None:
+    """`DataParallel` over the two CPU devices `XLA_FLAGS` asked for, set
+    globally."""
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")[:2])
+    )

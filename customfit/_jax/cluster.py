@@ -1,0 +1,87 @@
+"""The processes of a JAX run (the `Cluster` contract on JAX).
+
+`keras.distribution.initialize` joins several processes into one JAX
+runtime; each runs the same `fit`. Process 0 writes the files; every other
+process runs the same saving code into a private temporary directory that
+is deleted afterwards, as on TensorFlow. A step sees the whole batch, so a
+variable holds one global value: "every replica" is one row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import keras
+import numpy as np
+from jax.experimental import multihost_utils
+
+# What a collective raises when a peer process is gone.
+LOST_CONTACT: tuple[type[BaseException], ...] = (jax.errors.JaxRuntimeError,)
+
+
+def multi_worker(model: keras.Model) -> bool:
+    return jax.process_count() > 1
+
+
+def is_chief(model: keras.Model) -> bool:
+    return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def written_to(path: str, model: keras.Model) -> Iterator[str]:
+    """`path` itself on process 0, a file of the same name in a private
+    temporary directory on the others (deleted when the block ends)."""
+    if is_chief(model):
+        yield path
+        return
+    directory = tempfile.mkdtemp(prefix=f"customfit-process-{jax.process_index()}-")
+    try:
+        yield os.path.join(directory, os.path.basename(path))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def agreed(values: list[int], model: keras.Model) -> bool:
+    if not multi_worker(model):
+        return True
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([values], np.int64)))
+    every = every.reshape(jax.process_count(), -1)
+    return bool((every == every[0]).all())
+
+
+def _global_value(value: jax.Array) -> np.ndarray:
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def every_replica(model: keras.Model, variables: list) -> list[np.ndarray]:
+    return [_global_value(v.value)[None] for v in variables]
+
+
+def assign_every_replica(model: keras.Model, variables: list, values: list[np.ndarray]) -> None:
+    for variable, saved in zip(variables, values):
+        if len(saved) != 1:
+            raise ValueError(
+                f"The backup holds metric variable '{variable.path}' for {len(saved)} "
+                "replicas (written under tf.distribute); on JAX a step sees the "
+                "whole batch. Resume under the backend that wrote it, or delete "
+                "the backup directory."
+            )
+        variable.assign(saved[0])
+
+
+def lost_contact_message(model: keras.Model, error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return (
+        f"Process {jax.process_index()} lost contact with the other processes "
+        f"({type(error).__name__}: {first_line[:300]}): a process stopped, or "
+        "the network between them failed. Restart every process with the same "
+        "command; with customfit.callbacks.BackupAndRestore among the "
+        "callbacks, training resumes from its last backup on all of them."
+    )

@@ -1,0 +1,8 @@
+"""customfit on Keras' TensorFlow backend: the loop contract
+(`customfit._contract`) with `tf.function` steps and `tf.distribute`.
+
+- `loop`: `Loop`, the steps compiled by `_keras._tensorflow.step_function`;
+- `replicas`: `Replicas`, a step's replicas under `tf.distribute`;
+- `cluster`: `Cluster`, the workers of a `MultiWorkerMirroredStrategy`;
+- `guards`: the first training step's checks for two silent mistakes.
+"""
