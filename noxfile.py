@@ -142,11 +142,14 @@ DOCS = ("mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff's lint rules and format, and mypy, over customfit/ (configured in
-    pyproject.toml). TensorFlow and Keras are untyped, so neither is needed."""
+    pyproject.toml), and `tools/check_imports.py` (each backend library
+    imported in its own package only). TensorFlow and Keras are untyped, so
+    neither is needed."""
     session.install(*LINT)
     session.run("ruff", "check", "customfit")
     session.run("ruff", "format", "--check", "customfit")
     session.run("mypy")
+    session.run("python", "tools/check_imports.py")
 
 
 @nox.session
