@@ -24,6 +24,13 @@ Recipes are written once with this module's `gradients`,
 same functions); their own state (`CustomModel._step_variables`) goes in and
 out of the compiled step with the other extras.
 
+A step written for stock Keras' JAX trainer, `train_step(self, state,
+data)` (also `test_step`, `predict_step`), threads the state by hand, as
+in the keras-io guide "Customizing what happens in fit() with JAX": it is
+compiled by Keras' own `make_train_function` (`make_test_function`,
+`make_predict_function`), so it runs exactly as on `keras.Model`, and
+nothing of this module runs inside it (`stateless_override`).
+
 What stays with the TensorFlow loop: the per-batch callback replay under
 `steps_per_execution > 1` (callbacks see one call per execution, as in stock
 Keras on JAX), `steps_per_execution="auto"`, `fit`'s run modes, the first
@@ -33,6 +40,7 @@ step's guards and `customfit.callbacks`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -163,16 +171,48 @@ def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: lis
 
 
 def make_train_function(model: keras.Model) -> Callable:
+    if stateless_override(model, "train_step"):
+        keras.Model.make_train_function(model, force=True)
+        return model.train_function
     _optimizers.build_unbuilt(model)
     return StatelessStep(model, "train")
 
 
 def make_test_function(model: keras.Model) -> Callable:
+    if stateless_override(model, "test_step"):
+        keras.Model.make_test_function(model, force=True)
+        return model.test_function
     return StatelessStep(model, "test")
 
 
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
+    if stateless_override(model, "predict_step"):
+        keras_make()
+        return model.predict_function
     return StatelessStep(model, "predict")
+
+
+def stateless_override(model: keras.Model, step: str) -> bool:
+    """Whether the model's `step` (`"train_step"`, `"test_step"`,
+    `"predict_step"`) is written for stock Keras' JAX trainer:
+    `step(self, state, data) -> (outputs, state)`, which needs two positional
+    arguments where customfit's steps take one (`data`).
+
+    Such a step threads every variable by hand, so Keras' JAX trainer runs
+    it: its `make_train_function` (`make_test_function`,
+    `make_predict_function`) compiles and calls it exactly as for
+    `keras.Model`. customfit adds nothing inside it: no hooks, `log`,
+    Keras-2 helpers (they assign variables), other optimizers' state,
+    recipe state or checks after each execution; everything outside the
+    step (the rest of `fit`, `evaluate`, saving) stays as for any
+    `CustomModel`."""
+    try:
+        parameters = inspect.signature(getattr(model, step)).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: customfit's way
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
+    return len(required) >= 2
 
 
 class StatelessStep:
