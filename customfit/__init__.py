@@ -1,7 +1,6 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
-from customfit import recipes
-from customfit._backend import BACKEND
+from customfit import callbacks, recipes
 from customfit._errors import (
     CompatibilityWarning,
     Preempted,
@@ -17,6 +16,7 @@ __version__ = "0.6.0"
 __all__ = [
     "CompatibilityWarning",
     "CustomModel",
+    "callbacks",
     "Preempted",
     "ResumeWarning",
     "SavingWarning",
@@ -27,17 +27,11 @@ __all__ = [
     "__version__",
 ]
 
-if BACKEND == "tensorflow":
-    from customfit import callbacks  # noqa: F401 (in __all__ on TensorFlow)
-
-    __all__.insert(2, "callbacks")
-
 
 def __getattr__(name: str) -> object:
     # Imported when first used: `customfit.testing` serves a user's tests,
-    # not training; on JAX, `customfit.callbacks` is not imported up front,
-    # and importing it says what it needs.
-    if name in ("callbacks", "testing"):
+    # not training.
+    if name == "testing":
         import importlib
 
         return importlib.import_module(f"customfit.{name}")

@@ -56,6 +56,14 @@ _LOGS_ONLY = (
 _SAVING_EVERY_N_BATCHES = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
 
 
+def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
+    """`compile(steps_per_execution=value)`: a number, or `AUTO`."""
+    auto = value == AUTO
+    # Plain attributes: settings, not state to track or save.
+    object.__setattr__(model, "_fixed_steps_per_execution", 1 if auto else value)
+    object.__setattr__(model, "_auto_steps", AutoStepsPerExecution() if auto else None)
+
+
 class StepsTuner:
     """Chooses the number of batches per execution of one phase from the
     wall time of executions.
@@ -142,6 +150,7 @@ class ExecutionPlan:
         model: keras.Model,
         phase: str,
         callbacks: list,
+        channel: Any,
         limits: Sequence[Callable[[int], int | None]] = (),
     ) -> None:
         auto = model._auto_steps
@@ -149,7 +158,7 @@ class ExecutionPlan:
         self.tuner = auto.tuners[phase]
         self.limits: list[Callable[[int], int | None]] = list(limits)
         self.blocking: list[str] = []
-        self._channel = model._per_batch_channel
+        self._channel = channel  # the call's `_per_batch.Channel`
         self._last: tuple[int, float] | None = None  # (steps, start) of the running execution
         for callback in callbacks:
             limit = _execution_limit(callback, phase)

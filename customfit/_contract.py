@@ -38,35 +38,17 @@ class Loop(Protocol):
     def init(self, model: keras.Model) -> None:
         """Called once, in `CustomModel.__init__`."""
 
-    def set_steps_per_execution(self, model: keras.Model, value: int | str) -> None:
-        """`compile(steps_per_execution=value)`; raises for a value the
-        backend cannot run, before any step."""
+    # ---- running a call (`_call.Call` owns it)
 
-    # ---- running a call
-
-    def fit(
-        self,
-        model: keras.Model,
-        keras_fit: Callable,
-        args: tuple,
-        kwargs: dict,
-        quick_run: int | None,
-        overfit_batches: int | None,
-        validate_every_n_batches: int | None,
-    ) -> keras.callbacks.History: ...
-
-    def evaluate(
-        self, model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict
-    ) -> Any: ...
-
-    def train_on_batch(
-        self, model: keras.Model, keras_train_on_batch: Callable, args: tuple, kwargs: dict
-    ) -> Any: ...
+    def call_scope(self, model: keras.Model) -> AbstractContextManager:
+        """What the backend needs around Keras' own `fit`, `evaluate`,
+        `predict` and `train_on_batch`."""
 
     def symbolic_build(
         self, model: keras.Model, iterator: Any = None, data_batch: Any = None
     ) -> None:
-        """Keras' `_symbolic_build`, where the call learns its data."""
+        """Keras' `_maybe_symbolic_build`, where the running call learns its
+        data (`_call.symbolic_build`)."""
 
     def make_train_function(self, model: keras.Model) -> Callable: ...
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import keras
 
-from customfit import _optimizers, _saving, _step
+from customfit import _auto_steps, _call, _dev_modes, _optimizers, _saving, _step
 from customfit._backend import loop
 from customfit._keras import internals, versions
 from customfit._keras2 import (
@@ -493,7 +493,7 @@ class CustomModel(keras.Model):
 
     @steps_per_execution.setter
     def steps_per_execution(self, value: int | str) -> None:
-        loop.set_steps_per_execution(self, value)
+        _auto_steps.set_steps_per_execution(self, value)
 
     def make_train_function(self, force: bool = False) -> Callable:
         if self.train_function is None or force:
@@ -554,27 +554,25 @@ class CustomModel(keras.Model):
         """
         self._require_compiled("fit")
         versions.check_once()
-        return loop.fit(
-            self,
-            super().fit,
-            args,
-            kwargs,
-            quick_run=quick_run,
-            overfit_batches=overfit_batches,
-            validate_every_n_batches=validate_every_n_batches,
-        )
+        modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
+        return _call.Call(self, "fit", args, kwargs, modes).run(super().fit)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Keras' `evaluate`; callbacks see every batch, also with
         `steps_per_execution > 1`."""
         self._require_compiled("evaluate")
         versions.check_once()
-        return loop.evaluate(self, super().evaluate, args, kwargs)
+        return _call.Call(self, "evaluate", args, kwargs).run(super().evaluate)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras' `predict`."""
+        return _call.Call(self, "predict", args, kwargs).run(super().predict)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("train_on_batch")
         with self._step_logs.in_phase("train"):
-            return loop.train_on_batch(self, super().train_on_batch, args, kwargs)
+            with loop.call_scope(self):
+                return super().train_on_batch(*args, **kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self._require_compiled("test_on_batch")

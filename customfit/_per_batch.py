@@ -38,8 +38,8 @@ from customfit._keras import internals
 
 
 class Channel:
-    """What a model's step functions and its `PerBatchCallbacks` pass each
-    other around one execution.
+    """What the step functions and the `PerBatchCallbacks` of one call (see
+    `_call.Call`) pass each other around an execution.
 
     Attributes:
         summary: Set before an execution: None (leave `tf.summary` state as
@@ -48,7 +48,8 @@ class Channel:
         rows: Set by the step function after an execution with more than one
             step: `(layout, stacked)`, `stacked[i]` the flattened logs after
             the execution's `i`-th batch, `layout` their names, shapes and
-            dtypes (see `row_logs`). None otherwise.
+            dtypes (see `row_logs`); or a list, each batch's logs as the
+            step returned them. None otherwise.
         steps: Set before an execution when the number of batches varies
             from one execution to the next (`steps_per_execution="auto"`):
             how many the next one runs (fewer when the data end). None: the
@@ -57,12 +58,16 @@ class Channel:
 
     def __init__(self) -> None:
         self.summary: tuple[int, int] | None = None
-        self.rows: tuple[list, Any] | None = None
+        self.rows: tuple[list, Any] | list[dict] | None = None
         self.steps: int | None = None
 
-    def take_rows(self) -> tuple[list, Any] | None:
+    def take_batch_logs(self) -> list[dict] | None:
+        """Each batch's logs of the execution that ran last, once."""
         rows, self.rows = self.rows, None
-        return rows
+        if rows is None or isinstance(rows, list):
+            return rows
+        layout, stacked = rows
+        return [row_logs(layout, row) for row in np.asarray(stacked).tolist()]
 
 
 # -------------------------------------------------------------- callbacks
@@ -100,7 +105,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         **list_kwargs: Any,
     ) -> None:
         # Deliberately not CallbackList.__init__: see `build`.
-        self._channel = channel
+        self.channel = channel
         self._raw_callbacks = callbacks
         self._list_class = list_class
         self._list_kwargs = list_kwargs
@@ -167,31 +172,29 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         batch = self._after_short.pop(phase, batch)
         getattr(self.inner, f"on_{phase}_batch_begin")(batch, logs)
         self._first_batch[phase] = batch
-        self._channel.summary = self._summary_config(phase)
+        self.channel.summary = self._summary_config(phase)
 
     def _end(self, phase: str, batch: int, logs: dict | None) -> None:
-        self._channel.summary = None
+        self.channel.summary = None
         # Read now: a callback may run `evaluate` during the replay below.
-        planned = self._channel.steps or self.inner.model.steps_per_execution
-        rows = self._channel.take_rows()
+        planned = self.channel.steps or self.inner.model.steps_per_execution
+        every_batch = self.channel.take_batch_logs()
         end = getattr(self.inner, f"on_{phase}_batch_end")
-        if rows is None:
+        if every_batch is None:
             end(batch, logs)
             return
-        layout, stacked = rows
         begin = getattr(self.inner, f"on_{phase}_batch_begin")
         first = self._first_batch[phase]
-        rows = np.asarray(stacked).tolist()
-        for offset, row in enumerate(rows):
+        for offset, batch_logs in enumerate(every_batch):
             if offset:
                 self.replaying = True
                 try:
                     begin(first + offset)
                 finally:
                     self.replaying = False
-            end(first + offset, row_logs(layout, row))
-        if len(rows) < planned:
-            self._after_short[phase] = first + len(rows)
+            end(first + offset, batch_logs)
+        if len(every_batch) < planned:
+            self._after_short[phase] = first + len(every_batch)
 
     def _tensorboard(self) -> keras.callbacks.TensorBoard | None:
         """The TensorBoard callback whose writer is the default during a

@@ -16,10 +16,6 @@
 
 from __future__ import annotations
 
-from customfit._backend import require_tensorflow
-
-require_tensorflow("customfit.callbacks")
-
 import json
 import os
 import shutil
@@ -31,7 +27,7 @@ from typing import Any, cast
 import keras
 import numpy as np
 
-from customfit import _auto_steps, _fit_call, _optimizers, _resume
+from customfit import _auto_steps, _call, _optimizers, _resume
 from customfit._backend import cluster
 from customfit._errors import Preempted, ResumeWarning
 from customfit._keras import internals
@@ -269,7 +265,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "model.build(input_shape). Nothing was trained."
             )
         _require_writable_directory(self.backup_dir, "BackupAndRestore", self.model)
-        if self.save_freq != "epoch" and _fit_call.resume_of(self.model) is None:
+        if self.save_freq != "epoch" and _call.resume_of(self.model) is None:
             raise ValueError(
                 f"BackupAndRestore(save_freq={self.save_freq}) resumes "
                 "mid-epoch through CustomModel.fit; this model is a "
@@ -299,7 +295,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         epoch, batch = state["epoch"], state.get("batch", 0)
         internals.set_initial_epoch(self.model, epoch)
         _resume.restore_global_state(saved)
-        resume = _fit_call.resume_of(self.model)
+        resume = _call.resume_of(self.model)
         if resume is not None:
             resume.restore(epoch, batch, saved)
         elif batch:
@@ -330,7 +326,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Runs before each batch: if SIGTERM arrived, saves the state after
         the previous batches and stops `fit`; with `save_freq=N`, saves it
         once N more batches have run since the last backup."""
-        if _fit_call.replayed_begin(self.model):
+        if _call.replayed_begin(self.model):
             return  # replayed after its execution ran: not the state before it
         if self._sigterm_requested():
             inexact = self._mid_epoch_backup_refused()
@@ -393,7 +389,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.model.save_weights(temporary)
         # Any values: numpy's stubs would match an ndarray to savez's allow_pickle.
         saved: dict[str, Any] = _resume.capture_state(
-            self.model, batch, _fit_call.resume_of(self.model)
+            self.model, batch, _call.resume_of(self.model)
         )
         if not cluster.is_chief(self.model):
             return
@@ -422,14 +418,14 @@ class BackupAndRestore(keras.callbacks.Callback):
                 os.remove(os.path.join(self.backup_dir, name))
 
     def _sigterm_requested(self) -> bool:
-        resume = _fit_call.resume_of(self.model)
+        resume = _call.resume_of(self.model)
         return resume is not None and resume.sigterm.requested
 
     def _mid_epoch_backup_refused(self) -> str | None:
         """Why a backup taken now, mid-epoch, would not resume exactly, or
         None. With `save_freq=N` such backups are taken anyway (`fit` warned
         when it started)."""
-        resume = cast(_resume.FitResume, _fit_call.resume_of(self.model))
+        resume = cast(_resume.FitResume, _call.resume_of(self.model))
         if resume.callbacks is None:
             return "fit got a keras.callbacks.CallbackList, not a list of callbacks"
         if self.save_freq == "epoch" and resume.inexact:
@@ -440,7 +436,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Ends `fit` for the SIGTERM; the backup on disk (if any) holds the
         state a restart begins with. `not_backed_up`: why the batches since
         that backup were not backed up."""
-        sigterm = cast(_resume.FitResume, _fit_call.resume_of(self.model)).sigterm
+        sigterm = cast(_resume.FitResume, _call.resume_of(self.model)).sigterm
         sigterm.acted()
         sigterm.call_previous_handler()
         if self._backed_up_at is None:

@@ -31,10 +31,10 @@ compiled by Keras' own `make_train_function` (`make_test_function`,
 `make_predict_function`), so it runs exactly as on `keras.Model`, and
 nothing of this module runs inside it (`stateless_override`).
 
-What stays with the TensorFlow loop: the per-batch callback replay under
-`steps_per_execution > 1` (callbacks see one call per execution, as in stock
-Keras on JAX), `steps_per_execution="auto"`, `fit`'s run modes, the first
-step's guards and `customfit.callbacks`.
+An execution of `steps_per_execution` batches (or, with "auto", as many as
+the call's `Channel` says) runs the jitted one-batch step once per batch, as
+Keras' JAX `_make_function` does, and hands every batch's logs to the
+call's `PerBatchCallbacks` through that `Channel`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import keras
 
-from customfit import _optimizers, _step
+from customfit import _call, _optimizers, _step
 from customfit._keras import internals
 from customfit._keras2 import track_loss
 
@@ -87,57 +87,15 @@ def gradients_rescaled(optimizer: Any) -> None:
     """Nothing: the first step's guards are TensorFlow's."""
 
 
-def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
-    if value == "auto":
-        raise ValueError(
-            'steps_per_execution="auto" needs Keras\' TensorFlow backend '
-            "(customfit replays every batch of an execution to the callbacks "
-            "there). On JAX, pass a number, e.g. steps_per_execution=32: "
-            "callbacks then see one call per execution, as in stock Keras."
-        )
-    # Plain attribute: a setting, not state to track or save.
-    object.__setattr__(model, "_fixed_steps_per_execution", value)
-
-
-def fit(
-    model: keras.Model,
-    keras_fit: Callable,
-    args: tuple,
-    kwargs: dict,
-    quick_run: int | None,
-    overfit_batches: int | None,
-    validate_every_n_batches: int | None,
-) -> keras.callbacks.History:
-    modes = {
-        "quick_run": quick_run,
-        "overfit_batches": overfit_batches,
-        "validate_every_n_batches": validate_every_n_batches,
-    }
-    for name, value in modes.items():
-        if value is not None:
-            raise NotImplementedError(
-                f"fit({name}=...) needs Keras' TensorFlow backend. On JAX, "
-                "use steps_per_epoch= and validation_steps= for a short run."
-            )
-    with internals.jax_optimizer_stand_in(model):
-        return keras_fit(*args, **kwargs)
-
-
-def train_on_batch(
-    model: keras.Model, keras_train_on_batch: Callable, args: tuple, kwargs: dict
-) -> Any:
-    with internals.jax_optimizer_stand_in(model):
-        return keras_train_on_batch(*args, **kwargs)
-
-
-def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
-    # The results Keras reads after the last batch are the test phase's.
-    with model._step_logs.in_phase("test"):
-        return keras_evaluate(*args, **kwargs)
+def call_scope(model: keras.Model) -> Any:
+    """Keras' JAX `fit`, `evaluate` and `train_on_batch` read
+    `model.optimizer.variables`, also for a model whose optimizers are all
+    held elsewhere (`recipes.GAN`): a stand-in while they run."""
+    return internals.jax_optimizer_stand_in(model)
 
 
 def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
-    internals.keras_symbolic_build(model, iterator=iterator, data_batch=data_batch)
+    _call.symbolic_build(model, internals.keras_symbolic_build, iterator, data_batch)
 
 
 def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
@@ -239,9 +197,10 @@ class StatelessStep:
         self.extras: list[keras.Variable] | None = None
         self._compiled: Callable | None = None
         self.after_each_execution: list[Callable[[], None]] = []
-        self._step = internals.make_jax_function(
-            model, self._one_batch, concatenate_outputs=phase == "predict"
-        )
+        if phase == "predict":
+            self._step = internals.make_jax_function(model, self._one_batch, True)
+        else:
+            self._step = self._execution
 
     def __call__(self, state: Any, iterator: Any) -> Any:
         extra_values = None if self.extras is None else [v.value for v in self.extras]
@@ -259,6 +218,28 @@ class StatelessStep:
             self._put_back(new_state)
             raise
         return outputs, new_state
+
+    def _execution(self, packed: tuple[Any, Any], iterator: Any) -> tuple[Any, Any]:
+        """Keras' JAX `_make_function` for a train or test step: the step
+        on the next batch, then on each following one up to the execution's
+        number or the end of the data; with more than one planned, every
+        batch's logs go to the call's `Channel`."""
+        channel = _call.channel_of(self._model)
+        steps = (channel.steps if channel is not None else None) or (
+            self._model.steps_per_execution
+        )
+        outputs, packed = self._one_batch(packed, next(iterator))
+        every_batch = [outputs]
+        for _ in range(steps - 1):
+            try:
+                data = next(iterator)
+            except StopIteration:
+                break
+            outputs, packed = self._one_batch(packed, data)
+            every_batch.append(outputs)
+        if channel is not None and steps > 1:
+            channel.rows = every_batch
+        return outputs, packed
 
     def _put_back(self, state: Any) -> None:
         """Keras' JAX `fit` takes the values out of the variables while it

@@ -3,9 +3,8 @@ compiled and run by `fit` (see `customfit._backend`).
 
 Each batch's step runs inside a `tf.function` made by
 `_keras.step_function`, replaying every batch to the callbacks
-(`_per_batch`); `fit` and `evaluate` are run by one `_fit_call.FitCall`
-each, which owns the call's state (dev run modes, resuming, the
-`steps_per_execution="auto"` plan, the cluster).
+(`_per_batch`), through the `Channel` of the call running
+(`_call.channel_of`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from customfit import _auto_steps, _dev_modes, _fit_call, _optimizers, _per_batch, _step
+from customfit import _call, _optimizers, _step
 from customfit._keras._tensorflow import step_function, trainer
 from customfit._tensorflow import guards
 
@@ -25,8 +24,7 @@ END_OF_DATA: tuple[type[BaseException], ...] = (tf.errors.OutOfRangeError,)
 
 
 def init(model: keras.Model) -> None:
-    """The plain attributes the TensorFlow loop keeps on a model."""
-    object.__setattr__(model, "_per_batch_channel", _per_batch.Channel())
+    """Nothing: a call's state is its `_call.Call`'s."""
 
 
 def loss_gradients(
@@ -87,13 +85,6 @@ def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: lis
     optimizer.apply(gradients, variables)
 
 
-def set_steps_per_execution(model: keras.Model, value: int | str) -> None:
-    auto = value == _auto_steps.AUTO
-    # Plain attributes: settings, not state to track or save.
-    object.__setattr__(model, "_fixed_steps_per_execution", 1 if auto else value)
-    object.__setattr__(model, "_auto_steps", _auto_steps.AutoStepsPerExecution() if auto else None)
-
-
 def make_train_function(model: keras.Model) -> Callable:
     # Every optimizer over all trainable weights, now, as Keras builds
     # `self.optimizer` under a distribution strategy, in
@@ -102,13 +93,13 @@ def make_train_function(model: keras.Model) -> Callable:
     # model can take back.
     _optimizers.build_unbuilt(model)
     return step_function.make_function(
-        model, _checked(model, model.train_step, "train"), model._per_batch_channel
+        model, _checked(model, model.train_step, "train"), lambda: _call.channel_of(model)
     )
 
 
 def make_test_function(model: keras.Model) -> Callable:
     return step_function.make_function(
-        model, _checked(model, model.test_step, "test"), model._per_batch_channel
+        model, _checked(model, model.test_step, "test"), lambda: _call.channel_of(model)
     )
 
 
@@ -118,36 +109,13 @@ def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
     return model.predict_function
 
 
-def fit(
-    model: keras.Model,
-    keras_fit: Callable,
-    args: tuple,
-    kwargs: dict,
-    quick_run: int | None,
-    overfit_batches: int | None,
-    validate_every_n_batches: int | None,
-) -> keras.callbacks.History:
-    modes = _dev_modes.DevModes(quick_run, overfit_batches, validate_every_n_batches)
-    return _fit_call.FitCall(model, "fit", args, kwargs, modes).run(keras_fit)
-
-
-def train_on_batch(
-    model: keras.Model, keras_train_on_batch: Callable, args: tuple, kwargs: dict
-) -> Any:
-    return keras_train_on_batch(*args, **kwargs)
-
-
-def evaluate(model: keras.Model, keras_evaluate: Callable, args: tuple, kwargs: dict) -> Any:
-    return _fit_call.FitCall(model, "evaluate", args, kwargs).run(keras_evaluate)
+def call_scope(model: keras.Model) -> Any:
+    """Nothing around Keras' own `fit`, `evaluate` and `predict`."""
+    return contextlib.nullcontext()
 
 
 def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
-    call = _fit_call.FitCall.current(model)
-    if call is not None:
-        call.saw_epoch_iterator(iterator)
-    trainer.symbolic_build(model, iterator=iterator, data_batch=data_batch)
-    if call is not None:
-        call.batches_known(iterator)  # Keras makes its CallbackList right after
+    _call.symbolic_build(model, trainer.symbolic_build, iterator, data_batch)
 
 
 def _checked(model: keras.Model, step: Callable, phase: str) -> Callable:

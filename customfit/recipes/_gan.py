@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import keras
@@ -13,6 +14,12 @@ from customfit._backend import loop, replicas
 from customfit._keras import internals
 from customfit._model import CustomModel, Tensor
 from customfit.recipes._wrapped import deserialize_wrapped, serialize_wrapped
+
+# Which discriminator update of the step runs (`gradient_penalty` draws its
+# interpolation weights for it): step-local, not model state.
+_DISCRIMINATOR_UPDATE: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "customfit_gan_discriminator_update", default=0
+)
 
 
 @keras.saving.register_keras_serializable(package="customfit")
@@ -144,7 +151,6 @@ class GAN(CustomModel):
             name="steps",
             aggregation="only_first_replica",
         )
-        object.__setattr__(self, "_discriminator_update", 0)  # see train_step
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
         # Keras optimizers once compiled (Any: Keras is untyped, and the
@@ -298,7 +304,7 @@ class GAN(CustomModel):
         if self.gradient_penalty_weight == 0:
             return ops.zeros((), "float32")
         batch = ops.shape(real)[0]
-        eps = self._noise(batch, [], "interpolation", self._discriminator_update)
+        eps = self._noise(batch, [], "interpolation", _DISCRIMINATOR_UPDATE.get())
         eps = ops.reshape(eps, (-1,) + (1,) * (len(real.shape) - 1))
         real = ops.cast(real, "float32")
         interpolated = real + eps * (ops.cast(fake, "float32") - real)
@@ -331,8 +337,6 @@ class GAN(CustomModel):
         g_vars = self.generator.trainable_weights
 
         for update in range(self.discriminator_steps):
-            # The step is traced once: `update` is a Python int here.
-            object.__setattr__(self, "_discriminator_update", update)
             z = self._latent(batch, stream=update)
 
             def discriminator_objective(z: Tensor = z) -> tuple[Tensor, tuple]:
@@ -347,7 +351,13 @@ class GAN(CustomModel):
                 d_loss = self._replica_loss(d_loss)
                 return self.discriminator_optimizer.scale_loss(d_loss), (d_loss, penalty)
 
-            (d_loss, penalty), grads = loop.gradients(discriminator_objective, d_vars)
+            # The step is traced once: `update` is a Python int here, read by
+            # `gradient_penalty`'s noise.
+            running = _DISCRIMINATOR_UPDATE.set(update)
+            try:
+                (d_loss, penalty), grads = loop.gradients(discriminator_objective, d_vars)
+            finally:
+                _DISCRIMINATOR_UPDATE.reset(running)
             self._update(self.discriminator_optimizer, grads, d_vars)
 
         z = self._latent(batch, stream=self.discriminator_steps)

@@ -42,12 +42,16 @@ from keras import tree
 from customfit._keras._tensorflow import trainer
 
 
-def make_function(model: keras.Model, step_function: Callable, channel: Any) -> StepFunction:
+def make_function(
+    model: keras.Model, step_function: Callable, channel_of: Callable[[], Any]
+) -> StepFunction:
     """Keras' `_make_function(step_function)`, with per-step logs and the
     real batch step for summaries (see the module docstring).
 
-    `channel` carries the summary configuration in (`channel.summary`) and
-    an execution's rows out (`channel.rows`); see `_per_batch.Channel`. The
+    `channel_of()` is the `_per_batch.Channel` of the call running (None
+    outside `fit` and `evaluate`), which carries the summary configuration
+    in (`channel.summary`), the batches to run (`channel.steps`) and an
+    execution's rows out (`channel.rows`). The
     single step (`strategy.run`, Keras' reduction of the logs,
     `tf.function`/XLA) is Keras' as it is. The multi-step loop fetches and
     runs the same batches in the same order.
@@ -186,33 +190,39 @@ def make_function(model: keras.Model, step_function: Callable, channel: Any) -> 
         return tf_iterator_types[kind]
 
     def function(iterator: Any) -> Any:
-        channel.rows = None
+        channel = channel_of()
+        summary = steps = None
+        if channel is not None:
+            channel.rows = None
+            summary, steps = channel.summary, channel.steps
         if is_tf_iterator(iterator):
             arguments = [iterator]
-            if channel.summary is not None:
-                first_step, every = channel.summary
+            if summary is not None:
+                first_step, every = summary
                 arguments.append((tf.constant(first_step, tf.int64), tf.constant(every, tf.int64)))
-            if channel.steps is not None:
-                arguments.append(tf.constant(channel.steps, tf.int32))
-            run = multi_step(channel.summary is not None, channel.steps is not None)
+            if steps is not None:
+                arguments.append(tf.constant(steps, tf.int32))
+            run = multi_step(summary is not None, steps is not None)
             opt_outputs, stacked = run(*arguments), None
             if isinstance(opt_outputs, tuple):
                 opt_outputs, stacked = opt_outputs
             if not opt_outputs.has_value():
                 raise StopIteration
             outputs = opt_outputs.get_value()
-            if stacked is not None:
+            if stacked is not None and channel is not None:
                 channel.rows = (layout(outputs), stacked)
             return outputs
-        for _, data in zip(range(channel.steps or model.steps_per_execution), iterator):
+        for _, data in zip(range(steps or model.steps_per_execution), iterator):
             outputs = one_step_on_data(data)
         return outputs
 
     def trace_ahead(iterator: Any) -> bool:
         if model.run_eagerly:
             return False
-        run = multi_step(False, channel.steps is not None)
-        if channel.steps is None:
+        channel = channel_of()
+        steps = None if channel is None else channel.steps
+        run = multi_step(False, steps is not None)
+        if steps is None:
             run.get_concrete_function(iterator)
         else:
             run.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
