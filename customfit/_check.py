@@ -204,11 +204,14 @@ def stack_lines(found: list[str]) -> list[str]:
     tested = f"Keras {_releases(versions.TESTED_KERAS)}" + (
         f" and TensorFlow {_releases(versions.TESTED_TENSORFLOW)}" if tensorflow else ""
     )
-    copies = f"the {len(versions.COPIES)} Keras functions customfit copies or reproduces"
-    if not tensorflow:
-        code = f"Copied Keras code: not compared on {keras.backend.backend()}, where customfit "
-        code += "calls Keras' own loop."
-    elif found:
+    # The installed backend's `COPIES`: on JAX, Keras' JAX trainer (its
+    # stateless step, `fit`, state handling) and the backend-neutral code.
+    copies = f"the {len(versions.COPIES)} Keras functions customfit " + (
+        "copies or reproduces"
+        if tensorflow
+        else f"reproduces or relies on with Keras' {BACKEND.upper()} trainer"
+    )
+    if found:
         code = f"Copied Keras code: the source of {copies}, compared with the tested releases'."
     else:
         code = f"Copied Keras code: {copies} have their source in a tested release."

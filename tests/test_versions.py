@@ -2,6 +2,7 @@
 is tested with, or when a Keras function it copies has changed."""
 
 import dataclasses
+import inspect
 import warnings
 
 import keras
@@ -21,6 +22,20 @@ def fresh_check(monkeypatch):
 
 def test_the_installed_stack_is_a_tested_one():
     assert versions.problems() == []
+
+
+def test_the_tensorflow_entries_are_compared_on_tensorflow():
+    """`COPIES` is the installed backend's; each `keras.Model.<name>` the
+    TensorFlow loop copies is hashed from Keras' TensorFlow trainer."""
+    assert versions.COPIES == versions.copies_on("tensorflow")
+    assert versions.COPIES[0].keras_name == "keras.Model._make_function"
+    assert all("tensorflow" in copy.backends for copy in versions.COPIES)
+    assert len(versions.ALL_COPIES) > len(versions.COPIES)  # and JAX's
+    for name in ("_make_function", "train_step", "test_step", "fit", "evaluate",
+                 "_maybe_symbolic_build"):
+        (copy,) = [c for c in versions.COPIES if c.keras_name == f"keras.Model.{name}"]
+        path = inspect.getsourcefile(inspect.unwrap(copy.find())).replace("\\", "/")
+        assert path.endswith("keras/src/backend/tensorflow/trainer.py"), (name, path)
 
 
 def test_release_reads_dev_and_rc_versions():
@@ -68,6 +83,16 @@ def test_a_missing_keras_function_is_named(fresh_check, monkeypatch):
     monkeypatch.setattr(versions, "COPIES", (missing,))
     assert (f"Keras {keras.version()} has no keras.Model._make_function, which "
             "_keras._tensorflow.step_function.make_function reproduces." in versions.problems())
+
+
+def test_a_function_absent_from_a_tested_release_may_be_absent(monkeypatch):
+    def gone():
+        raise AttributeError("no such function")
+
+    copy = dataclasses.replace(versions.COPIES[0], find=gone,
+                               known={versions.ABSENT: "3.10", "0" * 16: "3.11 to 3.15"})
+    monkeypatch.setattr(versions, "COPIES", (copy,))
+    assert versions.problems() == []
 
 
 @pytest.mark.slow
