@@ -358,6 +358,17 @@ ALL_COPIES = (
         JAX,
     ),
     Copy(
+        "keras.Model._symbolic_build",
+        "_call.symbolic_build (where a call learns its data; the JAX trainer calls it directly)",
+        _attribute("keras", "Model", "_symbolic_build"),
+        {
+            "330210b83242a6af": "3.10",
+            "9e2c2441c8d68292": "3.11 to 3.13",
+            "96220cc3b88fe768": "3.14, 3.15",
+        },
+        JAX,
+    ),
+    Copy(
         "keras.Model.stateless_compute_loss",
         "_jax.loop.loss_gradients (the loss in the step's scope)",
         _attribute("keras", "Model", "stateless_compute_loss"),
