@@ -172,8 +172,8 @@ def channel_of(model: keras.Model) -> _per_batch.Channel | None:
 def symbolic_build(
     model: keras.Model, build: Callable[..., None], iterator: Any, data_batch: Any
 ) -> None:
-    """Keras' `_maybe_symbolic_build` (`build`), between which the call
-    learns its epoch iterator and its number of batches."""
+    """Keras' symbolic build (`build`, the backend's), before and after
+    which the call learns its epoch iterator and its number of batches."""
     call = innermost(model)
     if call is not None:
         call.saw_epoch_iterator(iterator)

@@ -44,11 +44,17 @@ class Loop(Protocol):
         """What the backend needs around Keras' own `fit`, `evaluate`,
         `predict` and `train_on_batch`."""
 
+    def maybe_symbolic_build(
+        self, model: keras.Model, iterator: Any = None, data_batch: Any = None
+    ) -> None:
+        """`CustomModel._maybe_symbolic_build`."""
+
     def symbolic_build(
         self, model: keras.Model, iterator: Any = None, data_batch: Any = None
     ) -> None:
-        """Keras' `_maybe_symbolic_build`, where the running call learns its
-        data (`_call.symbolic_build`)."""
+        """`CustomModel._symbolic_build`. The one of the two that the
+        backend's `fit` and `evaluate` call with the epoch iterator is where
+        the running call learns its data (`_call.symbolic_build`)."""
 
     def make_train_function(self, model: keras.Model) -> Callable: ...
 

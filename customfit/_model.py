@@ -602,6 +602,9 @@ class CustomModel(keras.Model):
             metric.reset_state()
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        loop.maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
+
+    def _symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
         loop.symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
     def _require_compiled(self, method: str) -> None:

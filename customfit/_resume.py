@@ -232,8 +232,8 @@ class FitResume:
 
 
 # The caller of `CustomModel.fit`, seen from `for_fit`: for_fit <-
-# FitCall.__init__ <- the loop's fit <- CustomModel.fit <- the caller.
-_USER_FRAME = 5
+# Call.__init__ <- CustomModel.fit <- the caller.
+_USER_FRAME = 4
 
 
 def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:

@@ -94,7 +94,13 @@ def call_scope(model: keras.Model) -> Any:
     return internals.jax_optimizer_stand_in(model)
 
 
+def maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    """Keras' JAX trainer has no `_maybe_symbolic_build`: as `symbolic_build`."""
+    symbolic_build(model, iterator, data_batch)
+
+
 def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    """What Keras' JAX `fit` and `evaluate` call with the epoch iterator."""
     _call.symbolic_build(model, internals.keras_symbolic_build, iterator, data_batch)
 
 

@@ -103,9 +103,8 @@ def tensorboard_batch_count(callback: keras.callbacks.TensorBoard, phase: str) -
 
 
 def keras_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
-    """Keras' own `_maybe_symbolic_build` (what `fit` and `evaluate` call
-    once they have the data)."""
-    keras.Model._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
+    """Keras' own `_symbolic_build`."""
+    keras.Model._symbolic_build(model, iterator=iterator, data_batch=data_batch)
 
 
 def loss_scale_in_use(optimizer: Any) -> Any | float | None:

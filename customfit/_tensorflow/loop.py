@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from customfit import _call, _optimizers, _step
+from customfit._keras import internals
 from customfit._keras._tensorflow import step_function, trainer
 from customfit._tensorflow import guards
 
@@ -114,8 +115,14 @@ def call_scope(model: keras.Model) -> Any:
     return contextlib.nullcontext()
 
 
-def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+def maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    """What Keras' TensorFlow `fit` and `evaluate` call with the epoch
+    iterator."""
     _call.symbolic_build(model, trainer.symbolic_build, iterator, data_batch)
+
+
+def symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
+    internals.keras_symbolic_build(model, iterator, data_batch)
 
 
 def _checked(model: keras.Model, step: Callable, phase: str) -> Callable:
