@@ -22,11 +22,12 @@ backend's package.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import keras
+import numpy as np
 
 
 class Loop(Protocol):
@@ -110,6 +111,18 @@ class Loop(Protocol):
         """The logged metrics' results over every replica, where a replica
         reads only its part; None elsewhere."""
 
+    # ---- resuming mid-epoch (`_resume.FitResume`)
+
+    def data_replay(self, epoch_iterator: Any, steps_per_epoch: int | None) -> DataReplay:
+        """Follows the data `fit`'s `epoch_iterator` draws, so that a backup
+        records where they stand and a resumed `fit` puts them there."""
+
+    def resuming_train_function(self, resume: Any, train_function: Callable) -> Callable:
+        """`train_function` as Keras calls it, first reading and dropping the
+        batches of the resumed epoch the interrupted run had trained, then
+        putting the backup's metric values back (`resume`'s `skipping`,
+        `skip`, `last_skip` and `restore_metrics`)."""
+
     def recording_summaries(self) -> AbstractContextManager:
         """Where `tf.summary` writes whatever its per-batch condition says
         (TensorBoard's epoch-end summaries)."""
@@ -123,6 +136,18 @@ class Loop(Protocol):
         """Sets up two replicas on this process's CPU (a process started
         for `check_step`): the strategy to train under, or None where the
         setting is global."""
+
+
+class DataReplay(Protocol):
+    """Where a `fit`'s data stand, for a backup, and putting them there."""
+
+    def position(self, batch: int) -> dict[str, np.ndarray]:
+        """What a backup taken after `batch` batches of the epoch records
+        (at 0: for the next epoch)."""
+
+    def restore(self, saved: Mapping[str, np.ndarray]) -> None:
+        """Before the resumed epoch draws its data: as `position` found them
+        (nothing for a backup that recorded no position)."""
 
 
 class Replicas(Protocol):
@@ -182,4 +207,4 @@ class Cluster(Protocol):
     def lost_contact_message(self, model: keras.Model, error: BaseException) -> str: ...
 
 
-__all__ = ["Cluster", "Loop", "Replicas"]
+__all__ = ["Cluster", "DataReplay", "Loop", "Replicas"]

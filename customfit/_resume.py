@@ -6,16 +6,14 @@ Keras gets built as a `ResumeCallbackList`; it tells the `FitResume` the epoch
 iterator `fit` builds. When the callback restores a backup taken after
 `batch` batches of epoch `epoch`:
 
-- the data is put where the interrupted run had it. `fit` makes iterators
-  of one dataset (Keras makes one when an epoch starts and one after each
-  full epoch), and each `iter()` draws new seeds for a `tf.data` `shuffle`
-  with `reshuffle_each_iteration=True`. The dataset is wrapped to count
-  them, each backup records the count, and a resumed `fit` makes and drops
-  iterators until the resumed epoch's iterator is the one it had (NumPy
-  input: Keras' permutation is the same for every iterator, so this changes
-  nothing). Then, in the resumed epoch, the first `batch` batches are read
-  and dropped without training: the train function is wrapped, and the
-  callbacks do not hear of those batches, so they see the real numbers;
+- the data is put where the interrupted run had it: the backend's
+  `DataReplay` (`_backend.loop.data_replay`) follows what `fit`'s epoch
+  iterator draws (the iterators made of a `tf.data` dataset, NumPy's random
+  state on JAX), each backup records its `position`, and a resumed `fit`
+  `restore`s it. Then, in the resumed epoch, the first `batch` batches are
+  read and dropped without training: the train function is wrapped
+  (`_backend.loop.resuming_train_function`), and the callbacks do not hear
+  of those batches, so they see the real numbers;
 - the metric variables (the running means in the per-batch logs), saved per
   replica, are restored before the first trained batch, after tracing the
   step so that metrics created while tracing exist;
@@ -37,6 +35,7 @@ import keras
 import numpy as np
 
 from customfit import _backend, _preemption
+from customfit._contract import DataReplay
 from customfit._errors import ResumeWarning
 from customfit._keras import internals
 
@@ -94,6 +93,7 @@ class FitResume:
         callbacks: The `ResumeCallbackList` Keras runs, once built; None when
             the caller passed a `keras.callbacks.CallbackList` of its own.
         epoch_iterator: `fit`'s epoch iterator, once `fit` has made it.
+        data: Its `DataReplay`, from then on.
         inexact: Why a backup taken mid-epoch could not resume this `fit`
             exactly (a generator, `steps_per_epoch`, ...), or "".
         sigterm: The `SigtermWatch` of this call, installed while Keras'
@@ -107,7 +107,7 @@ class FitResume:
         self.inexact = inexact
         self.callbacks: ResumeCallbackList | None = None
         self.epoch_iterator: Any = None
-        self._dataset: _CountingDataset | None = None
+        self.data: DataReplay | None = None
         self._original_train_function: Callable | None = None
         self._metric_values: dict | None = None
         self.sigterm = _preemption.SigtermWatch(enabled=not _backend.cluster.multi_worker(model))
@@ -129,12 +129,12 @@ class FitResume:
         if self.epoch_iterator is not None or iterator is None:
             return
         self.epoch_iterator = iterator
-        internals.wrap_epoch_iterator_dataset(iterator, self._count_iterators)
+        self.data = _backend.loop.data_replay(iterator, self.arguments.get("steps_per_epoch"))
 
     def restore(self, epoch: int, batch: int, state: dict) -> None:
         """Puts data, metrics and random state where the backup was taken."""
-        number = state.get("data_iterator")
-        self._advance_data(None if number is None else int(number))
+        if self.data is not None:
+            self.data.restore(state)
         if batch == 0:
             return
         if self.callbacks is None:
@@ -154,16 +154,9 @@ class FitResume:
         self.callbacks.resume_at = (epoch, batch)
         self._metric_values = state
         self._original_train_function = self.model.train_function
-        self.model.train_function = self._train_function
-
-    def data_iterator_number(self, batch: int) -> int | None:
-        """How many iterators `fit` will have made of its data when the
-        epoch that a backup taken now resumes gets its iterator (that one
-        included): the current epoch's after `batch` > 0 batches, the next
-        one's at an epoch's start."""
-        if self._dataset is None:
-            return None
-        return self._dataset.iterators_made + (0 if batch else 1)
+        self.model.train_function = _backend.loop.resuming_train_function(
+            self, self.model.train_function
+        )
 
     def execution_limit(self, batch: int) -> int | None:
         """At most one batch per execution while the resumed epoch's
@@ -174,61 +167,49 @@ class FitResume:
             return 1
         return None
 
-    def _advance_data(self, number: int | None) -> None:
-        if number is None or self._dataset is None:
-            return
-        if self.arguments.get("steps_per_epoch") is not None:
-            return  # Keras reuses one iterator across epochs: see the warning.
-        # Each iterator draws new seeds (tf.data `shuffle` with
-        # `reshuffle_each_iteration=True`): make and drop as many as the
-        # interrupted process had made before the resumed epoch's.
-        while self._dataset.iterators_made < number - 1:
-            iter(self._dataset)
+    # ---- what the backend's `resuming_train_function` uses
 
-    def _count_iterators(self, dataset: Any) -> _CountingDataset:
-        self._dataset = _CountingDataset(dataset)
-        return self._dataset
-
-    def _train_function(self, iterator: Any) -> Any:
-        # Installed by `restore` only with the callbacks' list known and the
-        # original train function saved; `__exit__` uninstalls it.
+    def skipping(self) -> bool:
+        """Whether the execution about to run reads batches of the resumed
+        epoch that the interrupted run had trained."""
         callbacks = cast(ResumeCallbackList, self.callbacks)
-        if callbacks.step is not None and callbacks.step < callbacks.skip_below:
-            self._skip(iterator, callbacks.step, callbacks.skip_below)
-            if callbacks.step + self.model.steps_per_execution < callbacks.skip_below:
-                return {}
-            # The last call that skips returns the epoch's logs as the
-            # interrupted run left them: with data of unknown length, a
-            # backup may follow the epoch's last batch, and Keras ends the
-            # epoch with these logs.
-            self._restore_metrics(iterator)
-            return self.model.get_metrics_result()
-        self._restore_metrics(iterator)
-        return cast(Callable, self._original_train_function)(iterator)
+        return callbacks.step is not None and callbacks.step < callbacks.skip_below
 
-    def _restore_metrics(self, iterator: Any) -> None:
-        """Puts back the backup's metric values, once, after tracing the
-        step so that metrics created while tracing exist."""
-        if self._metric_values is None:
-            return
-        trace_ahead = getattr(self._original_train_function, "trace_ahead", None)
-        if trace_ahead is not None:  # a customfit StepFunction
-            trace_ahead(iterator)
-        restore_metrics(self.model, self._metric_values)
-        self._metric_values = None
+    def last_skip(self) -> bool:
+        """Whether the execution being skipped is the resumed epoch's last
+        one to skip."""
+        callbacks = cast(ResumeCallbackList, self.callbacks)
+        step = cast(int, callbacks.step)
+        return step + self.model.steps_per_execution >= callbacks.skip_below
 
-    def _skip(self, iterator: Any, step: int, skip_below: int) -> None:
+    def skip(self, iterator: Any) -> list:
+        """Reads and returns the execution's batches, untrained."""
+        callbacks = cast(ResumeCallbackList, self.callbacks)
         ended: tuple[type[BaseException], ...] = (StopIteration, *_backend.loop.END_OF_DATA)
+        batches = []
         for _ in range(self.model.steps_per_execution):
             try:
-                next(iterator)
+                batches.append(next(iterator))
             except ended:
                 raise ValueError(
-                    f"The data ran out after {step} batches while skipping the "
-                    f"{skip_below} batches the interrupted run had trained in "
-                    "this epoch: fit() was called with other data than that "
-                    "run. Call it as before, or delete the backup directory."
+                    f"The data ran out after {callbacks.step} batches while "
+                    f"skipping the {callbacks.skip_below} batches the interrupted "
+                    "run had trained in this epoch: fit() was called with other "
+                    "data than that run. Call it as before, or delete the backup "
+                    "directory."
                 ) from None
+        return batches
+
+    @property
+    def metrics_pending(self) -> bool:
+        """Whether the backup's metric values are still to be restored."""
+        return self._metric_values is not None
+
+    def restore_metrics(self) -> None:
+        """Puts the backup's metric values into the metric variables, once."""
+        if self._metric_values is not None:
+            restore_metrics(self.model, self._metric_values)
+            self._metric_values = None
 
 
 # The caller of `CustomModel.fit`, seen from `for_fit`: for_fit <-
@@ -268,21 +249,6 @@ def for_fit(model: keras.Model, arguments: dict) -> FitResume | None:
             stacklevel=_USER_FRAME,
         )
     return FitResume(model, arguments, inexact)
-
-
-class _CountingDataset:
-    """A dataset that counts the iterators made of it."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self.iterators_made = 0
-
-    def __iter__(self) -> Any:
-        self.iterators_made += 1
-        return iter(self.dataset)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.dataset, name)
 
 
 def _inexact_mid_epoch(model: keras.Model, arguments: dict) -> str:
@@ -351,9 +317,8 @@ def capture_state(
     metric variables (one row per replica, mid-epoch only), Keras' global
     seed generator and the number of data iterators made (see `FitResume`)."""
     state: dict[str, np.ndarray] = {}
-    number = None if resume is None else resume.data_iterator_number(batch)
-    if number is not None:
-        state["data_iterator"] = np.asarray(number)
+    if resume is not None and resume.data is not None:
+        state.update(resume.data.position(batch))
     with_metrics = batch > 0
     generator = internals.global_seed_generator()
     if generator is not None:

@@ -119,9 +119,9 @@ def test_a_run_killed_mid_epoch_and_restarted_ends_as_one_never_killed(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": BACKEND}
 
     def start(out, *extra):
-        log = open(tmp_path / f"{out.name}.log", "a")
-        return subprocess.Popen([sys.executable, str(script), str(out), *extra], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / f"{out.name}.log", "a") as log:
+            return subprocess.Popen([sys.executable, str(script), str(out), *extra], cwd=ROOT,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     processes = [start(reference), start(killed, "--pause-once-at", "{}:{}".format(*KILL_AT))]

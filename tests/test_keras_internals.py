@@ -234,7 +234,7 @@ def test_fit_makes_each_epochs_iterator_from_the_wrapped_dataset(digits):
     class Wrap(customfit.CustomModel):
         def _maybe_symbolic_build(self, iterator=None, data_batch=None):
             if iterator is not None and not made:
-                original = internals.wrap_epoch_iterator_dataset(iterator, Counting)
+                original = tf_trainer.wrap_epoch_iterator_dataset(iterator, Counting)
                 assert isinstance(original, tf.data.Dataset)
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 

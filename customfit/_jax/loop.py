@@ -48,6 +48,7 @@ import jax
 import keras
 
 from customfit import _call, _optimizers, _step
+from customfit._jax import resume
 from customfit._keras import internals
 from customfit._keras2 import track_loss
 
@@ -246,6 +247,13 @@ class StatelessStep:
         if channel is not None and steps > 1:
             channel.rows = every_batch
         return outputs, packed
+
+    def trace_ahead(self, state: Any, data: Any) -> None:
+        """Traces the step for `data` (one batch) without running it, so
+        that the metrics of the names it logs exist before its first call."""
+        if self._compiled is None:
+            self._discover_logged_names(state, data)
+            self._compiled = self._compile(state)
 
     def _put_back(self, state: Any) -> None:
         """Keras' JAX `fit` takes the values out of the variables while it
@@ -504,6 +512,13 @@ def stateless_gradients(
 
     value, gradients = jax.value_and_grad(differentiated)(list(sources))
     return value, list(gradients)
+
+
+def data_replay(epoch_iterator: Any, steps_per_epoch: int | None) -> resume.NumpyRandomReplay:
+    return resume.NumpyRandomReplay(epoch_iterator, steps_per_epoch)
+
+
+resuming_train_function = resume.resuming_train_function
 
 
 def recording_summaries() -> Any:

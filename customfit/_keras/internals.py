@@ -189,15 +189,6 @@ def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     model._initial_epoch = epoch
 
 
-def wrap_epoch_iterator_dataset(epoch_iterator: Any, wrapper: Callable) -> Any:
-    """Replaces the (distributed) dataset `fit`'s `TFEpochIterator` makes
-    each epoch's iterator from (by `iter()`, in `_get_iterator`) with
-    `wrapper(dataset)`; returns the dataset."""
-    dataset = epoch_iterator._distributed_dataset
-    epoch_iterator._distributed_dataset = wrapper(dataset)
-    return dataset
-
-
 def global_seed_generator(create: bool = False) -> Any:
     """Keras' process-wide `SeedGenerator`, which unseeded `keras.random`
     calls draw from; None if it does not exist yet and `create` is False."""
@@ -250,6 +241,15 @@ def current_stateless_scope() -> keras.StatelessScope | None:
 def optimizer_variables_built_over(optimizer: keras.optimizers.Optimizer) -> list:
     """The trainable variables `optimizer.build` was given, in order."""
     return list(optimizer._trainable_variables)
+
+
+def wrap_jax_iterators(epoch_iterator: Any, wrapper: Callable[[Any], Any]) -> None:
+    """Makes the data adapter of `fit`'s `JAXEpochIterator` hand out
+    `wrapper(iterator)` for each iterator it makes (`get_jax_iterator`, one
+    per epoch, also under `keras.distribution`)."""
+    adapter = epoch_iterator.data_adapter
+    make = adapter.get_jax_iterator
+    adapter.get_jax_iterator = lambda: wrapper(make())
 
 
 def make_jax_function(

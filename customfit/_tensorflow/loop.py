@@ -19,7 +19,7 @@ import tensorflow as tf
 from customfit import _call, _optimizers, _step
 from customfit._keras import internals
 from customfit._keras._tensorflow import step_function, trainer
-from customfit._tensorflow import guards
+from customfit._tensorflow import guards, resume
 
 END_OF_DATA: tuple[type[BaseException], ...] = (tf.errors.OutOfRangeError,)
 
@@ -185,6 +185,13 @@ def stateless_gradients(
         ):
             value = function(sources)
     return value, tape.gradient(value, sources)
+
+
+def data_replay(epoch_iterator: Any, steps_per_epoch: int | None) -> resume.DatasetReplay:
+    return resume.DatasetReplay(epoch_iterator, steps_per_epoch)
+
+
+resuming_train_function = resume.resuming_train_function
 
 
 def recording_summaries() -> Any:

@@ -63,3 +63,12 @@ def logs_reduced_along_first_axis(strategy: tf.distribute.Strategy) -> bool:
     a scalar raises `Invalid reduction dimension 0 for input with 0 dimensions`.
     Under every other strategy Keras averages the replicas' scalars."""
     return _tf_trainer._collective_all_reduce_multi_worker(strategy)
+
+
+def wrap_epoch_iterator_dataset(epoch_iterator: Any, wrapper: Callable) -> Any:
+    """Replaces the (distributed) dataset `fit`'s `TFEpochIterator` makes
+    each epoch's iterator from (by `iter()`, in `_get_iterator`) with
+    `wrapper(dataset)`; returns the dataset."""
+    dataset = epoch_iterator._distributed_dataset
+    epoch_iterator._distributed_dataset = wrapper(dataset)
+    return dataset
