@@ -5,6 +5,12 @@ The rules are textual and few; `rewrite` reports every rule that matched and
 `leftovers` finds references to a model base that no rule covered, so a new
 Keras test file that builds models another way fails the run instead of
 silently testing stock Keras.
+
+For a backend other than TensorFlow, run without TensorFlow installed,
+`lazy_tensorflow_imports` also turns a test file's module-level TensorFlow
+imports into names that import TensorFlow when first used (the harness then
+skips the test that uses them, saying so), so that a file's tests that need
+no TensorFlow still run.
 """
 
 from __future__ import annotations
@@ -90,3 +96,46 @@ def _with_import(source: str) -> str:
         end = future[-1].end()
         return source[:end] + line + source[end:]
     return line + source
+
+
+# `import tensorflow[.x] [as name]` or `from tensorflow[.x] import a [as b], ...`
+# at the start of a line (a module-level import; indented ones, inside a test,
+# already import when the test runs).
+_TENSORFLOW_IMPORT = re.compile(
+    r"^(?:import (?P<module>tensorflow(?:\.\w+)*)(?: as (?P<alias>\w+))?"
+    r"|from (?P<package>tensorflow(?:\.\w+)*) import (?P<names>[\w ,]+))[ \t]*$",
+    re.MULTILINE,
+)
+
+
+def lazy_tensorflow_imports(source: str) -> tuple[str, int]:
+    """`source` with each module-level TensorFlow import replaced by
+    `conformance_base.tensorflow(...)` assignments, and how many it replaced;
+    a module-level TensorFlow import of another form is left for
+    `tensorflow_leftovers` to report."""
+
+    def replace(match: re.Match) -> str:
+        if match.group("module"):
+            module = match.group("module")
+            name = match.group("alias") or module.split(".")[0]
+            if not match.group("alias") and module != "tensorflow":
+                # `import tensorflow.x` binds `tensorflow`.
+                return f'tensorflow = {BASE_MODULE}.tensorflow("tensorflow")'
+            return f'{name} = {BASE_MODULE}.tensorflow("{module}")'
+        lines = []
+        for part in match.group("names").split(","):
+            attribute, _, alias = (w.strip() for w in part.partition(" as "))
+            lines.append(f'{alias or attribute} = {BASE_MODULE}.tensorflow('
+                         f'"{match.group("package")}", "{attribute}")')
+        return "\n".join(lines)
+
+    source, n = _TENSORFLOW_IMPORT.subn(replace, source)
+    if n and not re.search(rf"^import {BASE_MODULE}$", source, re.MULTILINE):
+        source = _with_import(source)
+    return source, n
+
+
+def tensorflow_leftovers(source: str) -> list[str]:
+    """Module-level TensorFlow imports that `lazy_tensorflow_imports` left."""
+    return sorted({m.group(0).strip() for m in re.finditer(
+        r"^(?:import tensorflow\b|from tensorflow\b).*$", source, re.MULTILINE)})

@@ -4,16 +4,23 @@
     python3 conformance/run.py --control run    # then the same rewrite on keras.Model
     python3 conformance/run.py --control auto   # the control only when not yet passed
                                                 # for this Keras and this harness
+    python3 conformance/run.py --backend jax    # on Keras' JAX backend, in an
+                                                # environment without TensorFlow
 
 Takes the test files of the installed Keras from its source distribution on
 the package index (`pip download --no-binary :all: --no-deps keras==<version>`,
 cached), rewrites their model bases (`rewrite.py`) to `customfit.CustomModel`
 (or, for the control run, back to `keras.Model`), and runs them with pytest
-under Keras' own warning filters. Every test that fails on CustomModel must be
-listed in `differences.toml` with its reason and the documentation section that
-documents it; an unlisted failure, a listed test that passes, or a section
-that does not exist fails the run. The control run must pass
-everything that is not excluded.
+under Keras' own warning filters, on the backend `--backend` names. Every
+test that fails on CustomModel must be listed in `differences.toml` (its
+top-level entries for TensorFlow, its `[jax]` table's for JAX) with its reason
+and the documentation section that documents it; an unlisted failure, a
+listed test that passes, or a section that does not exist fails the run. The
+control run must pass everything that is not excluded.
+
+The JAX run is for an environment without TensorFlow, as a JAX user's is
+(`nox -s jax` makes one): a test that needs TensorFlow is skipped there,
+with that reason (see harness/conftest.py), on both bases alike.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import fnmatch
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -40,7 +48,16 @@ HARNESS = HERE / "harness"
 DIFFERENCES = HERE / "differences.toml"
 
 sys.path.insert(0, str(HERE))
-from rewrite import leftovers, rewrite  # noqa: E402
+from rewrite import (  # noqa: E402
+    lazy_tensorflow_imports,
+    leftovers,
+    rewrite,
+    tensorflow_leftovers,
+)
+
+BACKENDS = ("tensorflow", "jax")
+# The skip reason harness/conftest.py gives a test that needs TensorFlow.
+NEEDS_TENSORFLOW = "needs TensorFlow, which is not installed"
 
 # Test files taken from the sdist, relative to keras/src/.
 SELECTED = (
@@ -81,17 +98,28 @@ def sdist_path(name: str, version: str, cache: Path) -> Path:
     return found[0]
 
 
-def load_config() -> dict:
+def load_config(backend: str) -> dict:
+    """The `[[difference]]` and `[[excluded]]` entries for `backend`: the
+    top-level ones for TensorFlow, the `[jax]` table's for JAX."""
     with open(DIFFERENCES, "rb") as f:
         config = tomllib.load(f)
+    kinds = {"difference", "excluded"}
+    unknown = set(config) - kinds - (set(BACKENDS) - {"tensorflow"})
+    unknown |= {f"jax.{key}" for key in set(config.get("jax", {})) - kinds}
+    if unknown:
+        raise SystemExit(f"differences.toml: unknown tables {sorted(unknown)}")
+    if backend != "tensorflow":
+        config = config.get(backend, {})
+    prefix = "" if backend == "tensorflow" else f"{backend}."
     for section in ("difference", "excluded"):
         for entry in config.get(section, []):
             missing = {"tests", "reason"} - set(entry)
             if section == "difference":
                 missing |= {"documented_in"} - set(entry)
             if missing:
-                raise SystemExit(f"differences.toml: a [[{section}]] entry lacks {missing}: {entry}")
-    return config
+                raise SystemExit(f"differences.toml: a [[{prefix}{section}]] entry lacks "
+                                 f"{missing}: {entry}")
+    return {section: config.get(section, []) for section in kinds}
 
 
 def matches(nodeid: str, patterns: list[str]) -> bool:
@@ -100,9 +128,10 @@ def matches(nodeid: str, patterns: list[str]) -> bool:
                for p in patterns)
 
 
-def build(sdist: Path, target: Path, base: str) -> list[str]:
-    """Extracts and rewrites the selected test files into `target`; returns
-    their paths relative to it."""
+def build(sdist: Path, target: Path, backend: str) -> list[str]:
+    """Extracts and rewrites the selected test files into `target` (for a
+    backend other than TensorFlow, their module-level TensorFlow imports
+    too); returns their paths relative to it."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -122,6 +151,12 @@ def build(sdist: Path, target: Path, base: str) -> list[str]:
                 remaining = leftovers(rewritten)
                 if remaining:
                     problems.append(f"{name}: model bases left unrewritten: {remaining}")
+                if backend != "tensorflow":
+                    rewritten, _ = lazy_tensorflow_imports(rewritten)
+                    remaining = tensorflow_leftovers(rewritten)
+                    if remaining:
+                        problems.append(f"{name}: module-level TensorFlow imports left "
+                                        f"unrewritten: {remaining}")
                 relative = name.removeprefix("keras/src/")
                 path = target / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,13 +174,14 @@ def build(sdist: Path, target: Path, base: str) -> list[str]:
     return written
 
 
-def run_pytest(target: Path, base: str, excluded: list[str], workers: int,
-               extra: list[str]) -> dict[str, str]:
+def run_pytest(target: Path, base: str, backend: str, excluded: list[str], workers: int,
+               extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Every test's outcome, and every skipped test's reason."""
     outcomes_file = target / f"outcomes-{base}.json"
     env = dict(os.environ, CUSTOMFIT_CONFORMANCE_BASE=base,
                CUSTOMFIT_CONFORMANCE_OUTCOMES=str(outcomes_file),
                CUSTOMFIT_CONFORMANCE_EXCLUDED=json.dumps(excluded),
-               KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+               KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "pytest", str(target), "-c", str(target / "pytest.ini"),
                "--rootdir", str(target), "-p", "no:cacheprovider", "-q",
                "--no-header", "-rN", *(["-n", str(workers)] if workers > 1 else []),
@@ -153,7 +189,8 @@ def run_pytest(target: Path, base: str, excluded: list[str], workers: int,
     subprocess.run(command, cwd=target, env=env)
     if not outcomes_file.exists():
         raise SystemExit("pytest did not record any outcome (see its output above).")
-    return json.loads(outcomes_file.read_text())
+    recorded = json.loads(outcomes_file.read_text())
+    return recorded["outcomes"], recorded["skip_reasons"]
 
 
 def documented(reference: str) -> bool:
@@ -176,7 +213,7 @@ def compare(outcomes: dict[str, str], config: dict, base: str) -> list[str]:
     bad = {t for t, o in outcomes.items() if o in ("failed", "error")}
     if base == "keras":
         return [f"control run: {t} {outcomes[t]}" for t in sorted(bad)]
-    differences = config.get("difference", [])
+    differences = config["difference"]
     listed = [p for entry in differences for p in entry["tests"]]
     for test in sorted(bad):
         if not matches(test, listed):
@@ -195,10 +232,10 @@ def compare(outcomes: dict[str, str], config: dict, base: str) -> list[str]:
     return problems
 
 
-def harness_fingerprint(name: str, version: str) -> str:
-    """What a control run vouches for: the Keras release and every file that
-    shapes the rewritten tests."""
-    digest = hashlib.sha256(f"{name}=={version}".encode())
+def harness_fingerprint(name: str, version: str, backend: str) -> str:
+    """What a control run vouches for: the Keras release, the backend and
+    every file that shapes the rewritten tests."""
+    digest = hashlib.sha256(f"{name}=={version} {backend}".encode())
     for path in sorted([HERE / "rewrite.py", HERE / "run.py", DIFFERENCES,
                         *HARNESS.glob("*.py")]):
         digest.update(path.read_bytes())
@@ -213,20 +250,39 @@ def summary(outcomes: dict[str, str]) -> dict[str, dict[str, int]]:
     return {**{k: dict(v) for k, v in sorted(per_file.items())}, "total": dict(total)}
 
 
-def run_base(base: str, name: str, version: str, sdist: Path, config: dict,
-             workers: int, pytest_args: list[str]) -> list[str]:
-    """Builds and runs the tests on one base; returns the problems found."""
-    excluded = [p for entry in config.get("excluded", []) for p in entry["tests"]]
-    target = HERE / ".build" / f"{name}-{version}-{base}"
-    files = build(sdist, target, base)
-    print(f"{len(files)} test files of {name} {version}, model base: {base}", flush=True)
-    outcomes = run_pytest(target, base, excluded, workers, pytest_args)
+def skipped_by_reason(skip_reasons: dict[str, str]) -> Counter:
+    """How many tests were skipped for each reason (the TensorFlow one
+    without the line that imported TensorFlow)."""
+    return Counter(NEEDS_TENSORFLOW if reason.startswith(NEEDS_TENSORFLOW) else reason
+                   for reason in skip_reasons.values())
+
+
+def needing_tensorflow(skip_reasons: dict[str, str]) -> set[str]:
+    return {t for t, reason in skip_reasons.items() if reason.startswith(NEEDS_TENSORFLOW)}
+
+
+def run_base(base: str, backend: str, name: str, version: str, sdist: Path, config: dict,
+             workers: int, pytest_args: list[str]
+             ) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Builds and runs the tests on one base; returns the problems found, the
+    outcomes and the skip reasons."""
+    started = time.monotonic()
+    excluded = [p for entry in config["excluded"] for p in entry["tests"]]
+    target = HERE / ".build" / f"{name}-{version}-{backend}-{base}"
+    files = build(sdist, target, backend)
+    print(f"{len(files)} test files of {name} {version}, backend: {backend}, "
+          f"model base: {base}", flush=True)
+    outcomes, skip_reasons = run_pytest(target, base, backend, excluded, workers, pytest_args)
     counts = summary(outcomes)
-    (target.parent / f"summary-{name}-{version}-{base}.json").write_text(
-        json.dumps({"keras": version, "base": base, "outcomes": counts}, indent=1))
+    (target.parent / f"summary-{name}-{version}-{backend}-{base}.json").write_text(
+        json.dumps({"keras": version, "backend": backend, "base": base, "outcomes": counts,
+                    "skipped": dict(skipped_by_reason(skip_reasons))}, indent=1))
     for file, by_outcome in counts.items():
         print(f"  {file}: " + ", ".join(f"{n} {o}" for o, n in sorted(by_outcome.items())))
-    return [] if pytest_args else compare(outcomes, config, base)
+    for reason, n in sorted(skipped_by_reason(skip_reasons).items()):
+        print(f"  skipped, {reason}: {n}")
+    print(f"  {base} on {backend}: {time.monotonic() - started:.0f} s", flush=True)
+    return [] if pytest_args else compare(outcomes, config, base), outcomes, skip_reasons
 
 
 def main() -> int:
@@ -235,6 +291,9 @@ def main() -> int:
                         help="also run the rewritten tests on plain keras.Model: "
                              "always, or only when no control has passed yet for "
                              "this Keras release and these harness files")
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
+                        help="Keras' backend to run the tests on (jax: in an environment "
+                             "without TensorFlow)")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes")
     parser.add_argument("--cache", type=Path,
                         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -243,21 +302,38 @@ def main() -> int:
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = parser.parse_args()
     started = time.monotonic()
+    if args.backend != "tensorflow" and importlib.util.find_spec("tensorflow") is not None:
+        raise SystemExit(f"--backend {args.backend} runs in an environment without TensorFlow, "
+                         "which differences.toml's entries for it assume (python3 -m nox "
+                         f"-s {args.backend} makes one); TensorFlow is installed here.")
     name, version = keras_distribution()
     sdist = sdist_path(name, version, args.cache)
-    config = load_config()
-    problems = run_base("customfit", name, version, sdist, config, args.workers,
-                        args.pytest_args)
-    passed_control = args.cache / f"control-passed-{harness_fingerprint(name, version)}"
+    config = load_config(args.backend)
+    problems, _, skip_reasons = run_base("customfit", args.backend, name, version, sdist,
+                                         config, args.workers, args.pytest_args)
+    fingerprint = harness_fingerprint(name, version, args.backend)
+    passed_control = args.cache / f"control-passed-{fingerprint}"
     if args.control == "run" or (args.control == "auto" and not passed_control.exists()):
-        control = run_base("keras", name, version, sdist, config, args.workers,
-                           args.pytest_args)
+        control, _, control_skip_reasons = run_base(
+            "keras", args.backend, name, version, sdist, config, args.workers,
+            args.pytest_args)
         if not control and not args.pytest_args:
-            passed_control.touch()
+            # The tests the control skipped, for the runs that do not
+            # repeat it (see below).
+            passed_control.write_text(json.dumps(sorted(control_skip_reasons)))
         problems += control
-    elif args.control == "auto":
-        print(f"control: passed before for {name} {version} and this harness "
-              f"({passed_control.name})")
+        control_skipped = set(control_skip_reasons)
+    else:
+        if args.control == "auto":
+            print(f"control: passed before for {name} {version} on {args.backend} and this "
+                  f"harness ({passed_control.name})")
+        control_skipped = (set(json.loads(passed_control.read_text() or "null") or ())
+                           if passed_control.exists() else None)
+    if control_skipped is not None and not args.pytest_args:
+        # customfit must need TensorFlow nowhere stock fit does not: a
+        # test it skips for that reason must be skipped on keras.Model too.
+        problems += [f"skipped on CustomModel ({NEEDS_TENSORFLOW}), not on keras.Model: {t}"
+                     for t in sorted(needing_tensorflow(skip_reasons) - control_skipped)]
     print(f"took {time.monotonic() - started:.0f} s")
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -9,13 +9,45 @@ or "keras", the control run that checks the rewrite changes nothing else.
 - `Trainer`: mixed into a layer (`class M(layers.Dense, Trainer)`) where
   Keras' tests mix in the backend's bare trainer class: `Model` made to
   behave as that mixin (see `_as_trainer_mixin`).
+
+`tensorflow(...)` stands for a module-level TensorFlow import in a test file
+built for another backend (`rewrite.lazy_tensorflow_imports`).
 """
 
+import importlib
 import os
 
 import keras
 
 BASE = os.environ.get("CUSTOMFIT_CONFORMANCE_BASE", "customfit")
+
+
+class tensorflow:  # noqa: N801 (it stands for an import statement)
+    """`import <module>` (`attribute` None) or `from <module> import
+    <attribute>`, done when the name is first used: without TensorFlow
+    installed, that use raises the ImportError the import would have, in the
+    test that needs it (which conftest.py then skips, saying so), instead of
+    failing the collection of the whole file."""
+
+    def __init__(self, module, attribute=None):
+        self._module, self._attribute = module, attribute
+
+    def _imported(self):
+        module = importlib.import_module(self._module)
+        if self._attribute is None:
+            return module
+        try:
+            return getattr(module, self._attribute)
+        except AttributeError:  # a submodule not imported yet
+            return importlib.import_module(f"{self._module}.{self._attribute}")
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # pytest's and copy's probes; no import
+            raise AttributeError(name)
+        return getattr(self._imported(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self._imported()(*args, **kwargs)
 
 
 
