@@ -3,7 +3,8 @@
     python3 -m nox -s compat            # the compatibility subset on every older stack
     python3 -m nox -s "compat(tensorflow='2.20')"   # Keras 3.11, 3.12 and 3.13
     python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
-    python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow
+    python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow, and
+                                        # Keras' own tests on it (conformance/run.py)
     python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
     python3 -m nox -s docs              # the documentation site, warnings as errors
     python3 -m nox -s readme            # the README's examples, each as its install line says
@@ -116,6 +117,10 @@ JAX_TESTS = (
     *(f"tests/test_recipes_{name}.py" for name in (
         "accumulation", "adversarial", "clipping", "distillation", "gan", "sam", "skipping")),
     "tests/test_value_and_gradients.py",
+    "tests/test_every_backend.py",
+    "tests/test_callback_preconditions.py",
+    "tests/test_composite_checkpoints.py",
+    "tests/test_parity.py",
 )
 
 
@@ -124,15 +129,19 @@ def jax(session: nox.Session) -> None:
     """CustomModel on Keras' JAX backend: parity with stock fit, the hooks,
     the Keras-2 helpers, saving, DataParallel over two CPU devices and
     across two processes, ModelParallel over four CPU devices and the
-    recipes written with keras.ops, in an
+    recipes written with keras.ops, then Keras' own trainer, model, saving
+    and callback tests against CustomModel (`conformance/run.py --backend
+    jax`, differences.toml's `[jax]` entries), in an
     environment without TensorFlow (customfit installed without its
     dependencies, as the README says for JAX users)."""
-    session.install(*JAX_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")
+    session.install(*JAX_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3",
+                    "matplotlib>=3.7")
     session.install("--no-deps", "-e", ".")
     session.run("python", "-c", "import importlib.util, sys; "
                 "sys.exit(importlib.util.find_spec('tensorflow') is not None)")
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *JAX_TESTS,
                 *session.posargs, env={"KERAS_BACKEND": "jax"})
+    session.run("python", "conformance/run.py", "--backend", "jax", "--control", "auto")
 
 
 LINT = ("ruff==0.17.6", "mypy==2.4.1")

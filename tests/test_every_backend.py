@@ -175,3 +175,35 @@ def test_keras_backup_and_restore_is_flagged_at_the_callers_line(digits, tmp_pat
     with pytest.warns(customfit.ResumeWarning) as caught:
         model.fit(x[:64], y[:64], callbacks=[backup], verbose=0)
     assert caught[0].filename == __file__
+
+
+class TwoOptimizers(customfit.CustomModel):
+    """The head trained by its own optimizer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_optimizer = keras.optimizers.SGD(0.1)
+
+    def apply_gradients(self, gradients, variables):
+        head = {id(v) for v in self.layers[-1].trainable_variables}
+        pairs = list(zip(gradients, variables))
+        super().apply_gradients([g for g, v in pairs if id(v) not in head],
+                                [v for g, v in pairs if id(v) not in head])
+        self.head_optimizer.apply([g for g, v in pairs if id(v) in head],
+                                  [v for g, v in pairs if id(v) in head])
+
+
+def test_learning_rate_callbacks_set_every_optimizer(digits):
+    x, y = digits
+    model = mlp(TwoOptimizers)
+    model.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
+    halve = customfit.callbacks.LearningRateScheduler(lambda epoch, lr: lr / 2 if epoch else lr)
+    plateau = customfit.callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=0,
+                                                    min_delta=10.0)  # never improves enough
+    history = model.fit(x, y, batch_size=64, epochs=3, callbacks=[halve, plateau],
+                        verbose=0).history
+    # Halved when epochs 1 and 2 start, and by the plateau after epoch 1 (the
+    # first epoch sets its best), after its rate was logged.
+    np.testing.assert_allclose(history["learning_rate"], [0.2, 0.1, 0.025], rtol=1e-6)
+    np.testing.assert_allclose(history["learning_rate_head_optimizer"], [0.1, 0.05, 0.0125],
+                               rtol=1e-6)
