@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from customfit import _auto_steps, _call, _optimizers, _resume
-from customfit._backend import cluster
+from customfit._backend import BACKEND, cluster
 from customfit._errors import Preempted, ResumeWarning
 from customfit._keras import internals
 from customfit._saving import atomic_destination, write_text_atomically
@@ -401,6 +401,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             json.dumps(
                 {
                     "format": _FORMAT,
+                    "backend": BACKEND,
                     "epoch": epoch,
                     "batch": batch,
                     "weights": weights_name,
@@ -491,6 +492,18 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"{self.state_path} is not a readable backup ({error}). Delete "
                 f"{self.backup_dir} to train from scratch."
             ) from error
+        # Backups without "backend" come from releases that backed up on
+        # TensorFlow only.
+        written_by = state.get("backend", "tensorflow")
+        if written_by != BACKEND:
+            raise ValueError(
+                f"The backup in {self.backup_dir} was written under Keras' "
+                f"{written_by} backend; this fit runs on {BACKEND}. A backup "
+                "resumes exactly only on the backend that wrote it (each records "
+                "where its data and per-replica metrics stand in its own way). "
+                f"Resume with KERAS_BACKEND={written_by}, or delete "
+                f"{self.backup_dir} to train from scratch. Nothing was loaded."
+            )
         if state["model"] != _fingerprint(self.model):
             raise ValueError(
                 f"The backup in {self.backup_dir} was written by a different "

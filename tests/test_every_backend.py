@@ -207,3 +207,30 @@ def test_learning_rate_callbacks_set_every_optimizer(digits):
     np.testing.assert_allclose(history["learning_rate"], [0.2, 0.1, 0.025], rtol=1e-6)
     np.testing.assert_allclose(history["learning_rate_head_optimizer"], [0.1, 0.05, 0.0125],
                                rtol=1e-6)
+
+
+def test_a_backup_from_another_backend_is_refused_before_anything_loads(digits, tmp_path):
+    x, y = digits
+    model = mlp(customfit.CustomModel)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    backup = customfit.callbacks.BackupAndRestore(tmp_path, save_freq=4)
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 5:
+                raise RuntimeError("crash")
+
+    crash = Crash()
+    with pytest.raises(RuntimeError, match="crash"):
+        model.fit(x[:256], y[:256], batch_size=32, epochs=2, verbose=0, callbacks=[backup, crash])
+    state_path = tmp_path / "backup.json"
+    state = json.loads(state_path.read_text())
+    assert state["backend"] == BACKEND
+    other = "jax" if BACKEND == "tensorflow" else "tensorflow"
+    state_path.write_text(json.dumps({**state, "backend": other}))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=f"written under Keras' {other} backend.*"
+                                         f"KERAS_BACKEND={other}.*Nothing was loaded"):
+        model.fit(x[:256], y[:256], batch_size=32, epochs=2, verbose=0, callbacks=[backup])
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
