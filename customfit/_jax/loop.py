@@ -137,6 +137,7 @@ def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: lis
 
 def make_train_function(model: keras.Model) -> Callable:
     if stateless_override(model, "train_step"):
+        _refuse_auto_steps(model, "train_step")
         keras.Model.make_train_function(model, force=True)
         return model.train_function
     _optimizers.build_unbuilt(model)
@@ -145,6 +146,7 @@ def make_train_function(model: keras.Model) -> Callable:
 
 def make_test_function(model: keras.Model) -> Callable:
     if stateless_override(model, "test_step"):
+        _refuse_auto_steps(model, "test_step")
         keras.Model.make_test_function(model, force=True)
         return model.test_function
     return StatelessStep(model, "test")
@@ -155,6 +157,19 @@ def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
         keras_make()
         return model.predict_function
     return StatelessStep(model, "predict")
+
+
+def _refuse_auto_steps(model: keras.Model, step: str) -> None:
+    """Before any step: "auto" sizes customfit's executions, which a step
+    compiled by Keras' own trainer does not run."""
+    if model._auto_steps is not None:
+        raise ValueError(
+            f'steps_per_execution="auto" sizes the executions of customfit\'s '
+            f"steps; {type(model).__name__}.{step}(state, data) is written for "
+            "Keras' own JAX trainer, which runs a fixed number of batches per "
+            "call. Compile with a number, e.g. steps_per_execution=32, or write "
+            f"the step as {step}(self, data) with customfit's hooks."
+        )
 
 
 def stateless_override(model: keras.Model, step: str) -> bool:

@@ -345,3 +345,17 @@ def test_guide_step_trains_like_stock(case):
         np.testing.assert_array_equal(b, a, err_msg=f"weight {index}")
     # The guide's step trains (the loss goes down), on both classes.
     assert history_a["loss"][-1] < history_a["loss"][0]
+
+
+def test_auto_steps_with_a_stateless_step_is_refused_before_any_step():
+    x, y = guide_data(200, seed=1)
+    inputs = keras.Input(shape=(32,))
+    model = guide_compiled_loss_and_metrics(customfit.CustomModel)(
+        inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"], steps_per_execution="auto")
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=r'"auto".*train_step\(state, data\).*'
+                                         r"steps_per_execution=32"):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
