@@ -77,11 +77,15 @@ def assign_every_replica(model: keras.Model, variables: list, values: list[np.nd
 
 
 def lost_contact_message(model: keras.Model, error: BaseException) -> str:
-    first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    last_line = text.splitlines()[-1] if text else type(error).__name__
     return (
         f"Process {jax.process_index()} lost contact with the other processes "
-        f"({type(error).__name__}: {first_line[:300]}): a process stopped, or "
+        f"({type(error).__name__}: {last_line[:300]}): a process stopped, or "
         "the network between them failed. Restart every process with the same "
         "command; with customfit.callbacks.BackupAndRestore among the "
-        "callbacks, training resumes from its last backup on all of them."
+        "callbacks, training resumes from its last backup on all of them. "
+        "(On exit, JAX may hold this process until its coordinator gives the "
+        "lost one up: heartbeat_timeout_seconds of jax.distributed.initialize, "
+        "100 s by default. Nothing is left to save: it can be killed.)"
     )
