@@ -106,6 +106,9 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
     ) -> None:
         # Deliberately not CallbackList.__init__: see `build`.
         self.channel = channel
+        # Not `inner.model`: on JAX, Keras' callback list hands out the model
+        # after writing the training state back into its variables.
+        self._model: Any = list_kwargs["model"]
         self._raw_callbacks = callbacks
         self._list_class = list_class
         self._list_kwargs = list_kwargs
@@ -177,7 +180,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
     def _end(self, phase: str, batch: int, logs: dict | None) -> None:
         self.channel.summary = None
         # Read now: a callback may run `evaluate` during the replay below.
-        planned = self.channel.steps or self.inner.model.steps_per_execution
+        planned = self.channel.steps or self._model.steps_per_execution
         every_batch = self.channel.take_batch_logs()
         end = getattr(self.inner, f"on_{phase}_batch_end")
         if every_batch is None:

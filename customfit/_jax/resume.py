@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from customfit._keras import internals
 
@@ -43,25 +45,47 @@ class NumpyRandomReplay:
     def position(self, batch: int) -> dict[str, np.ndarray]:
         state = self._epoch_start if batch and self._epoch_start is not None else None
         kind, keys, position, has_gauss, cached = state or cast(tuple, np.random.get_state())
-        return {
-            f"{KEY}/keys": np.asarray(keys),
+        saved = {
+            f"{KEY}/keys": np.asarray(keys, np.uint32),
             f"{KEY}/position": np.asarray([position, has_gauss]),
             f"{KEY}/cached_gaussian": np.asarray(cached),
+        }
+        if jax.process_count() == 1:
+            return saved
+        # Each process shuffles its own part with its own state: one row per
+        # process, gathered bit for bit (as uint32: without jax_enable_x64 a
+        # float64 would be gathered as float32).
+        packed = np.concatenate(
+            [
+                saved[f"{KEY}/keys"],
+                np.asarray([position, has_gauss], np.uint32),
+                np.asarray([cached], np.float64).view(np.uint32),
+            ]
+        )
+        every = np.asarray(multihost_utils.process_allgather(packed))
+        return {
+            f"{KEY}/keys": every[:, :-4],
+            f"{KEY}/position": every[:, -4:-2].astype(np.int64),
+            f"{KEY}/cached_gaussian": np.ascontiguousarray(every[:, -2:]).view(np.float64)[:, 0],
         }
 
     def restore(self, saved: Mapping[str, np.ndarray]) -> None:
         if f"{KEY}/keys" not in saved:
             return
-        position, has_gauss = (int(v) for v in saved[f"{KEY}/position"])
-        np.random.set_state(
-            (
-                "MT19937",
-                np.asarray(saved[f"{KEY}/keys"], np.uint32),
-                position,
-                has_gauss,
-                float(saved[f"{KEY}/cached_gaussian"]),
-            )
-        )
+        keys = np.asarray(saved[f"{KEY}/keys"], np.uint32)
+        position_gauss = np.asarray(saved[f"{KEY}/position"])
+        cached = np.asarray(saved[f"{KEY}/cached_gaussian"])
+        if keys.ndim == 2:  # one row per process
+            if len(keys) != jax.process_count():
+                raise ValueError(
+                    f"The backup holds NumPy's random state of {len(keys)} processes; "
+                    f"this run has {jax.process_count()}. Resume with as many "
+                    "processes, or delete the backup directory."
+                )
+            row = jax.process_index()
+            keys, position_gauss, cached = keys[row], position_gauss[row], cached[row]
+        position, has_gauss = (int(v) for v in position_gauss)
+        np.random.set_state(("MT19937", keys, position, has_gauss, float(cached)))
 
 
 def resuming_train_function(resume: Any, train_function: Callable) -> Callable:

@@ -285,7 +285,7 @@ def jax_optimizer_stand_in(model: keras.Model) -> Iterator[None]:
     (3.15: `_get_jax_state`, `_purge_model_variables`), which fails for a
     model whose optimizers are all held elsewhere (`model.optimizer` None,
     as in `recipes.GAN`); an empty stand-in takes its place while they run."""
-    if model.optimizer is not None:
+    if not model.compiled or model.optimizer is not None:
         yield
         return
     object.__setattr__(model, "optimizer", _NoOptimizer())
