@@ -3,6 +3,14 @@ repeated in one process, as ratios against stock `keras.Model.fit`.
 
     python3 benchmarks/run.py                      # every table, both models
     python3 benchmarks/run.py --quick              # a smoke run, seconds
+    python3 benchmarks/run.py --backend tensorflow jax \
+        --python jax=/work/jaxenv/bin/python       # every backend, side by side
+
+With `--backend`, the side-by-side comparison of `side_by_side.py` runs
+instead (`python3 benchmarks/run.py --backend tensorflow --help` for its
+options): stock fit, the default CustomModel step, "auto" and the backend's
+compute-only limit, on each backend in a subprocess of its own. Without it,
+everything below, on TensorFlow:
 
 Four parts, in one process: the variants of `variants.py` on each model
 (with the compute-only limit: the step's maths alone in one `tf.function`
@@ -32,9 +40,16 @@ import os
 import platform
 import pstats
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
+
+if __name__ == "__main__" and any(a.split("=")[0] == "--backend" for a in sys.argv[1:]):
+    # The side-by-side comparison: a subprocess per backend, none imported here.
+    import side_by_side
+
+    sys.exit(side_by_side.main(sys.argv[1:]))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
