@@ -12,7 +12,8 @@ backend's package.
 
 - `Loop`: how a step is differentiated, compiled and run by `fit`,
   `evaluate` and `predict`, and the stateful primitives a step uses
-  (`gradients`, `cond`, `apply`, `state_scope`).
+  (`gradients`, `cond`, `apply`, `state_scope`), and a step run once
+  eagerly (`run_once`).
 - `Replicas`: the replicas a step runs on (`tf.distribute` runs one step
   per replica; `keras.distribution` one step over the whole batch), as the
   recipes need them.
@@ -98,9 +99,6 @@ class Loop(Protocol):
         self, optimizer: keras.optimizers.Optimizer, gradients: list, variables: list
     ) -> None: ...
 
-    def gradients_rescaled(self, optimizer: Any) -> None:
-        """`apply_gradients` re-applied the loss scale."""
-
     def state_scope(self, model: keras.Model) -> AbstractContextManager:
         """Where a recipe creates the variables its step updates."""
 
@@ -128,6 +126,19 @@ class Loop(Protocol):
         (TensorBoard's epoch-end summaries)."""
 
     # ---- checking a step
+
+    def run_once(
+        self, model: keras.Model, step: Callable[[], Any], variables: list | tuple = ()
+    ) -> Any:
+        """`step()`, a stateful training step on one batch, run once and
+        eagerly where the model's training step runs (so that it can take
+        gradients, `cond` and `log`); returns its result
+        (`customfit.testing.diagnose`). What it assigns is kept: to the
+        variables a training step carries (the model's, its optimizers',
+        its metrics', a recipe's) and to `variables` (on TensorFlow to
+        every variable). Not compiled, no guards; on JAX a name it logs
+        for the first time is noted, not created (metrics cannot be created
+        inside the step's scope)."""
 
     def enable_op_determinism(self) -> None:
         """Makes the backend's ops deterministic (for parity checks)."""

@@ -4,12 +4,22 @@ The step under test and Keras' stock `train_step` each run once, eagerly, on
 the same batch from the same state (weights, optimizer slots, random seed
 state restored in between). What the user's step reports and hands to the
 optimizer is then compared with what the stock step does.
+
+Each replay runs where the backend's training step runs (`loop.run_once`):
+on JAX gradients are taken only inside customfit's step, so there the
+replayed step is a `CustomModel`'s `train_step(data)`, and Keras' stock
+step, which on JAX is stateless (`train_step(state, data)`), is replayed as
+the same maths through the loop (`_stock_train_step`). Values computed
+inside a differentiated function are traced on JAX, not readable: the first
+forward pass is then run again after the step, from the same state, to
+read its predictions and regularization.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +27,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from customfit import _step
+from customfit._backend import BACKEND, loop
 from customfit._keras import internals
+from customfit._model import CustomModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +53,7 @@ class Finding:
 class _Replay:
     logs: dict[str, float] = dataclasses.field(default_factory=dict)
     training: list[Any] = dataclasses.field(default_factory=list)
-    predictions: list[Any] = dataclasses.field(default_factory=list)
+    predictions: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     gradients: list[Any] | None = None
     variables: list[Any] | None = None
     regularization: float = 0.0
@@ -79,6 +92,7 @@ def diagnose(
             "first: call model.compile(optimizer=..., loss=...) and pass the "
             "compiled model."
         )
+    _check_replayable(model)
     data = tuple(
         keras.tree.map_structure(keras.ops.convert_to_tensor, part)
         for part in (x, y, sample_weight)
@@ -90,7 +104,7 @@ def diagnose(
         model.optimizer.build(model.trainable_variables)
     state = _State(model)
     try:
-        stock = _replay(model, keras.Model.train_step, data, state, seed)
+        stock = _replay(model, _stock_train_step, data, state, seed)
         user = _replay(model, type(model).train_step, data, state, seed, check_reset=True)
         training_matters = _training_changes_outputs(model, data[0], state, seed)
     finally:
@@ -111,6 +125,70 @@ def diagnose(
     return findings
 
 
+def _takes_state(step: Callable) -> bool:
+    """Whether a (bound) `train_step` is written for Keras' stateless JAX
+    trainer: `train_step(state, data)`, two required positional arguments."""
+    try:
+        parameters = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len([p for p in parameters if p.kind in positional and p.default is p.empty]) >= 2
+
+
+def _check_replayable(model: keras.Model) -> None:
+    refusal = replay_refusal(model)
+    if refusal is not None:
+        raise TypeError(refusal)
+
+
+def replay_refusal(model: keras.Model) -> str | None:
+    """Why `diagnose` cannot replay the model's step, or None. On JAX a
+    step is replayed only as a `CustomModel`'s `train_step(data)`."""
+    if BACKEND == "tensorflow":
+        return None
+    name = type(model).__name__
+    if not isinstance(model, CustomModel):
+        return (
+            f"On the {BACKEND} backend diagnose() replays the step of a "
+            f"customfit.CustomModel (gradients are taken inside customfit's "
+            f"step there); {name} is not one. Fix: build the model on "
+            "customfit.CustomModel, a drop-in replacement for keras.Model."
+        )
+    if _takes_state(model.train_step):
+        return (
+            f"diagnose() replays train_step(self, data); {name}.train_step(self, "
+            "state, data) is written for Keras' stateless JAX trainer and "
+            "threads every variable by hand, which diagnose() cannot follow. "
+            "To diagnose it, write it as train_step(self, data) on "
+            "customfit.CustomModel, with self.value_and_gradients(...) for the "
+            "gradients (docs/guides/jax.md)."
+        )
+    return None
+
+
+def _stock_train_step(model: keras.Model, data: Any) -> Any:
+    """Keras' stock `train_step`. On JAX Keras' own is stateless
+    (`train_step(state, data)`): there the same maths through the loop,
+    without the model's `CustomModel` hooks (equal to stock `fit`: the
+    parity tests), Keras' `compute_loss` and `compute_metrics` included."""
+    if not _takes_state(keras.Model.train_step.__get__(model)):
+        return keras.Model.train_step(model, data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred, _, gradients, variables = loop.loss_gradients(model, x, y, sample_weight)
+    if variables and model.optimizer is not None:
+        scale = internals.loss_scale_in_use(model.optimizer)
+        if scale is not None:
+            gradients = [_step.multiply(g, scale) for g in gradients]
+        loop.apply(model.optimizer, gradients, variables)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _numpy(structure: Any) -> list[np.ndarray]:
+    """The tensors of `structure` as arrays; raises for traced ones."""
+    return [np.asarray(t) for t in keras.tree.flatten(structure)]
+
+
 def _replay(
     model: keras.Model,
     step: Callable[[keras.Model, Any], Any],
@@ -126,20 +204,28 @@ def _replay(
         tracker.reset_state()
     metrics = _attribute_metrics(model)
     before = [_values(m) for m in metrics]
+    # What is read after the step, also where the step carries only the
+    # metrics `model.metrics` lists (JAX).
+    read_after = [v for m in [*metrics, tracker] if m is not None for v in m.variables]
     keras.utils.set_random_seed(seed)
     replay = _Replay()
     optimizer = model.optimizer
     # None only without an optimizer, when `recording_apply` is never installed.
     original_apply: Any = optimizer.apply if optimizer is not None else None
     original_call = model.call
+    traced_first_call: list[tuple[tuple, dict]] = []
 
     def recording_call(*args: Any, **kwargs: Any) -> Any:
         replay.training.append(kwargs.get("training"))
         outputs = original_call(*args, **kwargs)
-        replay.predictions.append(outputs)
-        if len(replay.predictions) == 1:
-            # Regularizers as the forward pass saw them, before the update.
-            replay.regularization = float(sum(float(loss) for loss in model.losses))
+        if len(replay.training) == 1:
+            try:
+                replay.predictions.append(_numpy(outputs))
+                # Regularizers as the forward pass saw them, before the update.
+                replay.regularization = float(sum(float(loss) for loss in model.losses))
+            except Exception:  # noqa: BLE001 - traced (JAX, differentiated): run again
+                replay.predictions = []
+                traced_first_call.append((args, kwargs))
         return outputs
 
     def recording_apply(grads: Any, trainable_variables: Any = None) -> Any:
@@ -158,7 +244,7 @@ def _replay(
             with warnings.catch_warnings():
                 # Stock steps warn about None gradients; a finding reports them.
                 warnings.simplefilter("ignore")
-                logs = step(model, data)
+                logs = loop.run_once(model, lambda: step(model, data), read_after)
             replay.logs = _scalars(logs)
             if tracker is not None:
                 replay.tracked_loss = float(tracker.result())
@@ -172,7 +258,30 @@ def _replay(
                 ]
         except Exception as error:  # noqa: BLE001 - reported as a finding or raised
             replay.error = error
+    if traced_first_call:
+        _first_forward_again(model, *traced_first_call[0], replay, state, seed)
     return replay
+
+
+def _first_forward_again(
+    model: keras.Model, args: tuple, kwargs: dict, replay: _Replay, state: _State, seed: int
+) -> None:
+    """The step's first forward pass, whose values were traced (JAX, inside
+    the differentiated function), run again outside the step from the state
+    and seed it started from: its predictions and regularization. Nothing
+    when its inputs were traced too."""
+    state.restore()
+    keras.utils.set_random_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = model(*args, **kwargs)
+        predictions = _numpy(outputs)
+        regularization = float(sum(float(loss) for loss in model.losses))
+    except Exception:  # noqa: BLE001 - inputs computed inside the function
+        return
+    replay.predictions = [predictions]
+    replay.regularization = regularization
 
 
 def _scalars(logs: Any) -> dict[str, float]:
@@ -351,9 +460,7 @@ def _none_gradients(paths: list[str]) -> Finding:
 def _mean_prediction(replay: _Replay) -> float | None:
     if not replay.predictions:
         return None
-    flat = [
-        np.asarray(t, dtype="float64").ravel() for t in keras.tree.flatten(replay.predictions[0])
-    ]
+    flat = [np.asarray(t, dtype="float64").ravel() for t in replay.predictions[0]]
     return float(np.mean(np.concatenate(flat))) if flat else None
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import keras
 
-from customfit import _auto_steps, _call, _dev_modes, _optimizers, _saving, _step
+from customfit import _auto_steps, _call, _dev_modes, _guards, _optimizers, _saving, _step
 from customfit._backend import loop
 from customfit._keras import internals, versions
 from customfit._keras2 import (
@@ -159,7 +159,7 @@ class CustomModel(keras.Model):
         scale = internals.loss_scale_in_use(self.optimizer)
         if scale is not None:
             gradients = [_step.multiply(g, scale) for g in gradients]
-            loop.gradients_rescaled(self.optimizer)
+            _guards.gradients_rescaled(self.optimizer)
         loop.apply(self.optimizer, list(gradients), list(variables))
 
     def value_and_gradients(
@@ -274,7 +274,7 @@ class CustomModel(keras.Model):
 
     # ------------------------------------------------------------- the steps
 
-    def train_step(self, data: Any) -> dict[str, Tensor]:
+    def train_step(self, data: Any, *stateless: Any) -> Any:
         """One training step on one batch, as stock `fit`'s: the forward pass
         and the loss, their gradients, `transform_gradients`,
         `apply_gradients`, then the metrics (the class docstring gives the
@@ -285,7 +285,13 @@ class CustomModel(keras.Model):
         (`compiled_loss`, `compiled_metrics`, `metrics`), `compute_loss`, and
         `value_and_gradients` to take gradients on every backend. It returns
         the logs (`{name: value}`) that callbacks, the progress bar and
-        `History` get."""
+        `History` get.
+
+        Called as `train_step(state, data)`, by a step written for stock
+        Keras' JAX trainer (`super().train_step(state, data)`), it is Keras'
+        own stateless step."""
+        if stateless:
+            return keras.Model.train_step(self, data, *stateless)
         return _step.train_step(self, data)
 
     def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
@@ -306,12 +312,20 @@ class CustomModel(keras.Model):
         made. The JAX loop carries them through the compiled step."""
         return []
 
-    def test_step(self, data: Any) -> dict[str, Tensor]:
-        """One evaluation step: forward pass, loss, metrics; no update."""
+    def test_step(self, data: Any, *stateless: Any) -> Any:
+        """One evaluation step: forward pass, loss, metrics; no update.
+        `test_step(state, data)` is Keras' own stateless step (see
+        `train_step`)."""
+        if stateless:
+            return keras.Model.test_step(self, data, *stateless)
         return _step.test_step(self, data)
 
-    def predict_step(self, data: Any) -> Any:
-        """One prediction step: `self(x, training=False)`, as in Keras."""
+    def predict_step(self, data: Any, *stateless: Any) -> Any:
+        """One prediction step: `self(x, training=False)`, as in Keras.
+        `predict_step(state, data)` is Keras' own stateless step (see
+        `train_step`)."""
+        if stateless:
+            return keras.Model.predict_step(self, data, *stateless)
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return _step.forward(self, x, training=False)
 

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from customfit._backend import BACKEND, loop
-from customfit._diagnose import Finding, diagnose
+from customfit._diagnose import Finding, diagnose, replay_refusal
 from customfit._training_parity import TrainingRecord, differences, fresh_compile_kwargs
 
 # Two replicas sum their gradients in a different order than one replica
@@ -262,15 +262,16 @@ def _reports(
         ]
         findings: list[Finding] = []
         notes = []
-        if BACKEND == "tensorflow":
-            keras.utils.set_random_seed(seed)
-            model = build_fn()
+        keras.utils.set_random_seed(seed)
+        model = build_fn()
+        refusal = replay_refusal(model)
+        if refusal is None:
             model.compile(
                 **{"optimizer": keras.optimizers.SGD(0.1), **fresh_compile_kwargs(compile_kwargs)}
             )
             findings = diagnose(model, _take(x, batch_size), _take(y, batch_size), seed=seed)
         else:
-            notes.append("diagnose() was not run: it replays the step on TensorFlow only.")
+            notes.append(f"diagnose() was not run: {refusal}")
         if two_replicas is not None:
             two, two_first = two_replicas.results(timeout)[i]
             comparisons.append(

@@ -4,7 +4,7 @@
   (History, weights, `evaluate`, `predict`), bit for bit or within a tolerance.
 - `check_step`: the same step eagerly and compiled, with
   `steps_per_execution > 1`, and on two replicas, compared.
-- `diagnose`: the usual mistakes in a step, each with the fix (TensorFlow).
+- `diagnose`: the usual mistakes in a step, each with the fix.
 
 The pytest fixture `customfit_deterministic` (registered through the
 package's `pytest11` entry point) seeds a test and turns on op determinism.
@@ -17,7 +17,6 @@ from typing import Any
 
 import keras
 
-from customfit._backend import require_tensorflow
 from customfit._diagnose import Finding
 from customfit._diagnose import diagnose as _diagnose
 from customfit._model import CustomModel
@@ -199,10 +198,11 @@ def check_step(
       atol=1e-6, because two replicas sum gradients in a different order.
       A step whose update doubles or whose `loss` halves is diagnosed.
 
-    On TensorFlow, `diagnose` also runs on the first batch (the report notes
-    that it did not on JAX). Layers that draw per-replica randomness
-    (Dropout) or per-replica statistics (BatchNormalization) make two
-    replicas legitimately differ: check the step on a model without them.
+    `diagnose` also runs on the first batch (on JAX, where it replays only a
+    `CustomModel`'s `train_step(data)`, the report notes when it did not).
+    Layers that draw per-replica randomness (Dropout) or per-replica
+    statistics (BatchNormalization) make two replicas legitimately differ:
+    check the step on a model without them.
     On JAX, the eager comparison finds Python side effects that a jitted
     step runs only when traced.
 
@@ -268,10 +268,20 @@ def diagnose(
       has layers that train differently (Dropout, BatchNormalization);
     - `gradients_on_weights`: non-trainable variables handed to the optimizer;
     - `regularization_dropped`: the loss leaves out `self.losses`;
-    - `none_gradients`: `None` gradients for trainable variables.
+    - `none_gradients`: `None` gradients for trainable variables (TensorFlow
+      only: on JAX a variable the loss does not reach gets a zero gradient,
+      not None, so it cannot be told apart).
 
     Distribution mistakes (loss not divided by replicas, loss tracked per
     replica) need two replicas: `check_step` finds those.
+
+    On JAX the step is replayed inside customfit's step scope (gradients
+    are taken only there), not jitted; the model must be a `CustomModel`
+    whose `train_step(self, data)` takes its gradients with
+    `self.value_and_gradients`, and a step written for Keras' stateless JAX
+    trainer (`train_step(self, state, data)`) raises a `TypeError` naming
+    the fix. Keras' stock step, stateless on JAX, is replayed as the same
+    maths (`compute_loss`, the gradients, `compute_metrics`).
 
     Args:
         model: A compiled model.
@@ -292,5 +302,4 @@ def diagnose(
         assert diagnose(model, x[:32], y[:32]) == []
     ```
     """
-    require_tensorflow("customfit.testing.diagnose")
     return _diagnose(model, x, y, sample_weight, seed=seed)

@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import keras
 
-from customfit import _call, _optimizers, _step
+from customfit import _call, _guards, _optimizers, _step
 from customfit._jax import resume
 from customfit._keras import internals
 from customfit._keras2 import track_loss
@@ -84,10 +84,6 @@ def replica_results(metrics: dict[str, keras.metrics.Mean]) -> None:
     return None
 
 
-def gradients_rescaled(optimizer: Any) -> None:
-    """Nothing: the first step's guards are TensorFlow's."""
-
-
 def call_scope(model: keras.Model) -> Any:
     """Keras' JAX `fit`, `evaluate` and `train_on_batch` read
     `model.optimizer.variables`, also for a model whose optimizers are all
@@ -115,6 +111,7 @@ def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: lis
     if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer.apply(gradients, variables)
         return
+    _guards.check_scaled(optimizer)  # in a guarded first step
     built_over = internals.optimizer_variables_built_over(optimizer)
     if [id(v) for v in variables] != [id(v) for v in built_over]:
         raise NotImplementedError(
@@ -219,6 +216,10 @@ class StatelessStep:
         self.extras: list[keras.Variable] | None = None
         self._compiled: Callable | None = None
         self.after_each_execution: list[Callable[[], None]] = []
+        # The first training step's guards: the step's first run, which is
+        # the abstract trace that finds the names it logs, before anything
+        # is applied; an error leaves the model as it was (`__call__`).
+        self._guards = _guards.StepGuards(model) if phase == "train" else None
         if phase == "predict":
             self._step = internals.make_jax_function(model, self._one_batch, True)
         else:
@@ -382,7 +383,8 @@ class StatelessStep:
         if self._phase == "predict":
             return model.predict_step(data)
         step = model.train_step if self._phase == "train" else model.test_step
-        with model._step_logs.in_phase(self._phase):
+        guarded = self._guards.watching() if self._guards else contextlib.nullcontext()
+        with model._step_logs.in_phase(self._phase), guarded:
             return _step.checked_logs(model, step(data), f"{self._phase}_step")
 
     @contextlib.contextmanager
@@ -392,6 +394,40 @@ class StatelessStep:
             yield
         finally:
             _running.pop()
+
+
+class _RunOnce(StatelessStep):
+    """The training step's scope for `run_once`: the step runs for real
+    there, not to find the names it logs (`cond` takes one branch)."""
+
+    @property
+    def discovering(self) -> bool:
+        return False
+
+
+def run_once(model: keras.Model, step: Callable[[], Any], variables: list | tuple = ()) -> Any:
+    """`step()` once, not jitted, in a training `StatelessStep`'s scope
+    (every variable the step carries, and `variables`, mapped to its value,
+    so that `gradients`, `cond` and `log` work as in `fit`), then what it
+    assigned to those written to the variables. A name it logs for the
+    first time is noted, not created (as while a step is traced); an error
+    leaves every variable as it was."""
+    runner = _RunOnce(model, "train")
+    runner.extras = runner._extra_variables()
+    carried = runner.variables()
+    known = {id(v) for v in carried}
+    carried += [v for v in variables if id(v) not in known]
+    mapping = [(v, v.value) for v in carried]
+    with (
+        model._step_logs.discovering(),
+        keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
+        runner._running(),
+    ):
+        outputs = step()
+    for variable, value in zip(carried, [scope.get_current_value(v) for v in carried]):
+        if value is not None:
+            variable.assign(value)
+    return outputs
 
 
 def _current(scope: keras.StatelessScope, variable: keras.Variable, value: Any) -> Any:

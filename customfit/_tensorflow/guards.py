@@ -1,211 +1,88 @@
-"""Checks that stop the first training step when it would train silently wrong.
+"""The first training step's check for a loss not scaled for
+`tf.distribute`'s replicas, on top of the backend-neutral ones
+(`customfit/_guards.py`: loss scaling forgotten under mixed precision).
 
-Two mistakes in a hand-written `train_step` train without any error in Keras:
-
-* **Loss scaling forgotten** (mixed precision). Under `mixed_float16` Keras
-  wraps the optimizer in a `LossScaleOptimizer`, which divides the gradients it
-  is given by the loss scale (2**15 at first). A step that differentiates the
-  loss without `optimizer.scale_loss(loss)` therefore updates the weights
-  32768 times too little: practically not at all.
-* **Loss not scaled for the replicas** (`tf.distribute`). The optimizer sums
-  the replicas' gradients, so each replica must differentiate its share of the
-  loss (divided by `num_replicas_in_sync`). A step that differentiates the
-  mean loss of its part of the batch updates `num_replicas` times too far.
+**Loss not scaled for the replicas.** The optimizer sums the replicas'
+gradients, so each replica must differentiate its share of the loss
+(divided by `num_replicas_in_sync`). A step that differentiates the mean
+loss of its part of the batch updates `num_replicas` times too far, and
+Keras raises no error. (On JAX this cannot happen: under
+`keras.distribution` one step sees the whole batch, and Keras does not
+divide the loss per replica.)
 
 `StepGuards.watching()` wraps the first training step (the trace of the
-compiled step, or the first eager call) and raises `TrainingGuardError`, which
-says what is wrong and how to fix it; later steps run with no check at all.
+compiled step, or the first eager call) and raises `TrainingGuardError`,
+which says what is wrong and how to fix it; later steps run with no check at
+all.
 
-How each check works, and what it cannot see:
+How it works, and what it cannot see (only with `num_replicas_in_sync > 1`
+and a compiled step: with `run_eagerly=True` tensors have no graph to
+inspect): each `tf.GradientTape.gradient` call with variables as sources has
+its target traced back through the graph. The calls are seen through
+Python's profiling hook (`sys.setprofile`), set in each replica's thread
+while its first step is traced: the step makes its own tapes, and
+TensorFlow is not changed. The error is raised when the step's trace ends,
+before anything runs. A term is *replica-scaled* when it passes through
+Keras' own scaling (`compute_loss`, `compiled_loss`, Keras loss objects,
+regularization: a multiplication by `1 / num_replicas`), an explicit
+multiplication by `1 / num_replicas` or division by `num_replicas`, or a sum
+over examples divided by a constant or by a size that includes the number
+of replicas (`tf.nn.compute_average_loss`). A plain sum over examples is
+replica-additive and fine too. A mean over examples (`tf.reduce_mean`), a
+sum divided by the local batch size, or a reduction of replicated values
+(regularization penalties on the weights) reaching the target without any
+of these is an error. Not seen: any other factor equal to
+`1 / num_replicas` counts as replica scaling (`0.5 * (a + b)` on two
+replicas), a constant divisor is taken to be the global batch size, and
+values computed inside nested `tf.function`s or control flow are not
+followed (no error), and nothing is checked while a Python profiler (such
+as `cProfile`) runs in that thread.
 
-* Loss scaling: while the step runs, each `LossScaleOptimizer` among the
-  model's optimizers (`CustomModel.optimizers`: `model.optimizer` and those
-  held by its attributes, e.g. a GAN's two) records calls to its
-  `scale_loss`. Its `apply` (which `apply_gradients` calls) raises when
-  `scale_loss` of that same optimizer was not called earlier in the step.
-  Gradients given to `CustomModel.apply_gradients` are unscaled by contract
-  (the hook applies the loss scale itself), so they count as scaled. Not
-  seen: an optimizer not in `CustomModel.optimizers` (kept in a list, say),
-  `scale_loss` called but its result not differentiated.
-* Replica scaling (only with `num_replicas_in_sync > 1` and a compiled step:
-  with `run_eagerly=True` tensors have no graph to inspect): each
-  `tf.GradientTape.gradient` call with variables as sources has its target
-  traced back through the graph. The calls are seen through Python's
-  profiling hook (`sys.setprofile`), set in each replica's thread while its
-  first step is traced: the step makes its own tapes, and TensorFlow is not
-  changed. The error is raised when the step's trace ends, before anything
-  runs. A term is *replica-scaled* when it passes
-  through Keras' own scaling (`compute_loss`, `compiled_loss`, Keras loss
-  objects, regularization: a multiplication by `1 / num_replicas`), an
-  explicit multiplication by `1 / num_replicas` or division by
-  `num_replicas`, or a sum over examples divided by a constant or by a size
-  that includes the number of replicas (`tf.nn.compute_average_loss`). A plain
-  sum over examples is replica-additive and fine too. A mean over examples
-  (`tf.reduce_mean`), a sum divided by the local batch size, or a reduction
-  of replicated values (regularization penalties on the weights) reaching the
-  target without any of these is an error. Not seen: any other factor equal
-  to `1 / num_replicas` counts as replica scaling (`0.5 * (a + b)` on two
-  replicas), a constant divisor is taken to be the global batch size, and
-  values computed inside nested `tf.function`s or control flow are not
-  followed (no error), and nothing is checked while a Python profiler
-  (such as `cProfile`) runs in that thread.
-
-Both checks are off for a model (or class) with `training_guards = False`.
+Every check is off for a model (or class) with `training_guards = False`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from customfit import _optimizers
+from customfit import _guards
 from customfit._errors import TrainingGuardError
-from customfit._keras import internals
 
-_SWITCH = (
-    "If this is intended, set `training_guards = False` on the model (or its "
-    "class) to turn these checks off."
-)
-
-
-class _Record:
-    """What one replica's first step did."""
-
-    def __init__(self) -> None:
-        self.scaled: set[int] = set()  # ids of optimizers given a scaled loss
-        self.unscaled_for_replicas: int | None = None  # replicas, when found
-
-
-# Thread id -> record of the step running in that thread. MirroredStrategy
-# traces each replica's step in its own thread.
-_active: dict[int, _Record] = {}
-_lock = threading.Lock()
 _GRADIENT_CODE = tf.GradientTape.gradient.__code__
 
 
-def _current() -> _Record | None:
-    return _active.get(threading.get_ident())
+class _Record(_guards.Record):
+    """What one replica's first step did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unscaled_for_replicas: int | None = None  # replicas, when found
 
 
-def gradients_rescaled(optimizer: Any) -> None:
-    """Called by `CustomModel.apply_gradients`, which multiplies unscaled
-    gradients by the loss scale itself before `optimizer.apply`."""
-    record = _current()
-    if record is not None:
-        record.scaled.add(id(optimizer))
+class StepGuards(_guards.StepGuards):
+    """The backend-neutral guards, and the replica check under
+    `tf.distribute` with several replicas."""
 
-
-class StepGuards:
-    """The guards of one model: armed until a training step completes."""
-
-    def __init__(self, model: keras.Model) -> None:
-        self._model = model
-        self._armed = True
-        self._running = 0
-        self._stack: contextlib.ExitStack | None = None
+    def _new_record(self) -> _guards.Record:
+        return _Record()
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        """Wraps one (per-replica) training step."""
-        if not self._armed or not getattr(self._model, "training_guards", True):
-            yield
-            return
-        key = threading.get_ident()
-        with _lock:
-            if self._running == 0:
-                self._stack = self._install()
-            self._running += 1
-            record = _active[key] = _Record()
-        completed = False
-        try:
-            if self._model.distribute_strategy.num_replicas_in_sync > 1:
-                with _seeing_tape_gradients():
-                    yield
-            else:
+    def _checking(self, record: _guards.Record) -> Iterator[None]:
+        if self._model.distribute_strategy.num_replicas_in_sync > 1:
+            with _seeing_tape_gradients():
                 yield
-            if record.unscaled_for_replicas is not None:
-                raise TrainingGuardError(_replica_message(record.unscaled_for_replicas))
-            completed = True
-        finally:
-            with _lock:
-                _active.pop(key, None)
-                self._running -= 1
-                if self._running == 0:
-                    # Set by `_install` while any step is running.
-                    stack, self._stack = cast(contextlib.ExitStack, self._stack), None
-                    stack.close()
-                    if completed:
-                        self._armed = False
-
-    def _install(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        for optimizer in _loss_scale_optimizers(self._model):
-            stack.enter_context(
-                internals.intercepted(optimizer, "scale_loss", _recording_scale_loss(optimizer))
-            )
-            stack.enter_context(
-                internals.intercepted(optimizer, "apply", _checking_apply(optimizer))
-            )
-        return stack
-
-
-# ------------------------------------------------------------- loss scaling
-
-
-def _loss_scale_optimizers(model: keras.Model) -> list:
-    """The `LossScaleOptimizer`s among the model's optimizers
-    (`CustomModel.optimizers`)."""
-    return [
-        optimizer
-        for optimizer in _optimizers.registered(model).values()
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    ]
-
-
-def _recording_scale_loss(optimizer: Any) -> Callable[[Any], Any]:
-    original = optimizer.scale_loss
-
-    def scale_loss(loss: Any) -> Any:
-        record = _current()
-        if record is not None:
-            record.scaled.add(id(optimizer))
-        return original(loss)
-
-    return scale_loss
-
-
-def _checking_apply(optimizer: Any) -> Callable[..., Any]:
-    original = optimizer.apply
-
-    def apply(grads: Any, trainable_variables: Any = None) -> Any:
-        record = _current()
-        if record is not None and id(optimizer) not in record.scaled:
-            raise TrainingGuardError(_unscaled_message(optimizer))
-        return original(grads, trainable_variables)
-
-    return apply
-
-
-def _unscaled_message(optimizer: Any) -> str:
-    scale = internals.loss_scale_in_use(optimizer)
-    shown = f"{float(scale):g}" if isinstance(scale, (int, float)) else "2**15 at first"
-    return (
-        f"The training step applies gradients with the LossScaleOptimizer "
-        f"{optimizer.name!r} (mixed precision), but never passed the loss to "
-        f"its scale_loss(). The optimizer divides the gradients by the loss "
-        f"scale ({shown}), so the weights would barely change. Fix: inside the "
-        "GradientTape, differentiate `loss = self.optimizer.scale_loss(loss)` "
-        "(the same optimizer that applies the gradients), or hand unscaled "
-        "gradients to `self.apply_gradients(gradients, variables)`, which "
-        f"scales them. {_SWITCH}"
-    )
+        else:
+            yield
+        found = getattr(record, "unscaled_for_replicas", None)
+        if found is not None:
+            raise TrainingGuardError(_replica_message(found))
 
 
 # ---------------------------------------------------------- replica scaling
@@ -235,8 +112,8 @@ def _seeing_tape_gradients() -> Iterator[None]:
 def _check_target(target: Any, sources: Any) -> None:
     """Records in this thread's record a gradient of variables whose target
     is not scaled for the replicas."""
-    record = _current()
-    if record is None or record.unscaled_for_replicas is not None:
+    record = _guards.current()
+    if not isinstance(record, _Record) or record.unscaled_for_replicas is not None:
         return
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if replicas > 1 and any(
@@ -259,7 +136,7 @@ def _replica_message(replicas: int) -> str:
         "(or a Keras loss object), which scale it, or with "
         "`tf.nn.compute_average_loss(per_example_loss, "
         "global_batch_size=...)`, or divide it by "
-        f"`self.distribute_strategy.num_replicas_in_sync`. {_SWITCH}"
+        f"`self.distribute_strategy.num_replicas_in_sync`. {_guards.SWITCH}"
     )
 
 

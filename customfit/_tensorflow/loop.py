@@ -77,11 +77,6 @@ def replica_results(metrics: dict[str, keras.metrics.Mean]) -> dict[str, tf.Tens
     return {name: tf.math.divide_no_nan(total, count) for name, (total, count) in summed.items()}
 
 
-def gradients_rescaled(optimizer: Any) -> None:
-    """`apply_gradients` re-applied the loss scale (for the first step's guard)."""
-    guards.gradients_rescaled(optimizer)
-
-
 def apply(optimizer: keras.optimizers.Optimizer, gradients: list, variables: list) -> None:
     optimizer.apply(gradients, variables)
 
@@ -196,6 +191,13 @@ resuming_train_function = resume.resuming_train_function
 
 def recording_summaries() -> Any:
     return tf.summary.record_if(True)
+
+
+def run_once(model: keras.Model, step: Callable[[], Any], variables: list | tuple = ()) -> Any:
+    """`step()`: outside a `tf.function` TensorFlow runs it eagerly, as
+    written, a `tf.GradientTape` works anywhere, and every assignment is
+    kept."""
+    return step()
 
 
 def enable_op_determinism() -> None:

@@ -24,15 +24,6 @@ def test_import_loads_no_tensorflow():
     assert result.stdout.strip() == "[]"
 
 
-def test_diagnose_says_it_needs_tensorflow(digits):
-    model = models.mlp(customfit.CustomModel)
-    model.compile("adam", "sparse_categorical_crossentropy")
-    from customfit import testing
-
-    with pytest.raises(ImportError, match="customfit.testing.diagnose"):
-        testing.diagnose(model, digits[0][:64], digits[1][:64])
-
-
 def test_a_name_logged_only_after_the_first_trace_is_an_error(digits):
     class Late(customfit.CustomModel):
         def compute_metrics(self, x, y, y_pred, sample_weight=None):
