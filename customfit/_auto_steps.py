@@ -202,12 +202,14 @@ class ExecutionPlan:
         steps = max(steps, 1)
         self._last = (steps, now)
         self._channel.steps = steps
+        self._channel.wait = not self.tuner.settled
         return steps
 
     def finish(self) -> None:
         """The call ended: the step functions run `steps_per_execution`
         batches again."""
         self._channel.steps = None
+        self._channel.wait = False
 
 
 def _one_batch(batch: int) -> int:

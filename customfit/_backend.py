@@ -38,14 +38,4 @@ else:
     )
 
 
-def require_tensorflow(feature: str) -> None:
-    """Raises a clear `ImportError` for `feature` on a backend other than
-    TensorFlow."""
-    if BACKEND != "tensorflow":
-        raise ImportError(
-            f"{feature} needs Keras' TensorFlow backend (KERAS_BACKEND="
-            f"tensorflow); Keras runs on {BACKEND}."
-        )
-
-
-__all__ = ["BACKEND", "cluster", "loop", "replicas", "require_tensorflow"]
+__all__ = ["BACKEND", "cluster", "loop", "replicas"]

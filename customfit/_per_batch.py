@@ -54,12 +54,17 @@ class Channel:
             from one execution to the next (`steps_per_execution="auto"`):
             how many the next one runs (fewer when the data end). None: the
             model's `steps_per_execution`.
+        wait: Set before an execution whose time is measured (while
+            `steps_per_execution="auto"` searches): the step function
+            returns only once its batches have run (JAX dispatches them
+            asynchronously; on TensorFlow they have run when it returns).
     """
 
     def __init__(self) -> None:
         self.summary: tuple[int, int] | None = None
         self.rows: tuple[list, Any] | list[dict] | None = None
         self.steps: int | None = None
+        self.wait = False
 
     def take_batch_logs(self) -> list[dict] | None:
         """Each batch's logs of the execution that ran last, once."""

@@ -262,6 +262,8 @@ class StatelessStep:
             every_batch.append(outputs)
         if channel is not None and steps > 1:
             channel.rows = every_batch
+        if channel is not None and channel.wait:
+            jax.block_until_ready(outputs)
         return outputs, packed
 
     def trace_ahead(self, state: Any, data: Any) -> None:
