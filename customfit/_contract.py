@@ -37,9 +37,6 @@ class Loop(Protocol):
     END_OF_DATA: tuple[type[BaseException], ...]
     """What drawing from an exhausted iterator of the backend's data raises."""
 
-    def init(self, model: keras.Model) -> None:
-        """Called once, in `CustomModel.__init__`."""
-
     # ---- running a call (`_call.Call` owns it)
 
     def call_scope(self, model: keras.Model) -> AbstractContextManager:

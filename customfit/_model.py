@@ -93,7 +93,6 @@ class CustomModel(keras.Model):
         )
         object.__setattr__(self, "_compiled_loss", CompiledLoss(self))
         object.__setattr__(self, "_compiled_metrics", CompiledMetrics(self))
-        loop.init(self)
 
     # ----------------------------------------------------------------- hooks
 

@@ -1,5 +1,5 @@
-"""`CustomModel` on Keras' JAX backend: the stateful step run as Keras'
-stateless JAX step (see `customfit._backend`).
+"""`CustomModel` on Keras' JAX backend (the `Loop` of
+`customfit._contract`): the stateful step run as Keras' stateless JAX step.
 
 Keras' JAX `fit` calls `train_function(state, iterator)`, where `state` holds
 the values of the trainable, non-trainable, optimizer and metric variables,
@@ -19,9 +19,8 @@ nothing may be created, so each new step is first traced abstractly
 (`jax.eval_shape`) to find the names it logs, and their metrics are created
 before it is compiled.
 
-Recipes are written once with this module's `gradients`,
-`stateless_gradients`, `cond` and `state_scope` (the TensorFlow loop has the
-same functions); their own state (`CustomModel._step_variables`) goes in and
+Recipes are written once with the contract's `gradients`,
+`stateless_gradients`, `cond` and `state_scope`; their own state (`CustomModel._step_variables`) goes in and
 out of the compiled step with the other extras.
 
 A step written for stock Keras' JAX trainer, `train_step(self, state,
@@ -56,10 +55,6 @@ END_OF_DATA: tuple[type[BaseException], ...] = ()
 
 # The `StatelessStep` running now (its variables are what the step reads).
 _running: list[StatelessStep] = []
-
-
-def init(model: keras.Model) -> None:
-    """Nothing: the JAX loop keeps its state in each compiled step."""
 
 
 def metric_creation_scope() -> Any:

@@ -1,8 +1,8 @@
-"""`CustomModel` on Keras' TensorFlow backend: how a step is differentiated,
-compiled and run by `fit` (see `customfit._backend`).
+"""`CustomModel` on Keras' TensorFlow backend (the `Loop` of
+`customfit._contract`): how a step is differentiated, compiled and run.
 
 Each batch's step runs inside a `tf.function` made by
-`_keras.step_function`, replaying every batch to the callbacks
+`_keras._tensorflow.step_function`, replaying every batch to the callbacks
 (`_per_batch`), through the `Channel` of the call running
 (`_call.channel_of`).
 """
@@ -22,10 +22,6 @@ from customfit._keras._tensorflow import step_function, trainer
 from customfit._tensorflow import guards, resume
 
 END_OF_DATA: tuple[type[BaseException], ...] = (tf.errors.OutOfRangeError,)
-
-
-def init(model: keras.Model) -> None:
-    """Nothing: a call's state is its `_call.Call`'s."""
 
 
 def loss_gradients(
