@@ -20,8 +20,9 @@ nothing may be created, so each new step is first traced abstractly
 before it is compiled.
 
 Recipes are written once with the contract's `gradients`,
-`stateless_gradients`, `cond` and `state_scope`; their own state (`CustomModel._step_variables`) goes in and
-out of the compiled step with the other extras.
+`stateless_gradients`, `cond` and `state_scope`; their own state
+(`CustomModel._step_variables`) goes in and out of the compiled step with
+the other extras.
 
 A step written for stock Keras' JAX trainer, `train_step(self, state,
 data)` (also `test_step`, `predict_step`), threads the state by hand, as
