@@ -7,6 +7,7 @@ import collections
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -350,3 +351,20 @@ def warn_if_unregistered(cls: type) -> None:
         SavingWarning,
         stacklevel=2,
     )
+
+
+@contextlib.contextmanager
+def written_by_chief(path: str, chief: bool, process: str) -> Iterator[str]:
+    """Where a process of a multi-process run writes what belongs at
+    `path`: `path` itself on the chief, a file of the same name in a private
+    temporary directory on the others (deleted when the block ends), so that
+    every process runs the same saving code and the shared path holds one
+    writer's file. `process` names the process in the directory's name."""
+    if chief:
+        yield path
+        return
+    directory = tempfile.mkdtemp(prefix=f"customfit-{process}-")
+    try:
+        yield os.path.join(directory, os.path.basename(path))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

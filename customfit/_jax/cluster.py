@@ -10,15 +10,13 @@ variable holds one global value: "every replica" is one row.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import jax
 import keras
 import numpy as np
 from jax.experimental import multihost_utils
+
+from customfit import _saving
 
 # What a collective raises when a peer process is gone.
 LOST_CONTACT: tuple[type[BaseException], ...] = (jax.errors.JaxRuntimeError,)
@@ -32,18 +30,9 @@ def is_chief(model: keras.Model) -> bool:
     return jax.process_index() == 0
 
 
-@contextlib.contextmanager
-def written_to(path: str, model: keras.Model) -> Iterator[str]:
-    """`path` itself on process 0, a file of the same name in a private
-    temporary directory on the others (deleted when the block ends)."""
-    if is_chief(model):
-        yield path
-        return
-    directory = tempfile.mkdtemp(prefix=f"customfit-process-{jax.process_index()}-")
-    try:
-        yield os.path.join(directory, os.path.basename(path))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def written_to(path: str, model: keras.Model) -> contextlib.AbstractContextManager[str]:
+    """Where this process writes what belongs at `path` (process 0: `path`)."""
+    return _saving.written_by_chief(path, is_chief(model), f"process-{jax.process_index()}")
 
 
 def agreed(values: list[int], model: keras.Model) -> bool:

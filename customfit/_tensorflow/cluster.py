@@ -14,17 +14,15 @@ chief.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from customfit import _saving
 from customfit._keras._tensorflow import trainer
 
 
@@ -43,19 +41,9 @@ def task_id(model: keras.Model) -> int:
     return int(getattr(resolver, "task_id", 0) or 0)
 
 
-@contextlib.contextmanager
-def written_to(path: str, model: keras.Model) -> Iterator[str]:
-    """Where this worker writes what belongs at `path`: `path` itself on the
-    chief, a file of the same name in a private temporary directory on the
-    others (deleted when the block ends)."""
-    if is_chief(model):
-        yield path
-        return
-    directory = tempfile.mkdtemp(prefix=f"customfit-worker-{task_id(model)}-")
-    try:
-        yield os.path.join(directory, os.path.basename(path))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def written_to(path: str, model: keras.Model) -> contextlib.AbstractContextManager[str]:
+    """Where this worker writes what belongs at `path` (the chief: `path`)."""
+    return _saving.written_by_chief(path, is_chief(model), f"worker-{task_id(model)}")
 
 
 def agreed(values: list[int], model: keras.Model) -> bool:
