@@ -92,7 +92,8 @@ def test_a_function_absent_from_a_tested_release_may_be_absent(monkeypatch):
     copy = dataclasses.replace(versions.COPIES[0], find=gone,
                                known={versions.ABSENT: "3.10", "0" * 16: "3.11 to 3.15"})
     monkeypatch.setattr(versions, "COPIES", (copy,))
-    assert versions.problems() == []
+    # Only the copy: on an untested Keras (keras-nightly) the release is named too.
+    assert [p for p in versions.problems() if copy.keras_name in p] == []
 
 
 @pytest.mark.slow
