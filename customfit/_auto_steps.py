@@ -37,6 +37,7 @@ from typing import Any
 
 import keras
 
+from customfit import _per_batch
 from customfit._keras import epoch_iterator as epoch_iteration
 from customfit._keras import internals
 
@@ -230,14 +231,7 @@ def _execution_limit(callback: Any, phase: str) -> Callable[[int], int | None] |
         if every == "epoch":
             return None
         return lambda batch: every - internals.batches_since_save(callback)
-    hooks = [f"on_{phase}_batch_begin", f"on_{phase}_batch_end"]
-    if phase == "train":
-        hooks += ["on_batch_begin", "on_batch_end"]
-    for hook in hooks:
-        method = getattr(callback, hook)  # a `LambdaCallback` sets them on the instance
-        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, hook):
-            return _one_batch
-    return None
+    return _one_batch if _per_batch.has_batch_hooks(callback, phase) else None
 
 
 def every_n_batches(every: int, batch: int) -> int:

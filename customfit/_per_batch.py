@@ -37,6 +37,20 @@ from customfit import _backend
 from customfit._keras import internals
 
 
+def has_batch_hooks(callback: Any, phase: str) -> bool:
+    """Whether `callback` overrides a per-batch method of `phase` ("train",
+    "test" or "predict"): on train batches, `on_batch_begin`/`on_batch_end`
+    too, which Keras' `Callback` calls from its train-batch methods."""
+    hooks = [f"on_{phase}_batch_begin", f"on_{phase}_batch_end"]
+    if phase == "train":
+        hooks += ["on_batch_begin", "on_batch_end"]
+    for hook in hooks:
+        method = getattr(callback, hook)  # a `LambdaCallback` sets them on the instance
+        if getattr(method, "__func__", method) is not getattr(keras.callbacks.Callback, hook):
+            return True
+    return False
+
+
 class Channel:
     """What the step functions and the `PerBatchCallbacks` of one call (see
     `_call.Call`) pass each other around an execution.
@@ -65,6 +79,14 @@ class Channel:
         self.rows: tuple[list, Any] | list[dict] | None = None
         self.steps: int | None = None
         self.wait = False
+
+    def take_batch_count(self) -> int | None:
+        """How many batches the execution that ran last ran, once; None
+        after an execution of one step."""
+        rows, self.rows = self.rows, None
+        if rows is None or isinstance(rows, list):
+            return None if rows is None else len(rows)
+        return len(rows[1])
 
     def take_batch_logs(self) -> list[dict] | None:
         """Each batch's logs of the execution that ran last, once."""
@@ -125,6 +147,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         # batches on, that stops at once.
         self._after_short: dict[str, int] = {}
         self._board: Any = False  # `_tensorboard()`, once looked up
+        self._replayed: dict[str, bool] = {}  # `_replays(phase)`, once looked up
 
     def __del__(self) -> None:
         # Keras' `CallbackList.__del__` shuts down the executor its
@@ -186,8 +209,14 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         self.channel.summary = None
         # Read now: a callback may run `evaluate` during the replay below.
         planned = self.channel.steps or self._model.steps_per_execution
-        every_batch = self.channel.take_batch_logs()
         end = getattr(self.inner, f"on_{phase}_batch_end")
+        if not self._replays(phase):
+            executed = self.channel.take_batch_count()
+            end(batch, logs)
+            if executed is not None and executed < planned:
+                self._after_short[phase] = self._first_batch[phase] + executed
+            return
+        every_batch = self.channel.take_batch_logs()
         if every_batch is None:
             end(batch, logs)
             return
@@ -203,6 +232,16 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
             end(first + offset, batch_logs)
         if len(every_batch) < planned:
             self._after_short[phase] = first + len(every_batch)
+
+    def _replays(self, phase: str) -> bool:
+        """Whether any callback has a per-batch method of `phase`: without
+        one, the batches an execution ran before its last one are not
+        replayed (nothing would see them)."""
+        if phase not in self._replayed:
+            self._replayed[phase] = any(
+                has_batch_hooks(callback, phase) for callback in self.inner.callbacks
+            )
+        return self._replayed[phase]
 
     def _tensorboard(self) -> keras.callbacks.TensorBoard | None:
         """The TensorBoard callback whose writer is the default during a

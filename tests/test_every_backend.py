@@ -88,6 +88,31 @@ def test_every_batch_reaches_the_callbacks_as_with_one_step_per_execution(
     assert many_history == one_history
 
 
+class EpochLogs(keras.callbacks.Callback):
+    """No per-batch method: an execution's batches are not replayed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(dict(logs))
+
+
+@pytest.mark.parametrize("steps_per_execution", [4, "auto"])
+def test_callbacks_without_batch_methods_see_the_epochs_of_one_step_per_execution(
+        digits, steps_per_execution):
+    x, y = digits[0][:480], digits[1][:480]  # 15 batches: the last execution of 4 is short
+    one, many = EpochLogs(), EpochLogs()
+    one_model, one_history = trained(customfit.CustomModel, x, y, 1, [one])
+    many_model, many_history = trained(customfit.CustomModel, x, y, steps_per_execution, [many])
+    assert len(one.epochs) == 2
+    assert many.epochs == one.epochs
+    assert many_history == one_history
+    for a, b in zip(many_model.get_weights(), one_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_run_modes(digits):
     x, y = digits
     model = mlp(customfit.CustomModel)

@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import keras
 
-from customfit import _call, _guards, _optimizers, _step
+from customfit import _auto_steps, _call, _guards, _optimizers, _step
 from customfit._jax import resume
 from customfit._keras import internals
 from customfit._keras2 import track_loss
@@ -211,6 +211,7 @@ class StatelessStep:
         self._phase = phase
         self.extras: list[keras.Variable] | None = None
         self._compiled: Callable | None = None
+        self._compiled_scan: Callable | None = None
         self.after_each_execution: list[Callable[[], None]] = []
         # The first training step's guards: the step's first run, which is
         # the abstract trace that finds the names it logs, before anything
@@ -242,25 +243,71 @@ class StatelessStep:
         """Keras' JAX `_make_function` for a train or test step: the step
         on the next batch, then on each following one up to the execution's
         number or the end of the data; with more than one planned, every
-        batch's logs go to the call's `Channel`."""
+        batch's logs go to the call's `Channel`.
+
+        Once the step is compiled, batches of one shape run as one jitted
+        `jax.lax.scan` of the one-batch step over them (`_scanned`): the
+        execution's number of them per scan, and what remains (the data
+        ended) in scans of powers of `_auto_steps.GROWTH` (the numbers
+        "auto" tries), so that only a few lengths are ever compiled."""
         channel = _call.channel_of(self._model)
         steps = (channel.steps if channel is not None else None) or (
             self._model.steps_per_execution
         )
-        outputs, packed = self._one_batch(packed, next(iterator))
-        every_batch = [outputs]
+        batches = [next(iterator)]
         for _ in range(steps - 1):
             try:
-                data = next(iterator)
+                batches.append(next(iterator))
             except StopIteration:
                 break
-            outputs, packed = self._one_batch(packed, data)
-            every_batch.append(outputs)
+        every_batch: list = []
+        for chunk in _chunks(batches, steps if self._scans() else 1):
+            if len(chunk) > 1:
+                outputs, packed = self._scanned(packed, chunk)
+                every_batch.extend(outputs)
+            else:
+                outputs, packed = self._one_batch(packed, chunk[0])
+                every_batch.append(outputs)
+        outputs = every_batch[-1]
         if channel is not None and steps > 1:
             channel.rows = every_batch
         if channel is not None and channel.wait:
             jax.block_until_ready(outputs)
         return outputs, packed
+
+    def _scanned(self, packed: tuple[Any, Any], batches: list) -> tuple[list, Any]:
+        """The compiled step over `batches` in one call: `(each batch's
+        outputs, packed state)`."""
+        if self._compiled_scan is None:
+            self._compiled_scan = jax.jit(self._scan, donate_argnums=0)
+        state, extra_values = packed
+        every_batch, state, extra_values = self._compiled_scan(state, extra_values, batches)
+        return every_batch, (state, extra_values)
+
+    def _scans(self) -> bool:
+        """Whether an execution of several batches may run as one scan: once
+        the step is compiled (its logged names found), and with no
+        `keras.distribution` (whose batches are laid out one by one)."""
+        return (
+            self._compiled is not None
+            and not self._eager()
+            and keras.distribution.distribution() is None
+        )
+
+    def _scan(self, state: Any, extra_values: Any, batches: list) -> tuple[list, Any, Any]:
+        def one_batch(carry: tuple[Any, Any], data: Any) -> tuple[tuple[Any, Any], Any]:
+            outputs, state, extra_values = self._stateless(*carry, data)
+            return (state, extra_values), outputs
+
+        stacked = jax.tree.map(lambda *batch: jax.numpy.stack(batch), *batches)
+        (state, extra_values), stacked_outputs = jax.lax.scan(
+            one_batch, (state, extra_values), stacked
+        )
+        every_batch = [
+            jax.tree.map(lambda outputs, i=i: outputs[i], stacked_outputs)
+            for i in range(len(batches))
+        ]
+        return every_batch, state, extra_values
 
     def trace_ahead(self, state: Any, data: Any) -> None:
         """Traces the step for `data` (one batch) without running it, so
@@ -392,6 +439,38 @@ class StatelessStep:
             yield
         finally:
             _running.pop()
+
+
+def _chunks(batches: list, longest: int) -> Iterator[list]:
+    """`batches` cut, in order, into runs of equal-shaped batches to scan:
+    of `longest` batches while that many alike are left, then of the
+    largest power of `_auto_steps.GROWTH` that fits (a batch shaped unlike
+    the one before it, the data's last and smaller one, starts a run)."""
+    start = 0
+    while start < len(batches):
+        alike = start + 1
+        first = _signature(batches[start])
+        while alike < min(len(batches), start + longest) and _signature(batches[alike]) == first:
+            alike += 1
+        left = alike - start
+        size = longest if left >= longest else _power_up_to(left)
+        yield batches[start : start + size]
+        start += size
+
+
+def _power_up_to(count: int) -> int:
+    """The largest power of `_auto_steps.GROWTH` not above `count` (>= 1)."""
+    power = 1
+    while power * _auto_steps.GROWTH <= count:
+        power *= _auto_steps.GROWTH
+    return power
+
+
+def _signature(batch: Any) -> tuple:
+    """What two batches share when they stack into one scan: structure,
+    shapes and dtypes."""
+    leaves, structure = jax.tree.flatten(batch)
+    return structure, tuple((x.shape, x.dtype) for x in leaves)
 
 
 class _RunOnce(StatelessStep):
