@@ -198,7 +198,7 @@ def test_save_load_keeps_a_partial_accumulation(digits, tmp_path):
     assert loaded.accumulated_micro_batches == 1
     np.testing.assert_array_equal(loaded.predict(x, verbose=0),
                                   model.predict(x, verbose=0))
-    for a, b in zip(loaded._accumulation.sums, model._accumulation.sums):
+    for a, b in zip(loaded._accumulation.sums, model._accumulation.sums, strict=True):
         assert np.abs(b.numpy()).max() > 0
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)

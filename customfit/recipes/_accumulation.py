@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, overload
+from typing import Any
 
 import keras
 from keras import ops
@@ -94,7 +94,8 @@ class GradientAccumulation(CustomModel):
         )
         super().__init__(*args, **kwargs)
         self.accumulation_steps = accumulation_steps
-        object.__setattr__(self, "_accumulation", None)
+        # Built for the trainable variables once they are known (`_accumulators`).
+        object.__setattr__(self, "_accumulation", _Accumulators())
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -104,41 +105,33 @@ class GradientAccumulation(CustomModel):
     @property
     def accumulated_micro_batches(self) -> int:
         """Micro-batches in the accumulators now (`0` right after an update)."""
-        state = self.__dict__.get("_accumulation")
-        if state is None:
+        state = self._accumulation
+        if state.count is None:
             return 0
         return int(state.count.numpy()) % self.accumulation_steps
 
     def make_train_function(self, force: bool = False) -> Callable:
-        self._accumulation_state(create=True)
+        self._accumulators()
         return super().make_train_function(force)
 
-    @overload
-    def _accumulation_state(self, create: Literal[True]) -> _State: ...
-
-    @overload
-    def _accumulation_state(self, create: bool) -> _State | None: ...
-
-    def _accumulation_state(self, create: bool) -> _State | None:
+    def _accumulators(self) -> _Accumulators:
+        """The accumulators, built for the trainable variables now (again,
+        empty, when those changed since)."""
+        state = self._accumulation
         variables = self.trainable_weights
-        state = self.__dict__.get("_accumulation")
-        if state is not None and state.matches(variables):
-            return state
-        if not create:
-            return None
-        with loop.state_scope(self):
-            state = _State(variables)
-        object.__setattr__(self, "_accumulation", state)
+        if not state.built_for(variables):
+            with loop.state_scope(self):
+                state.build(variables)
         return state
 
     def _step_variables(self) -> list[keras.Variable]:
-        state = self._accumulation_state(create=True)
+        state = self._accumulators()
         return [*super()._step_variables(), state.count, *state.sums]
 
     def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
-        state = self.__dict__.get("_accumulation")
-        if state is None or not state.matches(variables):
-            state = self._accumulation_state(create=True)
+        state = self._accumulation
+        if not state.built_for(variables):
+            state = self._accumulators()
         for total, gradient in zip(state.sums, gradients):
             if gradient is not None:
                 total.assign_add(gradient)
@@ -161,8 +154,8 @@ class GradientAccumulation(CustomModel):
 
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)
-        state = self.__dict__.get("_accumulation")
-        if state is not None:
+        state = self._accumulation
+        if state.count is not None:
             store[_COUNT_KEY] = _saving.array(state.count)
             for i, total in enumerate(state.sums):
                 store[_SUM_KEY.format(i)] = _saving.array(total)
@@ -173,7 +166,7 @@ class GradientAccumulation(CustomModel):
         super().load_own_variables({k: store[k] for k in keys if k not in ours})
         if _COUNT_KEY not in ours:
             return
-        state = self._accumulation_state(create=True)
+        state = self._accumulators()
         if len(ours) - 1 != len(state.sums):
             raise ValueError(
                 f"The saved GradientAccumulation state has {len(ours) - 1} "
@@ -186,14 +179,30 @@ class GradientAccumulation(CustomModel):
             total.assign(store[_SUM_KEY.format(i)])
 
 
-class _State:
-    """The micro-batch counter and one accumulator per trainable variable.
+class _Accumulators:
+    """The micro-batch counter and one accumulator per trainable variable,
+    built (`build`) once the trainable variables are known.
 
     Accumulators are per replica (sync-on-read, summed when read across
     replicas, e.g. for saving); the counter is the same on all replicas.
+
+    Attributes:
+        count: Micro-batches accumulated since training began; None until
+            built.
+        sums: The accumulated gradient of each trainable variable, in their
+            order; empty until built.
     """
 
-    def __init__(self, variables: list) -> None:
+    def __init__(self) -> None:
+        self._ids: list[int] | None = None
+        self.count: Any = None  # a keras.Variable once built
+        self.sums: list[keras.Variable] = []
+
+    def built_for(self, variables: list) -> bool:
+        return self._ids == [id(v) for v in variables]
+
+    def build(self, variables: list) -> None:
+        """New, empty accumulators for `variables`."""
         self._ids = [id(v) for v in variables]
         self.count = keras.Variable(
             0,
@@ -215,6 +224,3 @@ class _State:
             )
             for i, v in enumerate(variables)
         ]
-
-    def matches(self, variables: list) -> bool:
-        return self._ids == [id(v) for v in variables]
