@@ -43,6 +43,10 @@ class Loop(Protocol):
         """What the backend needs around Keras' own `fit`, `evaluate`,
         `predict` and `train_on_batch`."""
 
+    def optimizer_stand_in(self, model: keras.Model) -> Any:
+        """What `model.optimizer` reads while compiled with none (None, or
+        what the backend's trainer needs there while it runs)."""
+
     def maybe_symbolic_build(
         self, model: keras.Model, iterator: Any = None, data_batch: Any = None
     ) -> None:

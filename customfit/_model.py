@@ -368,6 +368,24 @@ class CustomModel(keras.Model):
     # ------------------------------------------------------------ optimizers
 
     @property
+    def optimizer(self) -> Any:
+        """`compile`'s optimizer, as on `keras.Model` (absent before
+        `compile`). A model compiled without one (`recipes.GAN`) reads None,
+        except on JAX while Keras' trainer runs it: an empty stand-in there,
+        since Keras' JAX `fit` reads `model.optimizer.variables`."""
+        try:
+            optimizer = self.__dict__["optimizer"]
+        except KeyError:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute 'optimizer'"
+            ) from None
+        return loop.optimizer_stand_in(self) if optimizer is None else optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: keras.optimizers.Optimizer | None) -> None:
+        self.__dict__["optimizer"] = optimizer
+
+    @property
     def optimizers(self) -> Mapping[str, keras.optimizers.Optimizer]:
         """Every optimizer of the model, by name; read-only.
 

@@ -83,6 +83,25 @@ def test_generator_samples_move_toward_the_digits(images, wgan_gp):
     assert int(gan.discriminator_optimizer.iterations) == steps * (5 if wgan_gp else 1)
 
 
+def test_model_optimizer_stays_none_and_fit_writes_no_stand_in(images):
+    """`model.optimizer` is None before, after and (on TensorFlow) during
+    `fit`; on JAX, Keras' trainer reads an empty stand-in there, and nothing
+    is written to the model for it."""
+    gan = compiled(tiny_gan())
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(
+            (gan.__dict__["optimizer"], gan.optimizer)))
+    assert gan.optimizer is None
+    gan.fit(images[:64], batch_size=32, epochs=1, verbose=0, callbacks=[record])
+    assert gan.optimizer is None and gan.__dict__["optimizer"] is None
+    assert [stored for stored, _ in seen] == [None, None]
+    if keras.backend.backend() == "jax":
+        assert all(read is not None and read.variables == [] for _, read in seen)
+    else:
+        assert [read for _, read in seen] == [None, None]
+
+
 @tensorflow_only
 def test_losses_are_batch_weighted_epoch_means(images):
     seen = {"d": [], "g": [], "batch": []}

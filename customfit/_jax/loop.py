@@ -32,14 +32,20 @@ compiled by Keras' own `make_train_function` (`make_test_function`,
 nothing of this module runs inside it (`stateless_override`).
 
 An execution of `steps_per_execution` batches (or, with "auto", as many as
-the call's `Channel` says) runs the jitted one-batch step once per batch, as
-Keras' JAX `_make_function` does, and hands every batch's logs to the
+the call's `Channel` says) runs them as one jitted `jax.lax.scan` of the
+one-batch step where Keras' JAX `_make_function` calls it once per batch
+(see `StatelessStep._execution`), and hands every batch's logs to the
 call's `PerBatchCallbacks` through that `Channel`.
+
+A model compiled without `optimizer` (`recipes.GAN`) reads an empty
+stand-in as `model.optimizer` while Keras' trainer runs it (`call_scope`,
+`optimizer_stand_in`): Keras' JAX `fit` reads `model.optimizer.variables`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,6 +59,12 @@ from customfit._keras import internals
 from customfit._keras2 import track_loss
 
 END_OF_DATA: tuple[type[BaseException], ...] = ()
+
+# The models whose `fit`, `evaluate` or `train_on_batch` Keras runs now.
+_KERAS_RUNNING: contextvars.ContextVar[tuple[keras.Model, ...]] = contextvars.ContextVar(
+    "customfit_keras_jax_running", default=()
+)
+_NO_OPTIMIZER = internals.NoOptimizer()
 
 # The `StatelessStep` running now (its variables are what the step reads).
 _running: list[StatelessStep] = []
@@ -80,11 +92,26 @@ def replica_results(metrics: dict[str, keras.metrics.Mean]) -> None:
     return None
 
 
-def call_scope(model: keras.Model) -> Any:
+@contextlib.contextmanager
+def call_scope(model: keras.Model) -> Iterator[None]:
     """Keras' JAX `fit`, `evaluate` and `train_on_batch` read
     `model.optimizer.variables`, also for a model whose optimizers are all
-    held elsewhere (`recipes.GAN`): a stand-in while they run."""
-    return internals.jax_optimizer_stand_in(model)
+    held elsewhere (`recipes.GAN`): while they run, such a model's
+    `optimizer` reads as a stand-in (`optimizer_stand_in`)."""
+    running = _KERAS_RUNNING.set((*_KERAS_RUNNING.get(), model))
+    try:
+        yield
+    finally:
+        _KERAS_RUNNING.reset(running)
+
+
+def optimizer_stand_in(model: keras.Model) -> Any:
+    """What `model.optimizer` reads when the model has none: an empty
+    stand-in while Keras' JAX trainer runs the model (`call_scope`), else
+    None."""
+    if any(running is model for running in _KERAS_RUNNING.get()):
+        return _NO_OPTIMIZER
+    return None
 
 
 def maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
@@ -245,7 +272,7 @@ class StatelessStep:
         number or the end of the data; with more than one planned, every
         batch's logs go to the call's `Channel`.
 
-        Once the step is compiled, batches of one shape run as one jitted
+        When the step is jitted, batches of one shape run as one jitted
         `jax.lax.scan` of the one-batch step over them (`_scanned`): the
         execution's number of them per scan, and what remains (the data
         ended) in scans of powers of `_auto_steps.GROWTH` (the numbers
@@ -260,6 +287,7 @@ class StatelessStep:
                 batches.append(next(iterator))
             except StopIteration:
                 break
+        packed = self._discovered(packed, batches[0])
         every_batch: list = []
         for chunk in _chunks(batches, steps if self._scans() else 1):
             if len(chunk) > 1:
@@ -285,14 +313,10 @@ class StatelessStep:
         return every_batch, (state, extra_values)
 
     def _scans(self) -> bool:
-        """Whether an execution of several batches may run as one scan: once
-        the step is compiled (its logged names found), and with no
-        `keras.distribution` (whose batches are laid out one by one)."""
-        return (
-            self._compiled is not None
-            and not self._eager()
-            and keras.distribution.distribution() is None
-        )
+        """Whether an execution of several batches may run as one scan: when
+        the step is jitted, and with no `keras.distribution` (whose batches
+        are laid out one by one)."""
+        return not self._eager() and keras.distribution.distribution() is None
 
     def _scan(self, state: Any, extra_values: Any, batches: list) -> tuple[list, Any, Any]:
         def one_batch(carry: tuple[Any, Any], data: Any) -> tuple[tuple[Any, Any], Any]:
@@ -312,9 +336,8 @@ class StatelessStep:
     def trace_ahead(self, state: Any, data: Any) -> None:
         """Traces the step for `data` (one batch) without running it, so
         that the metrics of the names it logs exist before its first call."""
-        if self._compiled is None:
+        if self.extras is None:
             self._discover_logged_names(state, data)
-            self._compiled = self._compile(state)
 
     def _put_back(self, state: Any) -> None:
         """Keras' JAX `fit` takes the values out of the variables while it
@@ -344,13 +367,21 @@ class StatelessStep:
         return [v for group in self.state_variables() for v in group] + list(self.extras or ())
 
     def _one_batch(self, packed: tuple[Any, Any], data: Any) -> tuple[Any, tuple[Any, Any]]:
-        state, extra_values = packed
+        state, extra_values = self._discovered(packed, data)
         if self._compiled is None:
-            self._discover_logged_names(state, data)
-            extra_values = [v.value for v in self.extras or ()]
             self._compiled = self._compile(state)
         outputs, state, extra_values = self._compiled(state, extra_values, data)
         return outputs, (state, extra_values)
+
+    def _discovered(self, packed: tuple[Any, Any], data: Any) -> tuple[Any, Any]:
+        """`packed`, once the names the step logs are known (found now, with
+        `data`, on the first call): with the extra variables' values."""
+        if self.extras is not None:
+            return packed
+        state, _ = packed
+        self._discover_logged_names(state, data)
+        extras: list[keras.Variable] = self.extras or []  # set by the discovery
+        return state, [v.value for v in extras]
 
     def _discover_logged_names(self, state: Any, data: Any) -> None:
         """Traces the step abstractly to create the metrics of the names it

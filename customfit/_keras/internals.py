@@ -271,25 +271,11 @@ def jax_state_put_back(model: keras.Model) -> None:
     model._jax_state_synced = True
 
 
-class _NoOptimizer:
-    """What Keras' JAX trainer reads of `model.optimizer`: no variables,
-    nothing to build."""
+class NoOptimizer:
+    """What Keras' JAX `fit`, `evaluate` and `train_on_batch` read of
+    `model.optimizer` (3.15: `_get_jax_state`, `_purge_model_variables`):
+    no variables, nothing to build. They fail on None, which a model whose
+    optimizers are all held elsewhere has (`recipes.GAN`)."""
 
     variables: list = []
     built = True
-
-
-@contextlib.contextmanager
-def jax_optimizer_stand_in(model: keras.Model) -> Iterator[None]:
-    """Keras' JAX `fit` and `train_on_batch` read `model.optimizer.variables`
-    (3.15: `_get_jax_state`, `_purge_model_variables`), which fails for a
-    model whose optimizers are all held elsewhere (`model.optimizer` None,
-    as in `recipes.GAN`); an empty stand-in takes its place while they run."""
-    if not model.compiled or model.optimizer is not None:
-        yield
-        return
-    object.__setattr__(model, "optimizer", _NoOptimizer())
-    try:
-        yield
-    finally:
-        object.__setattr__(model, "optimizer", None)

@@ -332,14 +332,14 @@ ALL_COPIES = (
     ),
     Copy(
         "keras.Model._get_jax_state",
-        "internals.jax_optimizer_stand_in and StatelessStep.state_variables",
+        "internals.NoOptimizer and StatelessStep.state_variables",
         _attribute("keras", "Model", "_get_jax_state"),
         {"b0cc6073c3986b08": "3.10 to 3.15"},
         JAX,
     ),
     Copy(
         "keras.Model._purge_model_variables",
-        "internals.jax_optimizer_stand_in and StatelessStep._put_back",
+        "internals.NoOptimizer and StatelessStep._put_back",
         _attribute("keras", "Model", "_purge_model_variables"),
         {"a6eb22a8b537ff36": "3.10 to 3.15"},
         JAX,

@@ -106,6 +106,11 @@ def call_scope(model: keras.Model) -> Any:
     return contextlib.nullcontext()
 
 
+def optimizer_stand_in(model: keras.Model) -> None:
+    """None: Keras' TensorFlow trainer runs models without an optimizer."""
+    return None
+
+
 def maybe_symbolic_build(model: keras.Model, iterator: Any = None, data_batch: Any = None) -> None:
     """What Keras' TensorFlow `fit` and `evaluate` call with the epoch
     iterator."""
