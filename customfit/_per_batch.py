@@ -63,11 +63,15 @@ class Channel:
             step: `(layout, stacked)`, `stacked[i]` the flattened logs after
             the execution's `i`-th batch, `layout` their names, shapes and
             dtypes (see `row_logs`); or a list, each batch's logs as the
-            step returned them. None otherwise.
+            step returned them. None otherwise. With `every_batch` False,
+            only its length counts (`take_batch_count`).
         steps: Set before an execution when the number of batches varies
             from one execution to the next (`steps_per_execution="auto"`):
             how many the next one runs (fewer when the data end). None: the
             model's `steps_per_execution`.
+        every_batch: Set before an execution: whether a callback reads each
+            batch's logs; without one, the step function need not keep them
+            (`rows` then only tells how many batches ran).
         wait: Set before an execution whose time is measured (while
             `steps_per_execution="auto"` searches): the step function
             returns only once its batches have run (JAX dispatches them
@@ -78,6 +82,7 @@ class Channel:
         self.summary: tuple[int, int] | None = None
         self.rows: tuple[list, Any] | list[dict] | None = None
         self.steps: int | None = None
+        self.every_batch = True
         self.wait = False
 
     def take_batch_count(self) -> int | None:
@@ -204,6 +209,7 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
         getattr(self.inner, f"on_{phase}_batch_begin")(batch, logs)
         self._first_batch[phase] = batch
         self.channel.summary = self._summary_config(phase)
+        self.channel.every_batch = self._replays(phase)
 
     def _end(self, phase: str, batch: int, logs: dict | None) -> None:
         self.channel.summary = None

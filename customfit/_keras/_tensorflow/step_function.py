@@ -17,6 +17,8 @@ What the copy changes:
 - each step's logs are flattened into one float64 row (`flat_row`), the rows
   of an execution stacked into `[steps, values]` and handed to the caller
   with the names, shapes and dtypes needed to read them back (`row_logs`);
+  when no callback reads them (`channel.every_batch` False), a variant
+  without rows hands back `[steps, 0]`, the number of batches run;
 - with `summary=(first_step, update_freq)`, each step runs with the real
   batch number as `tf.summary`'s default step and an in-graph
   `step % update_freq == 0` as the `record_if` condition.
@@ -84,11 +86,11 @@ def make_function(
         finally:
             tf.summary.experimental.set_step(previous)
 
-    def multi_step_on_iterator(iterator: Any, summary: Any, steps: Any) -> Any:
+    def multi_step_on_iterator(iterator: Any, summary: Any, steps: Any, collect: bool) -> Any:
         """Runs `steps` batches (a tensor; None: `model.steps_per_execution`)
         and returns the last one's logs as an optional and every step's rows
-        as a tensor: `(optional, rows)`; the optional alone when the model
-        runs one step per execution."""
+        as a tensor (with no columns unless `collect`): `(optional, rows)`;
+        the optional alone when the model runs one step per execution."""
         if steps is None:
             steps = model.steps_per_execution
             if steps == 1:
@@ -115,7 +117,7 @@ def make_function(
             outputs = step_at(next_optional_inputs.get_value(), summary, execution_step)
             next_optional_outputs = tf.experimental.Optional.from_value(outputs)
             empty_outputs._element_spec = next_optional_outputs.element_spec
-            row = flat_row(outputs)
+            row = flat_row(outputs) if collect else tf.zeros([0], tf.float64)
             width[:] = [row.shape[0]]
             return (
                 execution_step + 1,
@@ -125,7 +127,7 @@ def make_function(
                     lambda: iterator.get_next_as_optional(),
                     lambda: next_optional_inputs,
                 ),
-                rows.write(execution_step, row),
+                rows.write(execution_step, row) if collect else rows,
             )
 
         rows = tf.TensorArray(
@@ -135,7 +137,7 @@ def make_function(
             infer_shape=False,
             element_shape=tf.TensorShape([None]),
         )
-        _, final_optional_outputs, _, rows = tf.while_loop(
+        ran, final_optional_outputs, _, rows = tf.while_loop(
             cond,
             body,
             loop_vars=[tf.constant(0), empty_outputs, iterator.get_next_as_optional(), rows],
@@ -143,6 +145,8 @@ def make_function(
         final_optional_outputs._element_spec = empty_outputs.element_spec
         if not width:  # eagerly, with no batch left: nothing ran
             return final_optional_outputs, None
+        if not collect:
+            return final_optional_outputs, tf.zeros(tf.stack([ran, 0]), tf.float64)
         stacked = tf.cond(
             rows.size() > 0,
             lambda: tf.reshape(rows.stack(), [-1, width[0]]),
@@ -152,30 +156,29 @@ def make_function(
 
     # One function per combination of optional arguments, so that the usual
     # call (`iterator` alone) binds and hashes one argument, as Keras' does.
-    def plain(iterator: Any) -> Any:
-        return multi_step_on_iterator(iterator, None, None)
+    def uncompiled(summary: bool, steps: bool, collect: bool) -> Callable:
+        if summary and steps:
+            return lambda iterator, summary, steps: multi_step_on_iterator(
+                iterator, summary, steps, collect
+            )
+        if summary:
+            return lambda iterator, summary: multi_step_on_iterator(
+                iterator, summary, None, collect
+            )
+        if steps:
+            return lambda iterator, steps: multi_step_on_iterator(iterator, None, steps, collect)
+        return lambda iterator: multi_step_on_iterator(iterator, None, None, collect)
 
-    def with_summary(iterator: Any, summary: Any) -> Any:
-        return multi_step_on_iterator(iterator, summary, None)
+    variants: dict[tuple[bool, bool, bool], Any] = {}
 
-    def with_steps(iterator: Any, steps: Any) -> Any:
-        return multi_step_on_iterator(iterator, None, steps)
-
-    uncompiled = {
-        (False, False): plain,
-        (True, False): with_summary,
-        (False, True): with_steps,
-        (True, True): multi_step_on_iterator,
-    }
-    variants: dict[tuple[bool, bool], Any] = {}
-
-    def multi_step(summary: bool, steps: bool) -> Any:
-        if (summary, steps) not in variants:
-            run = tf.autograph.experimental.do_not_convert(uncompiled[summary, steps])
+    def multi_step(summary: bool, steps: bool, collect: bool = True) -> Any:
+        key = (summary, steps, collect)
+        if key not in variants:
+            run = tf.autograph.experimental.do_not_convert(uncompiled(*key))
             if not model.run_eagerly:
                 run = tf.function(run, reduce_retracing=True)
-            variants[summary, steps] = run
-        return variants[summary, steps]
+            variants[key] = run
+        return variants[key]
 
     tf_iterator_types: dict[type, bool] = {}
 
@@ -192,9 +195,10 @@ def make_function(
     def function(iterator: Any) -> Any:
         channel = channel_of()
         summary = steps = None
+        collect = True
         if channel is not None:
             channel.rows = None
-            summary, steps = channel.summary, channel.steps
+            summary, steps, collect = channel.summary, channel.steps, channel.every_batch
         if is_tf_iterator(iterator):
             arguments = [iterator]
             if summary is not None:
@@ -202,7 +206,7 @@ def make_function(
                 arguments.append((tf.constant(first_step, tf.int64), tf.constant(every, tf.int64)))
             if steps is not None:
                 arguments.append(tf.constant(steps, tf.int32))
-            run = multi_step(summary is not None, steps is not None)
+            run = multi_step(summary is not None, steps is not None, collect)
             opt_outputs, stacked = run(*arguments), None
             if isinstance(opt_outputs, tuple):
                 opt_outputs, stacked = opt_outputs
