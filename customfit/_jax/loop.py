@@ -281,6 +281,20 @@ class StatelessStep:
         steps = (channel.steps if channel is not None else None) or (
             self._model.steps_per_execution
         )
+        if steps == 1:
+            outputs, packed = self._one_batch(packed, next(iterator))
+        else:
+            every_batch, packed = self._batches(packed, iterator, steps)
+            outputs = every_batch[-1]
+            if channel is not None:
+                channel.rows = every_batch
+        if channel is not None and channel.wait:
+            jax.block_until_ready(outputs)
+        return outputs, packed
+
+    def _batches(self, packed: tuple[Any, Any], iterator: Any, steps: int) -> tuple[list, Any]:
+        """Up to `steps` batches from `iterator`, scanned where they can be:
+        `(each batch's outputs, packed state)`."""
         batches = [next(iterator)]
         for _ in range(steps - 1):
             try:
@@ -296,12 +310,7 @@ class StatelessStep:
             else:
                 outputs, packed = self._one_batch(packed, chunk[0])
                 every_batch.append(outputs)
-        outputs = every_batch[-1]
-        if channel is not None and steps > 1:
-            channel.rows = every_batch
-        if channel is not None and channel.wait:
-            jax.block_until_ready(outputs)
-        return outputs, packed
+        return every_batch, packed
 
     def _scanned(self, packed: tuple[Any, Any], batches: list) -> tuple[list, Any]:
         """The compiled step over `batches` in one call: `(each batch's
