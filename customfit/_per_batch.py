@@ -213,19 +213,19 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
 
     def _end(self, phase: str, batch: int, logs: dict | None) -> None:
         self.channel.summary = None
-        # Read now: a callback may run `evaluate` during the replay below.
-        planned = self.channel.steps or self._model.steps_per_execution
         end = getattr(self.inner, f"on_{phase}_batch_end")
         if not self._replays(phase):
             executed = self.channel.take_batch_count()
-            end(batch, logs)
-            if executed is not None and executed < planned:
+            if executed is not None and executed < self._planned():
                 self._after_short[phase] = self._first_batch[phase] + executed
+            end(batch, logs)
             return
         every_batch = self.channel.take_batch_logs()
         if every_batch is None:
             end(batch, logs)
             return
+        # Read now: a callback may run `evaluate` during the replay below.
+        planned = self._planned()
         begin = getattr(self.inner, f"on_{phase}_batch_begin")
         first = self._first_batch[phase]
         for offset, batch_logs in enumerate(every_batch):
@@ -238,6 +238,10 @@ class PerBatchCallbacks(keras.callbacks.CallbackList):
             end(first + offset, batch_logs)
         if len(every_batch) < planned:
             self._after_short[phase] = first + len(every_batch)
+
+    def _planned(self) -> int:
+        """The batches the execution that ran last was to run."""
+        return self.channel.steps or self._model.steps_per_execution
 
     def _replays(self, phase: str) -> bool:
         """Whether any callback has a per-batch method of `phase`: without

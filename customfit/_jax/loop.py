@@ -376,7 +376,9 @@ class StatelessStep:
         return [v for group in self.state_variables() for v in group] + list(self.extras or ())
 
     def _one_batch(self, packed: tuple[Any, Any], data: Any) -> tuple[Any, tuple[Any, Any]]:
-        state, extra_values = self._discovered(packed, data)
+        if self.extras is None:
+            packed = self._discovered(packed, data)
+        state, extra_values = packed
         if self._compiled is None:
             self._compiled = self._compile(state)
         outputs, state, extra_values = self._compiled(state, extra_values, data)
