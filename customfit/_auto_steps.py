@@ -88,10 +88,14 @@ class StepsTuner:
         """One execution of `steps` batches took `seconds` (from its start
         to the start of the next, callbacks included). Executions of another
         size than proposed (cut at an epoch's end or a callback's batch)
-        are not counted."""
+        are not counted, nor is the first of each size: it may include
+        compiling the step for that size (on JAX, a scan of that length)."""
         if steps != self.steps:
             return
-        samples = self.times.setdefault(steps, [])
+        if steps not in self.times:
+            self.times[steps] = []
+            return
+        samples = self.times[steps]
         samples.append(seconds / steps)
         del samples[:-SAMPLES]
         if len(samples) < SAMPLES:

@@ -37,13 +37,13 @@ def mlp(base):
     return base(inputs, keras.layers.Dense(10, activation="softmax")(hidden))
 
 
-def trained(base, x, y, steps_per_execution=1, callbacks=(), **fit):
+def trained(base, x, y, steps_per_execution=1, callbacks=(), batch_size=32, **fit):
     deterministic(3)
     model = mlp(base)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution)
-    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=list(callbacks),
-                        **fit)
+    history = model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0,
+                        callbacks=list(callbacks), **fit)
     return model, history.history
 
 
@@ -74,15 +74,19 @@ class BatchLogs(keras.callbacks.Callback):
         self.test.append((batch, dict(logs)))
 
 
-@pytest.mark.parametrize("steps_per_execution", [4, "auto"])
+@pytest.mark.parametrize("steps_per_execution, batch_size", [(4, 32), ("auto", 32), (20, 8)])
 def test_every_batch_reaches_the_callbacks_as_with_one_step_per_execution(
-        digits, steps_per_execution):
+        digits, steps_per_execution, batch_size):
+    """With 20 batches of 8 per execution, executions of 20, 20 and 8 (on
+    JAX: scans of 16 and 4 batches)."""
     x, y = digits
     one, many = BatchLogs(), BatchLogs()
-    _, one_history = trained(customfit.CustomModel, x, y, 1, [one], validation_split=0.25)
+    _, one_history = trained(customfit.CustomModel, x, y, 1, [one], batch_size,
+                             validation_split=0.25)
     _, many_history = trained(customfit.CustomModel, x, y, steps_per_execution, [many],
-                              validation_split=0.25)
-    assert len(one.train) == 2 * 12 and len(one.test) == 2 * 4
+                              batch_size, validation_split=0.25)
+    per_epoch = 384 // batch_size
+    assert len(one.train) == 2 * per_epoch and len(one.test) == 2 * per_epoch // 3
     assert many.train == one.train
     assert many.test == one.test
     assert many_history == one_history

@@ -60,6 +60,12 @@ from customfit._keras2 import track_loss
 
 END_OF_DATA: tuple[type[BaseException], ...] = ()
 
+# The most batches one scan runs; an execution of more runs several. Each
+# length compiles the step anew (seconds for a large model), while a longer
+# scan saves only a dispatch per batch, which is microseconds: so "auto",
+# trying 4, 16, 64, ... batches per execution, compiles two scans.
+LONGEST_SCAN = 16
+
 # The models whose `fit`, `evaluate` or `train_on_batch` Keras runs now.
 _KERAS_RUNNING: contextvars.ContextVar[tuple[keras.Model, ...]] = contextvars.ContextVar(
     "customfit_keras_jax_running", default=()
@@ -272,11 +278,12 @@ class StatelessStep:
         number or the end of the data; with more than one planned, every
         batch's logs go to the call's `Channel`.
 
-        When the step is jitted, batches of one shape run as one jitted
-        `jax.lax.scan` of the one-batch step over them (`_scanned`): the
-        execution's number of them per scan, and what remains (the data
-        ended) in scans of powers of `_auto_steps.GROWTH` (the numbers
-        "auto" tries), so that only a few lengths are ever compiled."""
+        When the step is jitted, batches of one shape run as jitted
+        `jax.lax.scan`s of the one-batch step over them (`_scanned`): the
+        execution's number of them per scan (at most `LONGEST_SCAN`), and
+        what remains (the data ended) in scans of powers of
+        `_auto_steps.GROWTH` (the numbers "auto" tries), so that only a few
+        lengths are ever compiled."""
         channel = _call.channel_of(self._model)
         steps = (channel.steps if channel is not None else None) or (
             self._model.steps_per_execution
@@ -303,7 +310,7 @@ class StatelessStep:
                 break
         packed = self._discovered(packed, batches[0])
         every_batch: list = []
-        for chunk in _chunks(batches, steps if self._scans() else 1):
+        for chunk in _chunks(batches, min(steps, LONGEST_SCAN) if self._scans() else 1):
             if len(chunk) > 1:
                 outputs, packed = self._scanned(packed, chunk)
                 every_batch.extend(outputs)
