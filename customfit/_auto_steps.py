@@ -44,7 +44,8 @@ from customfit._keras import internals
 AUTO = "auto"
 
 GROWTH = 4
-SAMPLES = 3  # executions timed per candidate; the fastest counts
+SAMPLES = 3  # samples timed per candidate; the fastest counts
+SAMPLE_SECONDS = 0.05  # a sample: consecutive executions lasting at least this
 MIN_GAIN = 0.02
 MAX_SECONDS = 0.2
 MAX_STEPS = 4096
@@ -75,14 +76,17 @@ class StepsTuner:
             candidate. Once settled, `steps` only shrinks, when executions
             take longer than `MAX_SECONDS` (bigger batches, a slower
             model); a new `compile` searches again.
-        times: Seconds per batch of the last `SAMPLES` full executions of
-            each number of batches tried.
+        times: Seconds per batch of the last `SAMPLES` samples of each
+            number of batches tried; a sample spans consecutive full
+            executions lasting `SAMPLE_SECONDS` or more (one execution of
+            a batch or a few is too short to time).
     """
 
     def __init__(self) -> None:
         self.steps = 1
         self.settled = False
         self.times: dict[int, list[float]] = {}
+        self._sample = (0, 0.0)  # (batches, seconds) of the sample being timed
 
     def observe(self, steps: int, seconds: float) -> None:
         """One execution of `steps` batches took `seconds` (from its start
@@ -94,9 +98,15 @@ class StepsTuner:
             return
         if steps not in self.times:
             self.times[steps] = []
+            self._sample = (0, 0.0)
             return
+        batches, total = self._sample[0] + steps, self._sample[1] + seconds
+        if total < SAMPLE_SECONDS:
+            self._sample = (batches, total)
+            return
+        self._sample = (0, 0.0)
         samples = self.times[steps]
-        samples.append(seconds / steps)
+        samples.append(total / batches)
         del samples[:-SAMPLES]
         if len(samples) < SAMPLES:
             return
@@ -105,6 +115,7 @@ class StepsTuner:
             if steps > 1 and steps * fastest > MAX_SECONDS:  # batches got slower
                 self.steps = steps // GROWTH
                 self.times[self.steps] = []
+                self._sample = (0, 0.0)
             return
         previous = self.times.get(steps // GROWTH)
         if previous is not None and fastest > min(previous) * (1 - MIN_GAIN):
@@ -114,10 +125,18 @@ class StepsTuner:
         else:
             self.steps = steps * GROWTH
 
+    def fit_within(self, batches: int) -> None:
+        """An epoch has `batches` batches: a number proposed above that can
+        never run in full to be timed, so the search ends at the number
+        tried before it."""
+        if not self.settled and self.steps > max(batches, 1) and self.steps > 1:
+            self._settle(self.steps // GROWTH)
+
     def _settle(self, steps: int) -> None:
         self.steps = steps
         self.settled = True
         self.times[steps] = []  # measured afresh, to notice slower batches
+        self._sample = (0, 0.0)
 
 
 class AutoStepsPerExecution:
@@ -197,6 +216,8 @@ class ExecutionPlan:
         if self._last is not None and batch > 0:
             steps, start = self._last
             self.tuner.observe(steps, now - start)
+        if batch == 0 and remaining is not None:
+            self.tuner.fit_within(remaining)
         steps = 1 if self.blocking else self.tuner.steps
         for limit in self.limits:
             most = limit(batch)

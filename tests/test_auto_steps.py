@@ -51,6 +51,9 @@ class FixedTuner(_auto_steps.StepsTuner):
     def observe(self, steps, seconds):
         pass
 
+    def fit_within(self, batches):
+        pass
+
 
 @pytest.fixture
 def executions(monkeypatch):
@@ -202,16 +205,36 @@ def test_tuner_grows_while_batches_get_faster_then_keeps_the_fastest():
         steps = tuner.steps
         proposed.append(steps)
         tuner.observe(steps, per_batch[steps] * steps)
-    # The first execution of each size is not counted (it may compile).
-    assert proposed == [1] * 4 + [4] * 4 + [16] * 4 + [64] * 4
+    # The first execution of each size is not counted (it may compile); then
+    # SAMPLES samples, each of executions lasting SAMPLE_SECONDS or more.
+    assert list(dict.fromkeys(proposed)) == [1, 4, 16, 64]
+    for steps in (1, 4, 16, 64):
+        execution = per_batch[steps] * steps
+        timed = (proposed.count(steps) - 1) * execution
+        sample = _auto_steps.SAMPLE_SECONDS
+        assert _auto_steps.SAMPLES * sample * (1 - 1e-9) <= timed
+        assert timed < _auto_steps.SAMPLES * (sample + execution)
     assert tuner.steps == 16
     # An execution cut short (end of epoch) is not counted.
     tuner.observe(5, 1.0)
     assert tuner.settled and tuner.steps == 16
     # Much slower batches (bigger ones): executions get shorter.
-    for _ in range(3):
+    for _ in range(_auto_steps.SAMPLES):
         tuner.observe(16, 16 * 2e-2)
     assert tuner.settled and tuner.steps == 4
+
+
+def test_tuner_stops_at_the_last_number_an_epoch_can_hold():
+    tuner = _auto_steps.StepsTuner()
+    while tuner.steps < 64:
+        tuner.observe(tuner.steps, tuner.steps * 1e-3 / tuner.steps)  # always faster
+    tuner.fit_within(200)
+    assert not tuner.settled and tuner.steps == 64
+    while tuner.steps == 64:
+        tuner.observe(64, 64 * 1e-5)
+    assert tuner.steps == 256 and not tuner.settled
+    tuner.fit_within(200)  # 256 never runs in full in an epoch of 200
+    assert tuner.settled and tuner.steps == 64
 
 
 def test_tuner_keeps_executions_short_enough_for_callbacks_to_update():
