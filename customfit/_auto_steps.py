@@ -23,9 +23,11 @@ the weights after the execution's last batch. So:
 The number itself comes from a `StepsTuner` per phase (training,
 evaluation), which the model keeps from `compile` to `compile`: starting
 from one batch, it multiplies the number by `GROWTH` while that makes a
-batch faster by more than `MIN_GAIN` and an execution stays under
-`MAX_SECONDS` (so the progress bar and callbacks still update several times
-a second), then keeps the best.
+batch no slower (by more than `MAX_LOSS`: more batches per execution only
+share the execution's fixed costs among more batches, so a measured loss
+under that is noise) and an execution stays under `MAX_SECONDS` (so the
+progress bar and callbacks still update several times a second) and within
+an epoch.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ AUTO = "auto"
 GROWTH = 4
 SAMPLES = 3  # samples timed per candidate; the fastest counts
 SAMPLE_SECONDS = 0.05  # a sample: consecutive executions lasting at least this
-MIN_GAIN = 0.02
+MAX_LOSS = 0.10
 MAX_SECONDS = 0.2
 MAX_STEPS = 4096
 
@@ -72,8 +74,8 @@ class StepsTuner:
 
     Attributes:
         steps: The number it proposes for the next execution.
-        settled: Whether the search is over: `steps` was the fastest
-            candidate. Once settled, `steps` only shrinks, when executions
+        settled: Whether the search is over (see the module docstring).
+            Once settled, `steps` only shrinks, when executions
             take longer than `MAX_SECONDS` (bigger batches, a slower
             model); a new `compile` searches again.
         times: Seconds per batch of the last `SAMPLES` samples of each
@@ -118,7 +120,7 @@ class StepsTuner:
                 self._sample = (0, 0.0)
             return
         previous = self.times.get(steps // GROWTH)
-        if previous is not None and fastest > min(previous) * (1 - MIN_GAIN):
+        if previous is not None and fastest > min(previous) * (1 + MAX_LOSS):
             self._settle(steps // GROWTH)
         elif steps * GROWTH > MAX_STEPS or steps * GROWTH * fastest > MAX_SECONDS:
             self._settle(steps)
