@@ -78,7 +78,7 @@ class BatchLogs(keras.callbacks.Callback):
 def test_every_batch_reaches_the_callbacks_as_with_one_step_per_execution(
         digits, steps_per_execution, batch_size):
     """With 20 batches of 8 per execution, executions of 20, 20 and 8 (on
-    JAX: scans of 16 and 4 batches)."""
+    JAX: scans of 20, 20, 4 and 4 batches)."""
     x, y = digits
     one, many = BatchLogs(), BatchLogs()
     _, one_history = trained(customfit.CustomModel, x, y, 1, [one], batch_size,

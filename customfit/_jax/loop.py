@@ -60,10 +60,12 @@ from customfit._keras2 import track_loss
 
 END_OF_DATA: tuple[type[BaseException], ...] = ()
 
-# The most batches one scan runs; an execution of more runs several. Each
-# length compiles the step anew (seconds for a large model), while a longer
-# scan saves only a dispatch per batch, which is microseconds: so "auto",
-# trying 4, 16, 64, ... batches per execution, compiles two scans.
+# With "auto", the most batches one scan runs; an execution of more runs
+# several. Each length compiles the step anew (seconds for a large model),
+# while a longer scan saves only a dispatch per batch, which is microseconds:
+# so "auto", trying 4, 16, 64, ... batches per execution, compiles two
+# scans. A fixed `steps_per_execution` runs its executions as one scan each
+# (one length; Keras' own tests allow two traces of the step for 20).
 LONGEST_SCAN = 16
 
 # The models whose `fit`, `evaluate` or `train_on_batch` Keras runs now.
@@ -280,7 +282,8 @@ class StatelessStep:
 
         When the step is jitted, batches of one shape run as jitted
         `jax.lax.scan`s of the one-batch step over them (`_scanned`): the
-        execution's number of them per scan (at most `LONGEST_SCAN`), and
+        execution's number of them per scan (with "auto", at most
+        `LONGEST_SCAN`), and
         what remains (the data ended) in scans of powers of
         `_auto_steps.GROWTH` (the numbers "auto" tries), so that only a few
         lengths are ever compiled."""
@@ -310,7 +313,11 @@ class StatelessStep:
                 break
         packed = self._discovered(packed, batches[0])
         every_batch: list = []
-        for chunk in _chunks(batches, min(steps, LONGEST_SCAN) if self._scans() else 1):
+        longest = 1
+        if self._scans():
+            auto = self._model._auto_steps is not None
+            longest = min(steps, LONGEST_SCAN) if auto else steps
+        for chunk in _chunks(batches, longest):
             if len(chunk) > 1:
                 outputs, packed = self._scanned(packed, chunk)
                 every_batch.extend(outputs)

@@ -91,18 +91,17 @@ def test_a_check_that_raises_after_some_batches_leaves_the_model_usable(digits):
     assert np.isfinite(model.predict(x[:32], verbose=0)).all()
 
 
-@pytest.mark.parametrize("count, planned, lengths", [
-    (20, 20, [16, 4]),            # more than one scan holds
-    (64, 64, [16, 16, 16, 16]),
-    (10, 10, [10]),               # a fixed steps_per_execution under 16
+@pytest.mark.parametrize("count, longest, lengths", [
+    (20, 16, [16, 4]),            # "auto": more than one scan holds
+    (64, 16, [16, 16, 16, 16]),
+    (20, 20, [20]),               # a fixed steps_per_execution: one scan
     (7, 10, [4, 1, 1, 1]),        # the data ended: powers of 4
     (1, 4, [1]),
 ])
-def test_an_execution_is_cut_into_few_scan_lengths(count, planned, lengths):
+def test_an_execution_is_cut_into_few_scan_lengths(count, longest, lengths):
     from customfit._jax import loop
     batches = [(np.zeros((8, 3)), np.zeros(8))] * count
-    cut = loop._chunks(batches, min(planned, loop.LONGEST_SCAN))
-    assert [len(chunk) for chunk in cut] == lengths
+    assert [len(chunk) for chunk in loop._chunks(batches, longest)] == lengths
 
 
 def test_a_batch_of_another_shape_starts_a_new_scan():
