@@ -2,7 +2,8 @@
 contract (`customfit._contract`).
 
 `loop`, `replicas` and `cluster` are the modules of the backend Keras was
-imported with: `customfit/_tensorflow/` or `customfit/_jax/`. The rest of
+imported with: `customfit/_tensorflow/`, `customfit/_jax/` or
+`customfit/_torch/`. The rest of
 customfit reaches the backend through these three names only.
 """
 
@@ -30,10 +31,16 @@ elif BACKEND == "jax":
     from customfit._jax import replicas as _jax_replicas
 
     loop, replicas, cluster = _jax_loop, _jax_replicas, _jax_cluster
+elif BACKEND == "torch":
+    from customfit._torch import cluster as _torch_cluster
+    from customfit._torch import loop as _torch_loop
+    from customfit._torch import replicas as _torch_replicas
+
+    loop, replicas, cluster = _torch_loop, _torch_replicas, _torch_cluster
 else:
     raise ImportError(
-        f"customfit runs on Keras' TensorFlow and JAX backends; Keras uses "
-        f'"{BACKEND}". Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax '
+        f"customfit runs on Keras' TensorFlow, JAX and PyTorch backends; Keras "
+        f'uses "{BACKEND}". Set KERAS_BACKEND to tensorflow, jax or torch '
         "before importing keras."
     )
 

@@ -31,7 +31,15 @@ def size_executions(epoch_iterator: Any, next_steps: Callable[[int, int | None],
     execution with `next_steps(batch, remaining)`: `batch` is the index of
     the execution's first batch in the epoch, `remaining` the number of
     batches left in the epoch (None when unknown)."""
-    epoch_iterator._enumerate_iterator = lambda: _enumerate(epoch_iterator, next_steps)
+
+    def sized(batch: int, remaining: int | None) -> int:
+        steps = next_steps(batch, remaining)
+        # What Keras' base `EpochIterator.__next__` (on PyTorch) draws for the
+        # execution; TensorFlow's and JAX's hand the iterator on instead.
+        epoch_iterator.steps_per_execution = steps
+        return steps
+
+    epoch_iterator._enumerate_iterator = lambda: _enumerate(epoch_iterator, sized)
 
 
 def _item(step: int, steps: int, iterator: Any) -> tuple:
