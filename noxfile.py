@@ -144,6 +144,24 @@ def jax(session: nox.Session) -> None:
     session.run("python", "conformance/run.py", "--backend", "jax", "--control", "auto")
 
 
+# Keras' PyTorch backend, without TensorFlow: torch's CPU build (the
+# package index's plain `torch` brings CUDA libraries of several GB).
+TORCH_STACK = ("keras==3.15.1", "torch==2.13.0")
+TORCH_TESTS = ("tests/torch_backend", "tests/test_every_backend.py")
+
+
+@nox.session
+def torch(session: nox.Session) -> None:
+    """CustomModel on Keras' PyTorch backend (work in progress): parity with
+    stock fit, every batch's logs with several batches per execution and
+    "auto", the run modes, and steps written the PyTorch way, in an
+    environment without TensorFlow."""
+    session.install(*TORCH_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *TORCH_TESTS,
+                *session.posargs, env={"KERAS_BACKEND": "torch"})
+
+
 LINT = ("ruff==0.17.6", "mypy==2.4.1")
 DOCS = ("mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8")
 

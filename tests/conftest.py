@@ -17,6 +17,9 @@ if keras.backend.backend() == "tensorflow":
     # The tests of the JAX backend run with KERAS_BACKEND=jax
     # (`nox -s jax`), in an environment without TensorFlow.
     collect_ignore = ["jax_backend"]
+if keras.backend.backend() != "torch":
+    # With KERAS_BACKEND=torch, in an environment with torch.
+    collect_ignore = [*globals().get("collect_ignore", []), "torch_backend"]
 
 
 def pytest_configure(config):

@@ -24,6 +24,12 @@ from tests.subproc import ROOT
 
 BACKEND = keras.backend.backend()
 
+# Not yet on PyTorch, where customfit refuses them when requested: exact
+# mid-epoch resume (the backup does not record torch's global random state
+# yet) and the check's two-replica comparison (no keras.distribution there).
+not_yet_on_torch = pytest.mark.skipif(
+    BACKEND == "torch", reason="not yet on PyTorch: refused there with the reason")
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -141,6 +147,7 @@ def test_run_modes(digits):
 KILL_AT = (1, 7)  # epoch, batch: two batches after the backup at batch 5
 
 
+@not_yet_on_torch
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_run_killed_mid_epoch_and_restarted_ends_as_one_never_killed(tmp_path):
@@ -185,6 +192,7 @@ def test_a_run_killed_mid_epoch_and_restarted_ends_as_one_never_killed(tmp_path)
         np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
 
 
+@not_yet_on_torch
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_check_command_matches_stock_bit_for_bit():
@@ -238,6 +246,7 @@ def test_learning_rate_callbacks_set_every_optimizer(digits):
                                rtol=1e-6)
 
 
+@not_yet_on_torch
 def test_a_backup_from_another_backend_is_refused_before_anything_loads(digits, tmp_path):
     x, y = digits
     model = mlp(customfit.CustomModel)
