@@ -147,7 +147,6 @@ def test_run_modes(digits):
 KILL_AT = (1, 7)  # epoch, batch: two batches after the backup at batch 5
 
 
-@not_yet_on_torch
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_run_killed_mid_epoch_and_restarted_ends_as_one_never_killed(tmp_path):

@@ -252,6 +252,21 @@ def wrap_jax_iterators(epoch_iterator: Any, wrapper: Callable[[Any], Any]) -> No
     adapter.get_jax_iterator = lambda: wrapper(make())
 
 
+def wrap_torch_dataloaders(epoch_iterator: Any, wrapper: Callable[[Any], Any]) -> None:
+    """Makes the data adapter of `fit`'s `TorchEpochIterator` hand out
+    `wrapper(loader)` for each data loader it makes (`get_torch_dataloader`,
+    one per epoch)."""
+    adapter = epoch_iterator.data_adapter
+    make = adapter.get_torch_dataloader
+    adapter.get_torch_dataloader = lambda: wrapper(make())
+
+
+def shuffles_per_batch(epoch_iterator: Any) -> bool:
+    """Whether `fit`'s data adapter shuffles each batch on its own
+    (`shuffle="batch"`; Keras 3.15's array adapter's `_shuffle`)."""
+    return getattr(epoch_iterator.data_adapter, "_shuffle", None) == "batch"
+
+
 def make_jax_function(
     model: keras.Model, step: Callable, concatenate_outputs: bool = False
 ) -> Callable:

@@ -11,8 +11,7 @@ refuses more than one batch per execution). Gradients are
 values `loss.backward()` accumulates into `.grad`, which customfit leaves
 alone.
 
-Not yet on PyTorch, and refused when requested: exact mid-epoch resume
-(`customfit.callbacks.BackupAndRestore` with `save_freq=N`).
+Exact mid-epoch resume: `customfit/_torch/resume.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 from customfit import _call, _guards, _optimizers, _step
 from customfit._keras import epoch_iterator as epoch_iteration
 from customfit._keras import internals
+from customfit._torch import resume
 
 END_OF_DATA: tuple[type[BaseException], ...] = ()
 
@@ -163,6 +163,13 @@ class _StepFunction:
             check()
         return every_batch[-1]
 
+    def discover(self, data: Any) -> None:
+        """Runs the step on `data` to create the metrics of the names it
+        logs, changing nothing else (before a backup's metric values are
+        put back)."""
+        if self._phase == "train":
+            resume.discovery(self._model, lambda: self._model.train_step(data))
+
     def _one_batch(self, data: Any) -> Any:
         model = self._model
         step = model.train_step if self._phase == "train" else model.test_step
@@ -220,17 +227,11 @@ def cond(predicate: Any, if_true: Callable[[], None], if_false: Callable[[], Non
         if_false()
 
 
-def data_replay(epoch_iterator: Any, steps_per_epoch: int | None) -> Any:
-    raise ValueError(
-        "customfit.callbacks.BackupAndRestore does not resume mid-epoch on Keras' "
-        "PyTorch backend yet (the data loader's shuffle and Dropout draw from "
-        "torch's global random state, which a backup does not record yet). Use "
-        "save_freq='epoch', or the TensorFlow or JAX backend."
-    )
+def data_replay(epoch_iterator: Any, steps_per_epoch: int | None) -> resume.TorchRandomReplay:
+    return resume.TorchRandomReplay(epoch_iterator, steps_per_epoch)
 
 
-def resuming_train_function(resume: Any, train_function: Callable) -> Callable:
-    raise AssertionError("unreachable: data_replay refuses on PyTorch")
+resuming_train_function = resume.resuming_train_function
 
 
 def recording_summaries() -> Any:
