@@ -245,7 +245,6 @@ def test_learning_rate_callbacks_set_every_optimizer(digits):
                                rtol=1e-6)
 
 
-@not_yet_on_torch
 def test_a_backup_from_another_backend_is_refused_before_anything_loads(digits, tmp_path):
     x, y = digits
     model = mlp(customfit.CustomModel)
