@@ -181,6 +181,8 @@ def device() -> str:
         gpus = keras.distribution.list_devices("gpu")
     except (RuntimeError, ValueError):  # JAX without a GPU backend
         gpus = []
+    except AttributeError:  # PyTorch: no keras.distribution
+        gpus = []
     if gpus:
         return f"{len(gpus)} GPU(s)"
     return f"CPU ({platform.processor() or platform.machine()})"
@@ -188,7 +190,7 @@ def device() -> str:
 
 def backend_version() -> str:
     """The backend library and its release, e.g. "TensorFlow 2.21.0"."""
-    name = {"tensorflow": "TensorFlow", "jax": "JAX"}.get(BACKEND, BACKEND)
+    name = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(BACKEND, BACKEND)
     return f"{name} {sys.modules[BACKEND].__version__}"
 
 

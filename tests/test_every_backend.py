@@ -24,12 +24,6 @@ from tests.subproc import ROOT
 
 BACKEND = keras.backend.backend()
 
-# Not yet on PyTorch, where customfit refuses them when requested: exact
-# mid-epoch resume (the backup does not record torch's global random state
-# yet) and the check's two-replica comparison (no keras.distribution there).
-not_yet_on_torch = pytest.mark.skipif(
-    BACKEND == "torch", reason="not yet on PyTorch: refused there with the reason")
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -191,7 +185,6 @@ def test_a_run_killed_mid_epoch_and_restarted_ends_as_one_never_killed(tmp_path)
         np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
 
 
-@not_yet_on_torch
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_check_command_matches_stock_bit_for_bit():

@@ -131,9 +131,18 @@ def make_test_function(model: keras.Model) -> Callable:
 
 
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
-    """Keras' own: `predict_step` is stateful on PyTorch."""
-    keras_make()
-    return model.predict_function
+    """`predict_step` on each batch Keras' PyTorch loop hands over, outside
+    autograd, the outputs concatenated (Keras' own refuses more than one
+    batch per execution)."""
+
+    def function(batches: list) -> Any:
+        with torch.no_grad():
+            outputs = [model.predict_step(data) for data in batches]
+        if len(outputs) == 1:
+            return outputs[0]
+        return keras.tree.map_structure(lambda *each: torch.cat(each), *outputs)
+
+    return function
 
 
 class _StepFunction:
