@@ -6,32 +6,17 @@ batch: it sees global values, and its gradients are the whole batch's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 
-
-def count() -> int:
-    return 1
-
-
-def in_replica_context() -> bool:
-    return False
-
-
-def summed(gradients: list) -> list:
-    return list(gradients)
-
-
-def update_on_every_replica_if(predicate: Callable[[], Any], update: Callable[[], None]) -> None:
-    raise AssertionError("unreachable: no replica context on JAX")
-
-
-def skip_on_every_replica_if(
-    model: Any, skip: Any, gradients: list, update: Callable[[list], None]
-) -> None:
-    raise AssertionError("unreachable: no replica context on JAX")
+from customfit._single_replica import (  # noqa: F401 (the contract's members)
+    count,
+    in_replica_context,
+    skip_on_every_replica_if,
+    summed,
+    update_on_every_replica_if,
+)
 
 
 def global_batch_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:

@@ -3,33 +3,18 @@ PyTorch backend runs `fit` on one device of one process."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from keras import ops
 
-
-def count() -> int:
-    return 1
-
-
-def in_replica_context() -> bool:
-    return False
-
-
-def summed(gradients: list) -> list:
-    return list(gradients)
-
-
-def update_on_every_replica_if(predicate: Callable[[], Any], update: Callable[[], None]) -> None:
-    raise AssertionError("unreachable: no replica context on PyTorch")
-
-
-def skip_on_every_replica_if(
-    model: Any, skip: Any, gradients: list, update: Callable[[list], None]
-) -> None:
-    raise AssertionError("unreachable: no replica context on PyTorch")
+from customfit._single_replica import (  # noqa: F401 (the contract's members)
+    count,
+    in_replica_context,
+    skip_on_every_replica_if,
+    summed,
+    update_on_every_replica_if,
+)
 
 
 def global_batch_noise(seed: int, counter: Any, batch: Any, shape: list, kind: str) -> Any:
