@@ -81,15 +81,23 @@ class Loop(Protocol):
         objective w.r.t. variables)`; what it assigns to other variables is
         kept."""
 
+    def pass_state(self, model: keras.Model) -> Any:
+        """The model's state now, for a later pass over the same batch to
+        read (`stateless_gradients(..., state=...)`): the values of its
+        non-trainable variables (BatchNormalization statistics, seed
+        generators) and, on PyTorch, torch's global random state, from which
+        Keras' unseeded `Dropout` draws."""
+
     def stateless_gradients(
         self,
         function: Callable[[list], Any],
         sources: list,
         variables: list | None = None,
-        state: list | tuple = (),
+        state: Any = (),
     ) -> tuple[Any, list]:
         """`function(sources)` and its gradients w.r.t. `sources`, with
-        `variables` reading `sources` and what it assigns discarded."""
+        `variables` reading `sources`, the model reading `state` (from
+        `pass_state`) when given, and what it assigns discarded."""
 
     def cond(
         self, predicate: Any, if_true: Callable[[], None], if_false: Callable[[], None]

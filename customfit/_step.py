@@ -87,6 +87,11 @@ def tracked_loss(
     return loss
 
 
+def non_trainable_values(model: keras.Model) -> list[tuple[Any, Any]]:
+    """`(variable, a copy of its value)` for each non-trainable variable."""
+    return [(v, keras.ops.copy(v.value)) for v in model.non_trainable_variables]
+
+
 def unscaled(model: keras.Model, gradients: list) -> list:
     """Gradients of a loss `model.optimizer.scale_loss` scaled, unscaled."""
     scale = internals.loss_scale_in_use(model.optimizer)

@@ -7,7 +7,7 @@ import numpy as np
 # discarded, to find the names it logs (traced abstractly, or, if it reads
 # values with `.numpy()`, run; docs/guides/jax.md). A hook that records
 # values or counts calls sees that run too.
-EAGER_FIRST_BATCH_RUNS = 1 if keras.backend.backend() == "tensorflow" else 2
+EAGER_FIRST_BATCH_RUNS = 2 if keras.backend.backend() == "jax" else 1
 
 
 def global_norm(tensors):

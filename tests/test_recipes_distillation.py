@@ -41,6 +41,11 @@ def compiled(distiller, **kwargs):
     return distiller
 
 
+def scalar(tensor):
+    """A loss as a Python float (on PyTorch, detached from the graph first)."""
+    return float(convert_to_numpy(tensor))
+
+
 def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -59,7 +64,7 @@ def test_loss_equals_a_hand_computation(digits, teacher):
     expected = alpha * hard + (1 - alpha) * temperature**2 * kl
 
     loss = distiller.compute_loss(x, y, distiller(x))
-    assert float(loss) == pytest.approx(expected, rel=1e-5)  # float32 vs float64
+    assert scalar(loss) == pytest.approx(expected, rel=1e-5)  # float32 vs float64
     logs = distiller.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
     assert logs["loss"] == pytest.approx(expected, rel=1e-5)
     assert logs["student_loss"] == pytest.approx(hard, rel=1e-5)
@@ -71,7 +76,7 @@ def test_loss_equals_a_hand_computation(digits, teacher):
     weighted = alpha * (weights * -log_softmax(s)[np.arange(32), y]).mean() + (
         1 - alpha) * temperature**2 * (weights * (np.exp(log_p) * (log_p - log_q)).sum(-1)).mean()
     loss = distiller.compute_loss(x, y, distiller(x), sample_weight=weights.astype("float32"))
-    assert float(loss) == pytest.approx(weighted, rel=1e-5)
+    assert scalar(loss) == pytest.approx(weighted, rel=1e-5)
 
 
 def test_teacher_is_never_updated(digits, teacher):
@@ -142,8 +147,8 @@ def test_same_as_keras_distillation_with_a_kl_divergence_instance(digits, teache
                              kl=keras.losses.KLDivergence())
     # Keras clips probabilities to [1e-7, 1] and divides them; we subtract
     # log-softmaxes: float32 rounding apart, the same loss.
-    assert float(theirs.compute_loss(x, y, theirs(x))) == pytest.approx(
-        float(ours.compute_loss(x, y, ours(x))), rel=1e-5)
+    assert scalar(theirs.compute_loss(x, y, theirs(x))) == pytest.approx(
+        scalar(ours.compute_loss(x, y, ours(x))), rel=1e-5)
     ours_history = ours.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False).history
     theirs_history = theirs.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False).history
     np.testing.assert_allclose(ours_history["loss"], theirs_history["loss"], rtol=1e-5)
@@ -159,9 +164,9 @@ def test_keras_default_logits_distillation_is_a_different_loss(digits, teacher):
     theirs = keras_distiller(logits_mlp(16, seed=1), teacher, 3.0, 0.0)
     s, t = theirs.student(x) / 3.0, teacher(x, training=False) / 3.0
     raw = keras.ops.mean(keras.losses.kl_divergence(t, s))
-    assert float(theirs.compute_loss(x, y, theirs(x))) == pytest.approx(float(raw), rel=1e-6)
+    assert scalar(theirs.compute_loss(x, y, theirs(x))) == pytest.approx(scalar(raw), rel=1e-6)
     ours = compiled(Distiller(theirs.student, teacher, 3.0, 0.0))
-    assert float(ours.compute_loss(x, y, ours(x))) != pytest.approx(float(raw), rel=0.1)
+    assert scalar(ours.compute_loss(x, y, ours(x))) != pytest.approx(scalar(raw), rel=0.1)
 
 
 def test_mixed_precision_trains(digits, mixed_float16):

@@ -670,6 +670,12 @@ def cond(predicate: Any, if_true: Callable[[], None], if_false: Callable[[], Non
         variable.assign(value)
 
 
+def pass_state(model: keras.Model) -> list[tuple[Any, Any]]:
+    """The values of the model's non-trainable variables, seed generators
+    included."""
+    return _step.non_trainable_values(model)
+
+
 def stateless_gradients(
     function: Callable[[list], Any],
     sources: list,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,26 +81,53 @@ def gradients(function: Callable[[], tuple[Any, Any]], variables: list) -> tuple
     return aux, _grad(objective, variables)
 
 
+@dataclasses.dataclass(frozen=True)
+class PassState:
+    """The model's state for a repeated pass over a batch (`pass_state`).
+
+    Attributes:
+        values: `(variable, value)` for each non-trainable variable.
+        random_state: torch's global (CPU) random state.
+    """
+
+    values: list[tuple[Any, Any]]
+    random_state: torch.Tensor
+
+
+def pass_state(model: keras.Model) -> PassState:
+    """The values of the model's non-trainable variables and torch's global
+    random state (Keras' unseeded `Dropout` draws from it on PyTorch)."""
+    return PassState(_step.non_trainable_values(model), torch.get_rng_state())
+
+
 def stateless_gradients(
     function: Callable[[list], Any],
     sources: list,
     variables: list | None = None,
-    state: list | tuple = (),
+    state: PassState | list | tuple = (),
 ) -> tuple[Any, list]:
     """`function(sources)`, a scalar, and its gradients w.r.t. `sources`,
     in a `keras.StatelessScope` in which `variables` (when given) read
-    `sources` and the `(variable, value)` pairs of `state` read those
-    values; what it assigns is discarded. Inside an enclosing `gradients`
-    call the result stays differentiable (a gradient penalty)."""
+    `sources` and the variables of `state` its values; what it assigns is
+    discarded. With a `PassState`, `function` draws from its random state,
+    and torch's is left as it was. Inside an enclosing `gradients` call the
+    result stays differentiable (a gradient penalty)."""
     sources = [
         s if getattr(s, "requires_grad", False) else keras.ops.convert_to_tensor(s).detach()
         for s in sources
     ]
     sources = [s if s.requires_grad else s.requires_grad_() for s in sources]
-    mapping = [*zip(variables or (), sources), *state]
-    with keras.StatelessScope(
-        state_mapping=mapping, collect_losses=True, initialize_variables=False
-    ):
+    values = state.values if isinstance(state, PassState) else list(state)
+    mapping = [*zip(variables or (), sources), *values]
+    with contextlib.ExitStack() as scopes:
+        if isinstance(state, PassState):
+            scopes.enter_context(torch.random.fork_rng(devices=[]))
+            torch.set_rng_state(state.random_state)
+        scopes.enter_context(
+            keras.StatelessScope(
+                state_mapping=mapping, collect_losses=True, initialize_variables=False
+            )
+        )
         value = function(sources)
     outer = _DIFFERENTIATING.get() > 0
     grads = torch.autograd.grad(value, sources, allow_unused=True, create_graph=outer)
@@ -133,11 +161,13 @@ def make_test_function(model: keras.Model) -> Callable:
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
     """`predict_step` on each batch Keras' PyTorch loop hands over, outside
     autograd, the outputs concatenated (Keras' own refuses more than one
-    batch per execution)."""
+    batch per execution), compiled with `jit_compile=True` as Keras'
+    is."""
+    step = torch.compile(model.predict_step) if model.jit_compile else model.predict_step
 
     def function(batches: list) -> Any:
         with torch.no_grad():
-            outputs = [model.predict_step(data) for data in batches]
+            outputs = [step(data) for data in batches]
         if len(outputs) == 1:
             return outputs[0]
         return keras.tree.map_structure(lambda *each: torch.cat(each), *outputs)
@@ -148,8 +178,9 @@ def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
 class _StepFunction:
     """The model's `train_step` or `test_step` as Keras' PyTorch loop calls
     it: `function(batches) -> logs` of the last batch, the step run on each
-    batch in order (`test_step` outside autograd), the first training step
-    guarded, every batch's logs to the call's `Channel` when there are
+    batch in order (`test_step` outside autograd; with `jit_compile=True`
+    through `torch.compile`, as Keras' runs its own), the first training
+    step guarded, every batch's logs to the call's `Channel` when there are
     several.
 
     Attributes:
@@ -162,6 +193,9 @@ class _StepFunction:
         self._phase = phase
         self._guards = _guards.StepGuards(model) if phase == "train" else None
         self.after_each_execution: list[Callable[[], None]] = []
+        step = model.train_step if phase == "train" else model.test_step
+        # `jit_compile=True`: as Keras' PyTorch trainer compiles its step.
+        self._step = torch.compile(step) if model.jit_compile else step
 
     def __call__(self, batches: list) -> Any:
         channel = _call.channel_of(self._model)
@@ -181,7 +215,7 @@ class _StepFunction:
 
     def _one_batch(self, data: Any) -> Any:
         model = self._model
-        step = model.train_step if self._phase == "train" else model.test_step
+        step = self._step
         guarded = self._guards.watching() if self._guards else contextlib.nullcontext()
         gradients_off = torch.no_grad() if self._phase == "test" else contextlib.nullcontext()
         with model._step_logs.in_phase(self._phase), guarded, gradients_off:

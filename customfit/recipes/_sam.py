@@ -83,7 +83,7 @@ class SAM(CustomModel):
         return config
 
     def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
-        state = [(v, ops.copy(v.value)) for v in self.non_trainable_variables]
+        state = loop.pass_state(self)
         y_pred, loss, gradients, variables = super()._loss_gradients(x, y, sample_weight)
         if not variables:
             return y_pred, loss, gradients, variables
@@ -99,13 +99,13 @@ class SAM(CustomModel):
         sample_weight: Any,
         gradients: list,
         variables: list,
-        state: list,
+        state: Any,
     ) -> list:
         """`g_sam`: the unscaled gradient of the loss at `w + e`.
 
         Runs once per training batch, after the first backward pass. `state`
-        pairs each non-trainable variable with its value before the first
-        pass; the second pass reads those values.
+        is the model's state before the first pass (`loop.pass_state`); the
+        second pass reads it.
         """
         norm = global_norm(gradients)
         scale = self.rho / (norm + _NORM_FLOOR)

@@ -330,7 +330,9 @@ def _all_finite(tensors: list) -> Tensor:
     for t in tensors:
         if t is None:
             continue
-        t = getattr(t, "values", t)  # a tf.IndexedSlices' values
+        values = getattr(t, "values", t)  # a tf.IndexedSlices' values
+        if not callable(values):  # (a torch tensor's `values` is a method)
+            t = values
         finite = ops.logical_and(finite, ops.all(ops.isfinite(t)))
     return finite
 
