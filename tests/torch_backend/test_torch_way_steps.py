@@ -127,3 +127,105 @@ def test_a_step_written_the_torch_way_trains_as_on_keras_model(case, steps_per_e
     for a, b in zip(weights, stock_weights, strict=True):
         np.testing.assert_array_equal(a, b)
     assert evaluation == stock_evaluation
+
+
+class TorchWayGAN:
+    """The guide's end-to-end GAN, on 8x8 digits: the discriminator's and
+    the generator's updates each by `zero_grad()`, `backward()` and `.grad`,
+    with two optimizers set in an overridden `compile`, noise from a
+    `SeedGenerator`, and a torch `DataLoader` as the data."""
+
+    LATENT = 16
+
+    @staticmethod
+    def players():
+        discriminator = keras.Sequential([
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.GlobalMaxPooling2D(),
+            keras.layers.Dense(1),
+        ])
+        generator = keras.Sequential([
+            keras.Input((TorchWayGAN.LATENT,)),
+            keras.layers.Dense(4 * 4 * 8),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Reshape((4, 4, 8)),
+            keras.layers.Conv2DTranspose(8, 4, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid"),
+        ])
+        return discriminator, generator
+
+    @staticmethod
+    def model_class(base):
+        class GAN(base):
+            def __init__(self, discriminator, generator):
+                super().__init__()
+                self.discriminator = discriminator
+                self.generator = generator
+                self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+                self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+                self.seed_generator = keras.random.SeedGenerator(7)
+                self.built = True
+
+            @property
+            def metrics(self):
+                return [self.d_loss_tracker, self.g_loss_tracker]
+
+            def compile(self, d_optimizer, g_optimizer, loss_fn, **kwargs):
+                super().compile(**kwargs)
+                self.d_optimizer = d_optimizer
+                self.g_optimizer = g_optimizer
+                self.loss_fn = loss_fn
+
+            def _noise(self, batch_size):
+                return keras.random.normal((batch_size, TorchWayGAN.LATENT),
+                                           seed=self.seed_generator)
+
+            def train_step(self, data):
+                real = data[0] if isinstance(data, (tuple, list)) else data
+                batch_size = real.shape[0]
+                fake = self.generator(self._noise(batch_size))
+                labels = torch.cat([torch.ones((batch_size, 1)), torch.zeros((batch_size, 1))])
+                labels = labels + 0.05 * keras.random.uniform(labels.shape,
+                                                              seed=self.seed_generator)
+                self.zero_grad()
+                d_loss = self.loss_fn(labels, self.discriminator(torch.cat([fake, real])))
+                _apply(self, d_loss, self.discriminator.trainable_weights, self.d_optimizer)
+
+                self.zero_grad()
+                predictions = self.discriminator(self.generator(self._noise(batch_size)))
+                g_loss = self.loss_fn(torch.zeros((batch_size, 1)), predictions)
+                _apply(self, g_loss, self.generator.trainable_weights, self.g_optimizer)
+
+                self.d_loss_tracker.update_state(d_loss)
+                self.g_loss_tracker.update_state(g_loss)
+                return {"d_loss": self.d_loss_tracker.result(),
+                        "g_loss": self.g_loss_tracker.result()}
+
+        return GAN
+
+
+def trained_gan(base, digits, steps_per_execution=1):
+    keras.utils.set_random_seed(0)
+    gan = TorchWayGAN.model_class(base)(*TorchWayGAN.players())
+    gan.compile(keras.optimizers.Adam(3e-4), keras.optimizers.Adam(3e-4),
+                keras.losses.BinaryCrossentropy(from_logits=True),
+                steps_per_execution=steps_per_execution)
+    images = torch.from_numpy(digits[0][:320].reshape(-1, 8, 8, 1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, images),
+                                         batch_size=32, shuffle=True)
+    # The loader shuffles; fit's own shuffle does not apply to it.
+    history = gan.fit(loader, epochs=2, verbose=0, shuffle=False).history
+    return history, gan.get_weights()
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_the_guides_gan_trains_as_on_keras_model(digits, steps_per_execution):
+    stock_history, stock_weights = trained_gan(keras.Model, digits)
+    history, weights = trained_gan(customfit.CustomModel, digits, steps_per_execution)
+    assert history == stock_history
+    assert set(history) == {"d_loss", "g_loss"}
+    for a, b in zip(weights, stock_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
