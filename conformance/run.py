@@ -6,6 +6,7 @@
                                                 # for this Keras and this harness
     python3 conformance/run.py --backend jax    # on Keras' JAX backend, in an
                                                 # environment without TensorFlow
+    python3 conformance/run.py --backend torch  # on Keras' PyTorch backend, likewise
 
 Takes the test files of the installed Keras from its source distribution on
 the package index (`pip download --no-binary :all: --no-deps keras==<version>`,
@@ -13,14 +14,18 @@ cached), rewrites their model bases (`rewrite.py`) to `customfit.CustomModel`
 (or, for the control run, back to `keras.Model`), and runs them with pytest
 under Keras' own warning filters, on the backend `--backend` names. Every
 test that fails on CustomModel must be listed in `differences.toml` (its
-top-level entries for TensorFlow, its `[jax]` table's for JAX) with its reason
+top-level entries for TensorFlow, its `[jax]` and `[torch]` tables' for
+JAX and PyTorch) with its reason
 and the documentation section that documents it; an unlisted failure, a
 listed test that passes, or a section that does not exist fails the run. The
 control run must pass everything that is not excluded.
 
-The JAX run is for an environment without TensorFlow, as a JAX user's is
-(`nox -s jax` makes one): a test that needs TensorFlow is skipped there,
-with that reason (see harness/conftest.py), on both bases alike.
+The JAX and PyTorch runs are for an environment without TensorFlow, as
+such a user's is (`nox -s jax` and `nox -s torch` make one): a test that
+needs TensorFlow is skipped there, with that reason (see
+harness/conftest.py), on both bases alike. (The PyTorch run's environment
+has JAX too: Keras' trainer_test.py imports it at module level, as Keras'
+own CI has every backend installed.)
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from rewrite import (  # noqa: E402
     tensorflow_leftovers,
 )
 
-BACKENDS = ("tensorflow", "jax")
+BACKENDS = ("tensorflow", "jax", "torch")
 # The skip reason harness/conftest.py gives a test that needs TensorFlow.
 NEEDS_TENSORFLOW = "needs TensorFlow, which is not installed"
 
@@ -100,12 +105,14 @@ def sdist_path(name: str, version: str, cache: Path) -> Path:
 
 def load_config(backend: str) -> dict:
     """The `[[difference]]` and `[[excluded]]` entries for `backend`: the
-    top-level ones for TensorFlow, the `[jax]` table's for JAX."""
+    top-level ones for TensorFlow, the `[jax]` or `[torch]` table's for
+    JAX or PyTorch."""
     with open(DIFFERENCES, "rb") as f:
         config = tomllib.load(f)
     kinds = {"difference", "excluded"}
     unknown = set(config) - kinds - (set(BACKENDS) - {"tensorflow"})
-    unknown |= {f"jax.{key}" for key in set(config.get("jax", {})) - kinds}
+    unknown |= {f"{other}.{key}" for other in BACKENDS[1:]
+                for key in set(config.get(other, {})) - kinds}
     if unknown:
         raise SystemExit(f"differences.toml: unknown tables {sorted(unknown)}")
     if backend != "tensorflow":
@@ -292,7 +299,7 @@ def main() -> int:
                              "always, or only when no control has passed yet for "
                              "this Keras release and these harness files")
     parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
-                        help="Keras' backend to run the tests on (jax: in an environment "
+                        help="Keras' backend to run the tests on (jax, torch: in an environment "
                              "without TensorFlow)")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes")
     parser.add_argument("--cache", type=Path,

@@ -188,30 +188,30 @@ def device() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+BACKEND_NAME = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(BACKEND, BACKEND)
+
+
 def backend_version() -> str:
     """The backend library and its release, e.g. "TensorFlow 2.21.0"."""
-    name = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(BACKEND, BACKEND)
-    return f"{name} {sys.modules[BACKEND].__version__}"
-
-
-def _releases(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
-    (a, b), (c, d) = tested
-    return f"{a}.{b} to {c}.{d}"
+    return f"{BACKEND_NAME} {sys.modules[BACKEND].__version__}"
 
 
 def stack_lines(found: list[str]) -> list[str]:
     """What `versions.problems()` compared, in words, and what it found."""
     tensorflow = BACKEND == "tensorflow"
     installed = f"Keras {keras.version()}" + (f" and {backend_version()}" if tensorflow else "")
-    tested = f"Keras {_releases(versions.TESTED_KERAS)}" + (
-        f" and TensorFlow {_releases(versions.TESTED_TENSORFLOW)}" if tensorflow else ""
+    tested = f"Keras {versions.release_range(versions.TESTED_KERAS)}" + (
+        f" and TensorFlow {versions.release_range(versions.TESTED_TENSORFLOW)}"
+        if tensorflow
+        else ""
     )
     # The installed backend's `COPIES`: on JAX, Keras' JAX trainer (its
-    # stateless step, `fit`, state handling) and the backend-neutral code.
+    # stateless step, `fit`, state handling), on PyTorch Keras' PyTorch
+    # trainer, and the backend-neutral code.
     copies = f"the {len(versions.COPIES)} Keras functions customfit " + (
         "copies or reproduces"
         if tensorflow
-        else f"reproduces or relies on with Keras' {BACKEND.upper()} trainer"
+        else f"reproduces or relies on with Keras' {BACKEND_NAME} trainer"
     )
     if found:
         code = f"Copied Keras code: the source of {copies}, compared with the tested releases'."

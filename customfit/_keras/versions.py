@@ -7,14 +7,16 @@ its source in every tested Keras release; `COPIES` holds the installed
 backend's. On TensorFlow they are Keras' TensorFlow trainer and the code
 customfit copies from it; on JAX, Keras' JAX trainer, whose stateless step
 `customfit._jax.loop.StatelessStep` reproduces and whose `fit`, `evaluate`
-and `predict` call it with their `state`. Keras' backend-neutral code
-(`compute_loss`, the epoch iterator, ...) is on both. When the installed
+and `predict` call it with their `state`; on PyTorch, Keras' PyTorch
+trainer, whose step functions `customfit._torch.loop` replaces. Keras'
+backend-neutral code (`compute_loss`, the epoch iterator, ...) is on all
+three. When the installed
 Keras has another source (or none), customfit no longer knows that it
 behaves like it: `check_once()` says so, once per process, with a
 `CompatibilityWarning` naming the versions and what to do. To support a new
 Keras release: run the compatibility sessions of `noxfile.py` on it, adapt
 `internals` where it changed, then add its hashes here (`source_hash` prints
-them; the JAX entries' with `KERAS_BACKEND=jax`).
+them; the JAX and PyTorch entries' with `KERAS_BACKEND` set to theirs).
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ import keras
 
 from customfit._errors import CompatibilityWarning
 
-# Minor releases, both ends included.
-TESTED_KERAS = ((3, 10), (3, 15))
+# Minor releases, both ends included: the installed backend's Keras range.
+TESTED_KERAS_ON = {
+    "tensorflow": ((3, 10), (3, 15)),
+    "jax": ((3, 10), (3, 15)),
+    "torch": ((3, 15), (3, 15)),
+}
+TESTED_KERAS = TESTED_KERAS_ON.get(keras.backend.backend(), TESTED_KERAS_ON["tensorflow"])
 TESTED_TENSORFLOW = ((2, 19), (2, 21))
 
 
@@ -62,7 +69,8 @@ class Copy:
 ABSENT = "absent"
 TENSORFLOW = ("tensorflow",)
 JAX = ("jax",)
-BOTH = ("tensorflow", "jax")
+TORCH = ("torch",)
+EVERY_BACKEND = ("tensorflow", "jax", "torch")
 
 
 def _attribute(module: str, *path: str) -> Callable[[], Any]:
@@ -77,7 +85,7 @@ def _attribute(module: str, *path: str) -> Callable[[], Any]:
 
 ALL_COPIES = (
     # On TensorFlow, where `keras.Model.<name>` is Keras' TensorFlow
-    # trainer's (`COPIES` there, in this order), and on both.
+    # trainer's (`COPIES` there, in this order), and on every backend.
     Copy(
         "keras.Model._make_function",
         "_keras._tensorflow.step_function.make_function",
@@ -90,7 +98,7 @@ ALL_COPIES = (
         "_keras.epoch_iterator (steps_per_execution='auto')",
         _attribute("keras.src.trainers.epoch_iterator", "EpochIterator", "_enumerate_iterator"),
         {"5b12fbb1202bfd36": "3.10", "376e3e16a928107a": "3.11 to 3.15"},
-        BOTH,
+        EVERY_BACKEND,
     ),
     Copy(
         "keras.Model.train_step",
@@ -153,28 +161,28 @@ ALL_COPIES = (
         "_keras2.CompiledLoss",
         _attribute("keras", "Model", "compute_loss"),
         {"450e48288d4857f0": "3.10 to 3.15"},
-        BOTH,
+        EVERY_BACKEND,
     ),
     Copy(
         "CompileMetrics.result",
         "internals.compiled_metric_log_names",
         _attribute("keras.src.trainers.compile_utils", "CompileMetrics", "result"),
         {"b59a450dfa96fc55": "3.10 to 3.15"},
-        BOTH,
+        EVERY_BACKEND,
     ),
     Copy(
         "keras.src.utils.python_utils.pythonify_logs",
         "_step.checked_logs (log flattening)",
         _attribute("keras.src.utils.python_utils", "pythonify_logs"),
         {"e604d7807d5593e7": "3.10, 3.11", "ecbf66de4514267d": "3.12 to 3.15"},
-        BOTH,
+        EVERY_BACKEND,
     ),
     Copy(
         "array_slicing.train_validation_split",
         "_dev_modes (validation_split)",
         _attribute("keras.src.trainers.data_adapters.array_slicing", "train_validation_split"),
         {"97e71878bad61504": "3.10 to 3.15"},
-        BOTH,
+        EVERY_BACKEND,
     ),
     # On JAX, where `keras.Model.<name>` is Keras' JAX trainer's
     # (`JAXTrainer`, keras/src/backend/jax/trainer.py): the stateless step
@@ -393,6 +401,117 @@ ALL_COPIES = (
         },
         JAX,
     ),
+    # On PyTorch, where `keras.Model.<name>` is Keras' PyTorch trainer's
+    # (`TorchTrainer`, keras/src/backend/torch/trainer.py), tested with
+    # Keras 3.15 only: the step `CustomModel`'s reproduces, the step
+    # functions `_torch.loop` makes in place of its own (a list of batches
+    # per call, `torch.compile` with `jit_compile=True`, predict outside
+    # autograd), and the `fit`, `evaluate` and `predict` that call them.
+    Copy(
+        "keras.Model.train_step",
+        "CustomModel.train_step and its hooks (on PyTorch)",
+        _attribute("keras", "Model", "train_step"),
+        {"a638d4455d8fced6": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.test_step",
+        "CustomModel.test_step (on PyTorch)",
+        _attribute("keras", "Model", "test_step"),
+        {"9a913bde1b69d004": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.predict_step",
+        "CustomModel.predict_step (on PyTorch)",
+        _attribute("keras", "Model", "predict_step"),
+        {"ce25c1301a87781d": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.make_train_function",
+        "_torch.loop.make_train_function",
+        _attribute("keras", "Model", "make_train_function"),
+        {"280aed779362a2df": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.make_test_function",
+        "_torch.loop.make_test_function",
+        _attribute("keras", "Model", "make_test_function"),
+        {"7ace52914285674c": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.make_predict_function",
+        "_torch.loop.make_predict_function",
+        _attribute("keras", "Model", "make_predict_function"),
+        {"afdc6cdfc7e5ee40": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.fit",
+        "CustomModel.fit on PyTorch (the batches per call, the callback list)",
+        _attribute("keras", "Model", "fit"),
+        {"c88f3a56fe97a6a7": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.evaluate",
+        "CustomModel.evaluate on PyTorch (the batches per call, the callback list)",
+        _attribute("keras", "Model", "evaluate"),
+        {"7366ec19422f797c": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.predict",
+        "_torch.loop.make_predict_function (the outputs predict gathers)",
+        _attribute("keras", "Model", "predict"),
+        {"2b4605488866dc1f": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.train_on_batch",
+        "CustomModel.train_on_batch on PyTorch",
+        _attribute("keras", "Model", "train_on_batch"),
+        {"001bdda5f9287d9b": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.test_on_batch",
+        "CustomModel.test_on_batch on PyTorch",
+        _attribute("keras", "Model", "test_on_batch"),
+        {"b98c166e3f3f5391": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model.predict_on_batch",
+        "CustomModel.predict_on_batch on PyTorch",
+        _attribute("keras", "Model", "predict_on_batch"),
+        {"772eb85f72a48a46": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "keras.Model._symbolic_build",
+        "_torch.loop.symbolic_build (the PyTorch trainer calls it directly)",
+        _attribute("keras", "Model", "_symbolic_build"),
+        {"96220cc3b88fe768": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "TorchEpochIterator._get_iterator",
+        "_torch.resume.TorchRandomReplay (internals.wrap_torch_dataloaders)",
+        _attribute("keras.src.backend.torch.trainer", "TorchEpochIterator", "_get_iterator"),
+        {"eaf05f914f6fc4c3": "3.15"},
+        TORCH,
+    ),
+    Copy(
+        "EpochIterator.__next__",
+        "_keras.epoch_iterator.size_executions (the batches each PyTorch execution draws)",
+        _attribute("keras.src.trainers.epoch_iterator", "EpochIterator", "__next__"),
+        {"8b12aa117bb200a4": "3.15"},
+        TORCH,
+    ),
 )
 
 
@@ -416,9 +535,10 @@ def release(version: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def _range(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
+def release_range(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
+    """ "3.10 to 3.15", or "3.15" for one release."""
     (a, b), (c, d) = tested
-    return f"{a}.{b} to {c}.{d}"
+    return f"{a}.{b}" if (a, b) == (c, d) else f"{a}.{b} to {c}.{d}"
 
 
 def problems() -> list[str]:
@@ -433,7 +553,8 @@ def problems() -> list[str]:
     for name, version, tested in stack:
         if not tested[0] <= release(version) <= tested[1]:
             found.append(
-                f"{name} {version} is installed; customfit is tested with {name} {_range(tested)}."
+                f"{name} {version} is installed; customfit is tested with {name} "
+                f"{release_range(tested)}."
             )
     for copy in COPIES:
         try:
@@ -474,7 +595,7 @@ def check_once() -> None:
                 + " ".join(found)
                 + " Run `python -m customfit check` to compare CustomModel with "
                 "stock fit here, or install tested versions (pip install "
-                f"'keras>={_range(TESTED_KERAS).split(' to ')[0]},"
+                f"'keras>={release_range(TESTED_KERAS).split(' to ')[0]},"
                 f"<{TESTED_KERAS[1][0]}.{TESTED_KERAS[1][1] + 1}')."
             ),
             stacklevel=3,

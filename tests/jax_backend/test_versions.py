@@ -80,7 +80,7 @@ def test_the_installed_keras_has_known_jax_sources():
 
 
 def test_the_recorded_releases_cover_every_tested_release_once():
-    tested = releases_in(versions._range(versions.TESTED_KERAS))
+    tested = releases_in(versions.release_range(versions.TESTED_KERAS))
     for copy in versions.copies_on("jax"):
         covered = [releases_in(releases) for releases in copy.known.values()]
         assert set().union(*covered) == tested, copy.keras_name
