@@ -5,15 +5,16 @@
     python3 -m nox -s nightly           # canary: keras-nightly on the newest TensorFlow
     python3 -m nox -s jax               # Keras' JAX backend, without TensorFlow, and
                                         # Keras' own tests on it (conformance/run.py)
+    python3 -m nox -s torch             # the same on Keras' PyTorch backend
     python3 -m nox -s lint              # ruff (lint, format) and mypy over customfit/
     python3 -m nox -s docs              # the documentation site, warnings as errors
     python3 -m nox -s readme            # the README's examples, each as its install line says
 
 The primary stack (the newest of each) runs the whole suite and Keras' own
-tests from the README's command; `.ci/run` runs `compat`, `jax`, `lint`
-and `docs` after them. Each session installs its TensorFlow into a fresh
-virtual environment, and customfit from this checkout without dependencies;
-a `compat` session then installs each Keras release tested with that
+tests from the README's command; `.ci/run` runs `compat`, `jax`, `torch`,
+`readme`, `lint` and `docs` after them. Each session installs its TensorFlow
+(or its other backend) into a fresh virtual environment, and customfit from
+this checkout without dependencies; a `compat` session then installs each Keras release tested with that
 TensorFlow in turn (one environment per TensorFlow: installing TensorFlow
 takes longer than the tests), so the stack under test is exactly the one
 named.
@@ -112,11 +113,14 @@ def nightly(session: nox.Session) -> None:
 # Keras' JAX backend, without TensorFlow: `tests/jax_backend`, and the
 # suite's tests of the recipes written with keras.ops.
 JAX_STACK = ("keras==3.15.1", "jax==0.10.2")
-JAX_TESTS = (
-    "tests/jax_backend",
+RECIPE_TESTS = (
     *(f"tests/test_recipes_{name}.py" for name in (
         "accumulation", "adversarial", "clipping", "distillation", "gan", "sam", "skipping")),
     "tests/test_value_and_gradients.py",
+)
+JAX_TESTS = (
+    "tests/jax_backend",
+    *RECIPE_TESTS,
     "tests/test_every_backend.py",
     "tests/test_callback_preconditions.py",
     "tests/test_composite_checkpoints.py",
@@ -147,19 +151,27 @@ def jax(session: nox.Session) -> None:
 # Keras' PyTorch backend, without TensorFlow: torch's CPU build (the
 # package index's plain `torch` brings CUDA libraries of several GB).
 TORCH_STACK = ("keras==3.15.1", "torch==2.13.0")
-TORCH_TESTS = ("tests/torch_backend", "tests/test_every_backend.py")
+TORCH_TESTS = ("tests/torch_backend", *RECIPE_TESTS, "tests/test_every_backend.py")
 
 
 @nox.session
 def torch(session: nox.Session) -> None:
-    """CustomModel on Keras' PyTorch backend (work in progress): parity with
-    stock fit, every batch's logs with several batches per execution and
-    "auto", the run modes, and steps written the PyTorch way, in an
-    environment without TensorFlow."""
+    """CustomModel on Keras' PyTorch backend: parity with stock fit, every
+    batch's logs with several batches per execution and "auto", exact
+    resume, the run modes, the recipes, and steps written the PyTorch way,
+    in an environment without TensorFlow; then Keras' own trainer, model,
+    saving and callback tests against CustomModel (`conformance/run.py
+    --backend torch`, differences.toml's `[torch]` entries), with JAX
+    installed for them (Keras' trainer_test.py imports it)."""
     session.install(*TORCH_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")
     session.install("--no-deps", "-e", ".")
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *TORCH_TESTS,
-                *session.posargs, env={"KERAS_BACKEND": "torch"})
+    session.run("python", "-c", "import importlib.util, sys; "
+                "sys.exit(importlib.util.find_spec('tensorflow') is not None)")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
+                "--dist", "worksteal", *TORCH_TESTS, *session.posargs,
+                env={"KERAS_BACKEND": "torch"})
+    session.install(JAX_STACK[1])
+    session.run("python", "conformance/run.py", "--backend", "torch", "--control", "auto")
 
 
 LINT = ("ruff==0.17.6", "mypy==2.4.1")
@@ -193,8 +205,9 @@ def docs(session: nox.Session) -> None:
 # The README's and Getting started's commands and examples, each in a fresh
 # environment made by the install line the page gives for it, read from the
 # page: a ```bash block of `python3 -m pip install ...` lines (and `export
-# NAME=value` lines) is the environment of the ```python block that follows
-# it; a one-line ```bash block `python3 -m pip install ... && python3
+# NAME=value` lines) is an environment of the ```python block that follows
+# it (several such blocks in a row: one example, run in each of them, such
+# as one per Keras backend); a one-line ```bash block `python3 -m pip install ... && python3
 # examples/...` runs its example in the environment its install part makes.
 # `customfit` in an install line is this checkout, as a source distribution
 # built from a copy of it, and `-e .` this checkout, editable. Pages with
@@ -219,37 +232,44 @@ class Example:
 
 def examples(page: str) -> list[Example]:
     """The install-line examples of `page` (a path under the checkout), in
-    order; a ```python block without an install block before it, or an
-    install block without a ```python block after it, is an error."""
+    order, a ```python block once per install block before it; a ```python
+    block without an install block before it, or an install block without a
+    ```python block after it, is an error."""
     found: list[Example] = []
-    pending: Example | None = None
+    pending: list[Example] = []
     for number, match in enumerate(_FENCE.finditer((ROOT / page).read_text()), 1):
         language, body = match.group(1), match.group(2)
         lines = [line.strip() for line in body.strip().splitlines()]
         where = f"{page}, code block {number}"
         if language == "python":
-            if pending is None:
+            if not pending:
                 raise ValueError(f"{where}: no install block ({_PIP_INSTALL}...) before it")
-            pending.code, pending.where = textwrap.dedent(body), where
-            found.append(pending)
-            pending = None
+            for example in pending:
+                example.code, example.where = textwrap.dedent(body), where
+            found += pending
+            pending = []
             continue
-        if pending is not None:
-            raise ValueError(f"{pending.where}: an install block without a Python block after it")
         if language != "bash":
+            if pending:
+                raise ValueError(
+                    f"{pending[-1].where}: an install block without a Python block after it")
             continue
         installs = tuple(line for line in lines
                          if line.startswith(_PIP_INSTALL) and "&&" not in line)
         exports = [line for line in lines if line.startswith("export ")]
         if installs and len(installs) + len(exports) == len(lines):
             env = dict(line[len("export "):].split("=", 1) for line in exports)
-            pending = Example(where, installs, env)
-        elif len(lines) == 1 and lines[0].startswith(_PIP_INSTALL):
+            pending.append(Example(where, installs, env))
+            continue
+        if pending:
+            raise ValueError(
+                f"{pending[-1].where}: an install block without a Python block after it")
+        if len(lines) == 1 and lines[0].startswith(_PIP_INSTALL):
             install, _, command = lines[0].partition(" && ")
             if command.startswith("python3 examples/") and "&&" not in command:
                 found.append(Example(where, (install,), {}, command=command))
-    if pending is not None:
-        raise ValueError(f"{pending.where}: an install block without a Python block after it")
+    if pending:
+        raise ValueError(f"{pending[-1].where}: an install block without a Python block after it")
     return found
 
 
