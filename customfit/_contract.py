@@ -65,6 +65,10 @@ class Loop(Protocol):
 
     def make_predict_function(self, model: keras.Model, keras_make: Callable) -> Callable: ...
 
+    def predict_steps_per_execution(self, steps: int) -> int:
+        """How many batches each execution of `predict` draws, with `steps`
+        compiled."""
+
     # ---- inside a step
 
     def loss_gradients(

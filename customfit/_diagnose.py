@@ -185,8 +185,13 @@ def _stock_train_step(model: keras.Model, data: Any) -> Any:
 
 
 def _numpy(structure: Any) -> list[np.ndarray]:
-    """The tensors of `structure` as arrays; raises for traced ones."""
-    return [np.asarray(t) for t in keras.tree.flatten(structure)]
+    """The tensors of `structure` as arrays (on PyTorch, detached); raises
+    for traced ones."""
+    return [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(structure)]
+
+
+def _regularization(model: keras.Model) -> float:
+    return float(sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses))
 
 
 def _replay(
@@ -222,7 +227,7 @@ def _replay(
             try:
                 replay.predictions.append(_numpy(outputs))
                 # Regularizers as the forward pass saw them, before the update.
-                replay.regularization = float(sum(float(loss) for loss in model.losses))
+                replay.regularization = _regularization(model)
             except Exception:  # noqa: BLE001 - traced (JAX, differentiated): run again
                 replay.predictions = []
                 traced_first_call.append((args, kwargs))
@@ -252,7 +257,7 @@ def _replay(
                 changed = [m for m, b in zip(metrics, before) if not _same(_values(m), b)]
                 model.reset_metrics()
                 replay.not_reset = [
-                    (m.name, float(np.asarray(m.result()).ravel()[0]))
+                    (m.name, float(keras.ops.convert_to_numpy(m.result()).ravel()[0]))
                     for m in changed
                     if m.name in replay.logs and not _is_reset(m)
                 ]
@@ -277,7 +282,7 @@ def _first_forward_again(
             warnings.simplefilter("ignore")
             outputs = model(*args, **kwargs)
         predictions = _numpy(outputs)
-        regularization = float(sum(float(loss) for loss in model.losses))
+        regularization = _regularization(model)
     except Exception:  # noqa: BLE001 - inputs computed inside the function
         return
     replay.predictions = [predictions]
@@ -302,7 +307,7 @@ def _training_changes_outputs(model: keras.Model, x: Any, state: _State, seed: i
         state.restore()
         keras.utils.set_random_seed(seed)
         outputs = model(x, training=training)
-        results.append([np.asarray(o) for o in keras.tree.flatten(outputs)])
+        results.append(_numpy(outputs))
     return any(not np.array_equal(a, b) for a, b in zip(*results))
 
 
@@ -460,7 +465,7 @@ def _none_gradients(paths: list[str]) -> Finding:
 def _mean_prediction(replay: _Replay) -> float | None:
     if not replay.predictions:
         return None
-    flat = [np.asarray(t, dtype="float64").ravel() for t in replay.predictions[0]]
+    flat = [t.astype("float64").ravel() for t in replay.predictions[0]]
     return float(np.mean(np.concatenate(flat))) if flat else None
 
 

@@ -519,7 +519,13 @@ class CustomModel(keras.Model):
         model.compile("adam", "sparse_categorical_crossentropy",
                       steps_per_execution="auto")
         ```
+
+        `predict` on PyTorch runs one batch per execution, whatever the
+        number (`loop.predict_steps_per_execution`).
         """
+        call = _call.innermost(self)
+        if call is not None and call.method == "predict":
+            return loop.predict_steps_per_execution(self._fixed_steps_per_execution)
         return self._fixed_steps_per_execution
 
     @steps_per_execution.setter

@@ -54,6 +54,10 @@ REPLICAS_SETTING = {
     "tensorflow": "2 replicas (MirroredStrategy, same global batch)",
     "jax": "2 devices (keras.distribution.DataParallel, same global batch)",
 }
+NO_REPLICAS_ON_TORCH = (
+    "Two replicas were not compared: Keras' PyTorch backend has no "
+    "keras.distribution, and fit runs on one device of one process there."
+)
 
 
 @dataclasses.dataclass
@@ -232,12 +236,14 @@ def check_steps(
     x, y = _take(x, n), _take(y, n)
     common = dict(compile_kwargs=compile_kwargs, batch_size=batch_size, seed=seed)
     two_replicas = None
-    # Keras' PyTorch backend has no keras.distribution: no two replicas.
-    if replicas and BACKEND != "torch":
+    notes = []
+    if replicas and BACKEND == "torch":
+        notes.append(NO_REPLICAS_ON_TORCH)
+    elif replicas:
         # Runs while this process works through the other settings.
         two_replicas = _TwoReplicas([name for name, _ in resolved], x, y, **common)
     try:
-        return _reports(resolved, x, y, steps, two_replicas, timeout, common)
+        return _reports(resolved, x, y, steps, two_replicas, timeout, common, notes)
     finally:
         if two_replicas is not None:
             two_replicas.close()
@@ -251,6 +257,7 @@ def _reports(
     two_replicas: _TwoReplicas | None,
     timeout: float,
     common: dict[str, Any],
+    notes_for_all: list[str],
 ) -> list[StepReport]:
     compile_kwargs, batch_size, seed = (
         common["compile_kwargs"],
@@ -267,7 +274,7 @@ def _reports(
             _compare(f"steps_per_execution={steps}", reference, grouped, 0.0, 0.0),
         ]
         findings: list[Finding] = []
-        notes = []
+        notes = list(notes_for_all)
         keras.utils.set_random_seed(seed)
         model = build_fn()
         refusal = replay_refusal(model)

@@ -217,7 +217,9 @@ def check_step(
             scaled by a constant). Strings, numbers and Keras objects only.
         batch_size: The global batch size.
         steps: Batches trained, and the `steps_per_execution` compared.
-        replicas: Whether to run the two-replica comparison.
+        replicas: Whether to run the two-replica comparison (on PyTorch,
+            which has no `keras.distribution`, the report notes that it was
+            not run).
         seed: For `keras.utils.set_random_seed`.
         timeout: Seconds allowed for the two-replica process.
 

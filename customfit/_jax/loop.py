@@ -180,6 +180,10 @@ def make_test_function(model: keras.Model) -> Callable:
     return StatelessStep(model, "test")
 
 
+def predict_steps_per_execution(steps: int) -> int:
+    return steps
+
+
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
     if stateless_override(model, "predict_step"):
         keras_make()

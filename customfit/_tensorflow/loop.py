@@ -95,6 +95,10 @@ def make_test_function(model: keras.Model) -> Callable:
     )
 
 
+def predict_steps_per_execution(steps: int) -> int:
+    return steps
+
+
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
     """Keras' own: `predict_step` is stateful on TensorFlow."""
     keras_make()

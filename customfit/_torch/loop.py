@@ -40,14 +40,23 @@ _DIFFERENTIATING: contextvars.ContextVar[int] = contextvars.ContextVar(
 
 
 def _grad(objective: Any, variables: list) -> list:
+    """The gradients of `objective` w.r.t. `variables`: None for a variable
+    it does not reach or one that is not differentiable (a non-trainable
+    variable's tensor does not require grad), as on TensorFlow."""
     tensors = [v.value for v in variables]
-    if not getattr(objective, "requires_grad", False):
-        return [None] * len(tensors)
-    return list(
-        torch.autograd.grad(
-            objective, tensors, allow_unused=True, create_graph=_DIFFERENTIATING.get() > 0
-        )
+    gradients: list = [None] * len(tensors)
+    reached = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if not reached or not getattr(objective, "requires_grad", False):
+        return gradients
+    found = torch.autograd.grad(
+        objective,
+        [tensors[i] for i in reached],
+        allow_unused=True,
+        create_graph=_DIFFERENTIATING.get() > 0,
     )
+    for i, gradient in zip(reached, found):
+        gradients[i] = gradient
+    return gradients
 
 
 def loss_gradients(
@@ -156,6 +165,13 @@ def make_train_function(model: keras.Model) -> Callable:
 
 def make_test_function(model: keras.Model) -> Callable:
     return _StepFunction(model, "test")
+
+
+def predict_steps_per_execution(steps: int) -> int:
+    """One: each batch runs eagerly either way, and Keras' PyTorch epoch
+    iterator would draw a whole execution past the data's end (warning that
+    the data ran out). Callbacks then see every batch of `predict`."""
+    return 1
 
 
 def make_predict_function(model: keras.Model, keras_make: Callable) -> Callable:
