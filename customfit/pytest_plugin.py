@@ -30,8 +30,9 @@ def pytest_configure(config: Any) -> None:
 
 
 def deterministic(seed: int = 0) -> int:
-    """Seeds everything and, on TensorFlow, turns op determinism on; returns
-    the seed. (JAX on CPU is deterministic: seeding is enough.)"""
+    """Seeds everything and turns op determinism on (TensorFlow's, or
+    `torch.use_deterministic_algorithms(True)` on PyTorch); returns the
+    seed. (JAX on CPU is deterministic: seeding is enough.)"""
     import keras
 
     from customfit import _backend
@@ -44,7 +45,8 @@ def deterministic(seed: int = 0) -> int:
 @pytest.fixture
 def customfit_deterministic(request: Any) -> int:
     """Seeds the test (0, or `@pytest.mark.customfit_seed(n)`) and turns on
-    TensorFlow op determinism, which stays on for the rest of the run."""
+    op determinism (TensorFlow's, or PyTorch's deterministic algorithms),
+    which stays on for the rest of the run."""
     marker = request.node.get_closest_marker("customfit_seed")
     seed = marker.args[0] if marker is not None and marker.args else 0
     return deterministic(int(seed))
