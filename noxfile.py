@@ -21,6 +21,7 @@ named.
 """
 
 import dataclasses
+import hashlib
 import re
 import shlex
 import shutil
@@ -279,11 +280,14 @@ def examples(page: str) -> list[Example]:
 
 def _pip_arguments(line: str, sdist: str) -> list[str]:
     """`python3 -m pip install ...` as pip's arguments, `customfit[...]`
-    meaning the source distribution `sdist`."""
+    meaning the source distribution `sdist`, named with its SHA-256: pip
+    keys the wheel it builds from a local archive by the URL (and a hash
+    given with it), and the archive's path is the same in every run."""
+    digest = hashlib.sha256(Path(sdist).read_bytes()).hexdigest()
     arguments = []
     for argument in shlex.split(line[len(_PIP_INSTALL):]):
         name, extras = re.fullmatch(r"([^\[]*)(\[.*\])?", argument).groups()
-        arguments.append(f"customfit{extras or ''} @ file://{sdist}"
+        arguments.append(f"customfit{extras or ''} @ file://{sdist}#sha256={digest}"
                          if name == "customfit" else argument)
     return arguments
 
