@@ -19,10 +19,11 @@ four ways, one epoch of the same batches each:
 - `compute_only`: the limit, the step's maths alone without metrics, logs
   or callbacks, written for that backend (`compute_only_<backend>.py`: on
   TensorFlow the whole epoch in one `tf.function`; on JAX one jitted
-  `jax.lax.scan` over the epoch's batches).
+  `jax.lax.scan` over the epoch's batches; on PyTorch the step's maths run
+  eagerly, batch after batch, as Keras' PyTorch trainer runs its step).
 
 All compile with Keras' defaults (`jit_compile="auto"`: XLA on JAX, not on
-TensorFlow on a CPU). After untimed epochs (tracing, compilation, and until
+TensorFlow on a CPU, eager on PyTorch). After untimed epochs (tracing, compilation, and until
 "auto" settles on its number of batches per execution), each block times one
 epoch of every variant, in an order that changes from block to block
 (`ORDERS`): the two epochs of each compared pair run next to each other or
@@ -70,6 +71,7 @@ LABELS = {
 LIMIT_LABELS = {
     "tensorflow": "whole epoch in one `tf.function`",
     "jax": "one jitted `jax.lax.scan` over the epoch",
+    "torch": "the step's maths eagerly, batch after batch",
 }
 
 
@@ -233,6 +235,11 @@ def child(args: argparse.Namespace) -> None:
 
         versions["jax"] = jax.__version__
         device = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    elif backend == "torch":
+        import torch
+
+        versions["torch"] = torch.__version__
+        device = "GPU" if torch.cuda.is_available() else "cpu"
     else:
         import tensorflow as tf
 
@@ -409,7 +416,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="run.py --backend", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", nargs="+", choices=["tensorflow", "jax"],
+    parser.add_argument("--backend", nargs="+", choices=["tensorflow", "jax", "torch"],
                         help="the backends to compare, each in a subprocess")
     parser.add_argument("--python", nargs="+", default=[], metavar="BACKEND=PATH",
                         help="the interpreter of a backend (default: this one)")
