@@ -152,11 +152,11 @@ def jax(session: nox.Session) -> None:
 # Keras' PyTorch backend, without TensorFlow: torch's CPU build (the
 # package index's plain `torch` brings CUDA libraries of several GB).
 TORCH_STACK = ("keras==3.15.1", "torch==2.13.0")
-# The hook, Keras-2 helper and guard tests of tests/jax_backend are written
-# with keras.ops and run on PyTorch as written.
+# The parity, hook, Keras-2 helper and guard tests of tests/jax_backend are
+# written with keras.ops and run on PyTorch too.
 TORCH_TESTS = ("tests/torch_backend", *RECIPE_TESTS, "tests/test_every_backend.py",
-               *(f"tests/jax_backend/test_{name}.py" for name in ("hooks", "keras2_helpers",
-                                                                  "guards")))
+               *(f"tests/jax_backend/test_{name}.py"
+                 for name in ("parity", "hooks", "keras2_helpers", "guards")))
 
 
 @nox.session

@@ -1,5 +1,9 @@
 """With nothing overridden, CustomModel trains like keras.Model on JAX, bit for
-bit: History, weights, evaluate and predict (`customfit.testing`)."""
+bit: History, weights, evaluate and predict (`customfit.testing`). `nox -s
+torch` runs this file on PyTorch too, without jit (`jit_compile=True` there
+is `torch.compile`: tests/torch_backend/test_torch_compile.py) and without
+several batches per execution, which stock Keras refuses on PyTorch
+(tests/test_every_backend.py compares those with one)."""
 
 import keras
 import numpy as np
@@ -38,6 +42,8 @@ CASES = {
 PARAMS = [(case, "jit") for case in CASES] + [
     (case, "no_jit") for case in ("functional_dropout", "batchnorm", "steps_per_execution_3")
 ]
+if keras.backend.backend() == "torch":
+    PARAMS = [(case, "no_jit") for case in CASES if case != "steps_per_execution_3"]
 
 
 @pytest.mark.parametrize(("case", "mode"), PARAMS, ids=[f"{c}-{m}" for c, m in PARAMS])
