@@ -10,10 +10,9 @@ customfit copies from it; on JAX, Keras' JAX trainer, whose stateless step
 and `predict` call it with their `state`; on PyTorch, Keras' PyTorch
 trainer, whose step functions `customfit._torch.loop` replaces. Keras'
 backend-neutral code (`compute_loss`, the epoch iterator, ...) is on all
-three. When the installed
-Keras has another source (or none), customfit no longer knows that it
-behaves like it: `check_once()` says so, once per process, with a
-`CompatibilityWarning` naming the versions and what to do. To support a new
+three. When the installed Keras has another source (or none), customfit no
+longer knows that it behaves like it: `check_once()` says so, once per
+process, with a `CompatibilityWarning` naming the versions and what to do. To support a new
 Keras release: run the compatibility sessions of `noxfile.py` on it, adapt
 `internals` where it changed, then add its hashes here (`source_hash` prints
 them; the JAX and PyTorch entries' with `KERAS_BACKEND` set to theirs).
