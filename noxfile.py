@@ -155,6 +155,7 @@ TORCH_STACK = ("keras==3.15.1", "torch==2.13.0")
 # The parity, hook, Keras-2 helper and guard tests of tests/jax_backend are
 # written with keras.ops and run on PyTorch too.
 TORCH_TESTS = ("tests/torch_backend", *RECIPE_TESTS, "tests/test_every_backend.py",
+               "tests/test_callback_preconditions.py", "tests/test_composite_checkpoints.py",
                *(f"tests/jax_backend/test_{name}.py"
                  for name in ("parity", "hooks", "keras2_helpers", "guards")))
 
@@ -168,7 +169,8 @@ def torch(session: nox.Session) -> None:
     saving and callback tests against CustomModel (`conformance/run.py
     --backend torch`, differences.toml's `[torch]` entries), with JAX
     installed for them (Keras' trainer_test.py imports it)."""
-    session.install(*TORCH_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3")
+    session.install(*TORCH_STACK, "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3",
+                    "matplotlib>=3.7")
     session.install("--no-deps", "-e", ".")
     session.run("python", "-c", "import importlib.util, sys; "
                 "sys.exit(importlib.util.find_spec('tensorflow') is not None)")

@@ -30,8 +30,8 @@ def fit(model, digits, callback, batches):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="Keras' JAX fit builds the model from the data before any callback "
-                           "runs (see the next test)")
+                    reason="Keras' JAX and PyTorch fit build the model from the data before any "
+                           "callback runs (see the next test)")
 @pytest.mark.parametrize("save_freq", ["epoch", 2])
 def test_backup_of_an_unbuilt_model_is_refused_before_training(digits, tmp_path, save_freq):
     model, batches = Subclassed(), []

@@ -11,6 +11,7 @@ from keras.ops import convert_to_numpy
 import customfit
 from customfit import recipes
 from tests import models
+from tests.recipe_checks import EAGER_FIRST_BATCH_RUNS
 
 tensorflow_only = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -220,7 +221,6 @@ def stacked_net_class():
     return StackedNet
 
 
-@tensorflow_only
 def test_subclassed_model_stacks_recipes_and_hooks(digits, tmp_path):
     StackedNet = stacked_net_class()
     x, y = digits[0][:64], digits[1][:64]
@@ -228,8 +228,10 @@ def test_subclassed_model_stacks_recipes_and_hooks(digits, tmp_path):
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
                   run_eagerly=True)
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    # 4 micro-batches, k=2: the user's hook and the clipping log run per update.
-    assert model.hook_calls == 2 and int(model.optimizer.iterations) == 2
+    # 4 micro-batches, k=2: the user's hook and the clipping log run per update
+    # (on JAX, also in the first batch's run that finds the logged names).
+    assert model.hook_calls == 1 + EAGER_FIRST_BATCH_RUNS
+    assert int(model.optimizer.iterations) == 2
     assert len(history["grad_norm"]) == 1 and np.isfinite(history["grad_norm"][0])
     config = model.get_config()
     assert {k: config[k] for k in ("units", "rho", "accumulation_steps", "clip_norm")} == {
