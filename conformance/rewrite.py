@@ -98,6 +98,23 @@ def _with_import(source: str) -> str:
     return line + source
 
 
+# Keras' skips of its `steps_per_execution` tests on PyTorch, as a decorator
+# (`skipif(backend.backend() == "torch", reason=...)`) or in the test
+# (`if ... backend.backend() == "torch": self.skipTest(...)`).
+_TORCH_STEPS_PER_EXECUTION_SKIP = re.compile(
+    r'backend\.backend\(\) == "torch"(?P<rest>[,:]\s*(?:reason=|self\.skipTest\())'
+    r'(?P<reason>"`steps_per_execution` not implemented for torch yet")'
+)
+
+
+def unskip_torch_steps_per_execution(source: str) -> tuple[str, int]:
+    """`source` with Keras' skips of its `steps_per_execution` tests on
+    PyTorch turned off (their condition `False`), and how many: stock
+    Keras refuses more than one batch per execution there, `CustomModel`
+    runs them. (For the `CustomModel` run only; the control keeps them.)"""
+    return _TORCH_STEPS_PER_EXECUTION_SKIP.subn(r"False\g<rest>\g<reason>", source)
+
+
 # `import tensorflow[.x] [as name]` or `from tensorflow[.x] import a [as b], ...`
 # at the start of a line (a module-level import; indented ones, inside a test,
 # already import when the test runs).
