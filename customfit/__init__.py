@@ -1,6 +1,5 @@
 """customfit: your own training step, with everything `model.fit` gives you."""
 
-from customfit import callbacks, recipes
 from customfit._errors import (
     CompatibilityWarning,
     Preempted,
@@ -10,6 +9,10 @@ from customfit._errors import (
     UnreadableCheckpointError,
 )
 from customfit._model import CustomModel
+
+# isort: split
+# The recipes subclass customfit.CustomModel, defined above.
+from customfit import callbacks, recipes, steptools
 
 __version__ = "0.6.0"
 
@@ -23,6 +26,7 @@ __all__ = [
     "TrainingGuardError",
     "UnreadableCheckpointError",
     "recipes",
+    "steptools",
     "testing",
     "__version__",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import keras
 
@@ -18,7 +18,25 @@ from customfit._keras2 import (
 from customfit._step_logging import StepLogs
 
 Tensor = Any
-"""A tensor of Keras' backend: a `tf.Tensor`, or a `jax.Array`."""
+"""A tensor of Keras' backend: a `tf.Tensor`, a `jax.Array` or a `torch.Tensor`."""
+
+
+class StepGradients(NamedTuple):
+    """What `CustomModel.compute_gradients` returns.
+
+    Attributes:
+        y_pred: The model's output on the batch, for `compute_metrics`.
+        loss: The loss as `compute_loss` returned it: unscaled, under
+            `tf.distribute` this replica's share.
+        gradients: One unscaled gradient per variable, this replica's, of
+            this batch only; `None` for a variable the loss does not reach.
+        variables: The variables differentiated, `trainable_weights`.
+    """
+
+    y_pred: Any
+    loss: Any
+    gradients: list
+    variables: list
 
 
 @keras.saving.register_keras_serializable(package="customfit")
@@ -293,22 +311,94 @@ class CustomModel(keras.Model):
             return keras.Model.train_step(self, data, *stateless)
         return _step.train_step(self, data)
 
-    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
-        """Seam for recipes: the forward pass, the tracked loss and its
-        unscaled gradients; returns `(y_pred, loss, gradients, variables)`
-        (see `customfit/_step.py`)."""
-        return loop.loss_gradients(self, x, y, sample_weight)
+    # ------------------------------------------------- seams for recipes
 
-    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
-        """Seam for recipes: `transform_gradients`, the gradient checks,
-        `apply_gradients` (see `customfit/_step.py`)."""
+    def compute_gradients(self, x: Any, y: Any, sample_weight: Any) -> StepGradients:
+        """The forward pass, the loss and its gradients: the first part of
+        the default `train_step`.
+
+        Runs once per training batch (per micro-batch under
+        `GradientAccumulation`), first in the step. The default runs
+        `self(x, training=True)` and `compute_loss`, adds the loss to the
+        `loss` metric as stock `fit` does, scales it for mixed precision
+        (`optimizer.scale_loss`), differentiates it w.r.t.
+        `trainable_weights` and unscales the gradients.
+
+        Override it to change how the step's gradient is computed (`SAM`'s
+        second pass); call `super().compute_gradients(...)` for the default.
+
+        Returns:
+            `StepGradients(y_pred, loss, gradients, variables)`: the loss as
+            `compute_loss` returned it (unscaled; under `tf.distribute` this
+            replica's share), one unscaled gradient per variable of this
+            replica's share of the batch (`None` for a variable the loss
+            does not reach), not accumulated. `y_pred` goes to
+            `compute_metrics`.
+
+        Example:
+
+        ```python
+        def compute_gradients(self, x, y, sample_weight):  # from keras import ops
+            result = super().compute_gradients(x, y, sample_weight)
+            noisy = [g + 1e-3 * keras.random.normal(ops.shape(g), seed=self.seeds)
+                     for g in result.gradients]
+            return result._replace(gradients=noisy)
+        ```
+        """
+        return StepGradients(*loop.loss_gradients(self, x, y, sample_weight))
+
+    def update_weights(
+        self, loss: Tensor, gradients: list[Tensor], variables: list[keras.Variable]
+    ) -> None:
+        """Whether, when and with which gradient the weights are updated: the
+        second part of the default `train_step`.
+
+        Runs once per training batch, right after `compute_gradients`, with
+        what it returned: this replica's unscaled gradients of this batch
+        (not accumulated). The default runs `transform_gradients`, checks
+        the result (one gradient per variable) and runs `apply_gradients`.
+
+        Override it to decide whether and when the update runs
+        (`SkipNonFinite`, `GradientAccumulation`); call
+        `super().update_weights(...)` for the update itself, inside
+        `customfit.steptools.cond` when the decision is a tensor. Variables
+        it assigns besides the model's and the optimizer's are returned by
+        `step_variables`. Returns nothing.
+
+        Example:
+
+        ```python
+        def update_weights(self, loss, gradients, variables):
+            steptools.cond(keras.ops.isfinite(loss),
+                           lambda: super(Net, self).update_weights(loss, gradients, variables),
+                           lambda: None)
+        ```
+        """
         _step.update_weights(self, loss, gradients, variables)
 
-    def _step_variables(self) -> list[keras.Variable]:
-        """Seam for recipes: the variables a training step assigns besides
-        the model's, its optimizers' and its metrics' (a recipe's
-        accumulators and counters), created before the train function is
-        made. The JAX loop carries them through the compiled step."""
+    def step_variables(self) -> list[keras.Variable]:
+        """The variables the training step assigns besides the model's, its
+        optimizers' and its metrics': a recipe's accumulators, averages and
+        counters. Default: none.
+
+        Called before the train function is made (on every backend, before
+        the first training step) and again while it is traced. A recipe
+        creates its variables here the first time, under
+        `customfit.steptools.state_scope(self)`, keeps them on the model
+        (not as tracked attributes of a built model: Keras locks its state),
+        returns them every time, and saves them in `save_own_variables`.
+        The JAX and PyTorch loops carry them through the compiled step.
+
+        Example:
+
+        ```python
+        def step_variables(self):
+            if self._updates is None:
+                with steptools.state_scope(self):
+                    self._updates = keras.Variable(0, dtype="int", trainable=False)
+            return [*super().step_variables(), self._updates]
+        ```
+        """
         return []
 
     def test_step(self, data: Any, *stateless: Any) -> Any:
@@ -534,6 +624,7 @@ class CustomModel(keras.Model):
 
     def make_train_function(self, force: bool = False) -> Callable:
         if self.train_function is None or force:
+            _step.checked_step_variables(self)
             # Keras' attribute (None until made), declared for mypy.
             self.train_function: Callable | None = loop.make_train_function(self)
         return self.train_function

@@ -2,30 +2,22 @@
 
 `train_step(model, data)`, per batch, in this order:
 
-1. `model._loss_gradients(x, y, sample_weight)` (seam 1, its default in
-   the backend's loop, `_backend.loop.loss_gradients`): the forward pass
+1. `model.compute_gradients(x, y, sample_weight)` (its default in the
+   backend's loop, `_backend.loop.loss_gradients`): the forward pass
    `model(x, training=True)` and `compute_loss`, tracked in the `loss`
    metric as stock `fit` tracks it (the full loss, weighted by batch size);
    the loss scaled for mixed precision (`optimizer.scale_loss`),
-   differentiated w.r.t. `trainable_weights` (under a `tf.GradientTape`, or
-   by `jax.value_and_grad` over their values), the gradients unscaled.
-   Returns `(y_pred, loss, gradients, variables)`: the loss as
-   `compute_loss` returned it (this replica's share under
-   `tf.distribute`, unscaled), the gradients unscaled and per replica.
-2. `model._update_weights(loss, gradients, variables)` (seam 2):
+   differentiated w.r.t. `trainable_weights`, the gradients unscaled.
+   Returns `StepGradients(y_pred, loss, gradients, variables)`.
+2. `model.update_weights(loss, gradients, variables)`:
    `transform_gradients`, the gradient checks, `apply_gradients` (which
    re-applies the loss scale for a `LossScaleOptimizer`).
 3. `compute_metrics(...)`: the batch's logs.
 
-The seams are for `customfit.recipes`: a recipe that changes how the gradient
-is computed (SAM's second pass) overrides `_loss_gradients`; one that changes
-when, or with which gradient, the update runs (gradient accumulation,
-skipping non-finite steps) overrides `_update_weights`, and gets the loss with
-the gradients. The public hooks run inside the seams, so they compose with a
-user's overrides. A recipe whose step updates state of its own returns those
-variables from `_step_variables` (seam 3), and writes its branches and second
-gradients with the backend's `loop.cond` and `loop.stateless_gradients`, so
-that it runs on both backends.
+Both are the public seams recipes override (`customfit.recipes`, and a
+user's own): the public hooks run inside them, so they compose with a user's
+overrides. What a seam returns is checked here (`checked_gradients_result`),
+naming the class whose override returned it.
 
 `checked_logs(model, logs, step_name)` checks what a step returns and
 flattens the logs as Keras flattens them, with the values from `log`; each
@@ -46,9 +38,17 @@ from customfit._keras2 import track_loss
 
 def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    y_pred, loss, gradients, variables = model._loss_gradients(x, y, sample_weight)
+    result = checked_gradients_result(model, model.compute_gradients(x, y, sample_weight))
+    y_pred, loss, gradients, variables = result
     if variables:
-        model._update_weights(loss, gradients, variables)
+        updated = model.update_weights(loss, gradients, variables)
+        if updated is not None:
+            raise TypeError(
+                f"{_defining_class(model, 'update_weights')}.update_weights() "
+                f"returned {type(updated).__name__}; it must return None. It "
+                "updates the weights itself: call super().update_weights(loss, "
+                "gradients, variables) (or apply_gradients) and return nothing."
+            )
     else:
         warnings.warn("The model does not have any trainable weights.", stacklevel=2)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -61,8 +61,60 @@ def test_step(model: keras.Model, data: Any) -> dict[str, Any]:
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
+def checked_gradients_result(model: keras.Model, result: Any) -> Any:
+    """What `compute_gradients` returned, if it is `(y_pred, loss, gradients,
+    variables)` with one gradient per variable; else a TypeError naming the
+    class whose override returned it."""
+    ok = isinstance(result, tuple) and len(result) == 4
+    if ok:
+        gradients, variables = result[2], result[3]
+        ok = isinstance(gradients, (list, tuple)) and isinstance(variables, (list, tuple))
+        ok = ok and len(gradients) == len(variables)
+    if not ok:
+        owner = _defining_class(model, "compute_gradients")
+        if isinstance(result, tuple) and len(result) == 4:
+            got = f"{len(result[2])} gradients for {len(result[3])} variables"
+        else:
+            got = type(result).__name__
+        raise TypeError(
+            f"{owner}.compute_gradients() must return StepGradients(y_pred, "
+            "loss, gradients, variables) with one gradient per variable; got "
+            f"{got}. Return super().compute_gradients(x, y, sample_weight), "
+            "or that result with fields replaced: result._replace(gradients=...)."
+        )
+    return result
+
+
+def checked_step_variables(model: keras.Model) -> list:
+    """`model.step_variables()`, if it is a list of `keras.Variable`s; else
+    a TypeError naming the class whose override returned it."""
+    variables = model.step_variables()
+    if not isinstance(variables, (list, tuple)) or not all(
+        isinstance(v, keras.Variable) for v in variables
+    ):
+        got = (
+            [type(v).__name__ for v in variables]
+            if isinstance(variables, (list, tuple))
+            else type(variables).__name__
+        )
+        raise TypeError(
+            f"{_defining_class(model, 'step_variables')}.step_variables() must "
+            f"return a list of keras.Variable; got {got}. Return "
+            "[*super().step_variables(), *your_variables]."
+        )
+    return list(variables)
+
+
+def _defining_class(model: keras.Model, method: str) -> str:
+    """The class of `model` whose `method` runs (the leftmost override)."""
+    for cls in type(model).__mro__:
+        if method in vars(cls):
+            return cls.__name__
+    return type(model).__name__
+
+
 def update_weights(model: keras.Model, loss: Any, gradients: list, variables: list) -> None:
-    """Seam 2's default: `transform_gradients`, the checks, `apply_gradients`.
+    """`CustomModel.update_weights`' default: `transform_gradients`, the checks, `apply_gradients`.
     The default does not use `loss`."""
     del loss
     gradients = model.transform_gradients(gradients, variables)

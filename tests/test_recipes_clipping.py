@@ -97,13 +97,16 @@ def test_recipes_listed_left_to_right_clip_in_that_order(digits):
         pass
 
     cls, seen = recorded(Both)
-    _, weights, _ = one_batch(cls, digits, clip_norm=0.3, clip_factor=0.05,
-                              log_name="norm")
+    _, weights, history = one_batch(cls, digits, clip_norm=0.3, clip_factor=0.05,
+                                    log_name="norm")
     raw = seen["raw"][0]
     norm = np.sqrt(sum((g**2).sum() for g in raw))
     for c, g, w in zip(seen["clipped"][0], raw, weights):
         expected, _ = numpy_agc(g * 0.3 / norm, w, 0.05, 1e-3)
         np.testing.assert_allclose(c, expected, **CLOSE)
+    # One column, logged by the recipe listed first: the norm before clipping
+    # (not a mean of the two recipes' norms).
+    assert history["norm"] == [pytest.approx(norm, rel=1e-6)]
 
 
 def test_history_has_the_norm_every_epoch(digits):

@@ -21,7 +21,7 @@ before it is compiled.
 
 Recipes are written once with the contract's `gradients`,
 `stateless_gradients`, `cond` and `state_scope`; their own state
-(`CustomModel._step_variables`) goes in and out of the compiled step with
+(`CustomModel.step_variables`) goes in and out of the compiled step with
 the other extras.
 
 A step written for stock Keras' JAX trainer, `train_step(self, state,
@@ -447,7 +447,8 @@ class StatelessStep:
         if self._phase == "train":
             for optimizer in _optimizers.registered(self._model).values():
                 extras.extend(v for v in optimizer.variables if id(v) not in known)
-            extras.extend(v for v in self._model._step_variables() if id(v) not in known)
+            own = _step.checked_step_variables(self._model)
+            extras.extend(v for v in own if id(v) not in known)
         for metric in self._model._step_logs.all_metrics:
             extras.extend(v for v in metric.variables if id(v) not in known)
         return extras

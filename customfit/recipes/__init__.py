@@ -3,7 +3,9 @@
 Each recipe is a `customfit.CustomModel` (or a piece of one) that works with
 `fit`, `evaluate`, callbacks, saving and loading, `tf.distribute` and mixed
 precision. They are written with `keras.ops` and the backend's `loop`, and
-run on Keras' JAX backend too.
+run on Keras' JAX and PyTorch backends too. `Lookahead` and `WeightEMA` use
+public names only (`customfit.CustomModel`'s seams, `customfit.steptools`),
+as any user's recipe can.
 """
 
 from customfit.recipes._accumulation import GradientAccumulation
@@ -11,8 +13,10 @@ from customfit.recipes._adversarial import AdversarialTraining, adversarial_exam
 from customfit.recipes._clipping import AdaptiveGradientClipping, GlobalNormClipping
 from customfit.recipes._distillation import Distiller
 from customfit.recipes._gan import GAN
+from customfit.recipes._lookahead import Lookahead
 from customfit.recipes._sam import SAM
 from customfit.recipes._skipping import SkipNonFinite
+from customfit.recipes._weight_average import WeightEMA
 
 __all__ = [
     "AdaptiveGradientClipping",
@@ -21,7 +25,9 @@ __all__ = [
     "GAN",
     "GlobalNormClipping",
     "GradientAccumulation",
+    "Lookahead",
     "SAM",
     "SkipNonFinite",
+    "WeightEMA",
     "adversarial_examples",
 ]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
 
-from customfit import _saving
-from customfit._backend import loop, replicas
+from customfit import _saving, steptools
+from customfit._backend import replicas
 from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 
@@ -67,8 +66,8 @@ class GradientAccumulation(CustomModel):
     are averaged.
 
     The accumulators are model state: created eagerly before the first
-    training step (when the train function is made, or when a saved state is
-    loaded), saved and loaded with the model through `save_own_variables` /
+    training step (`step_variables`, when the train function is made, or
+    when a saved state is loaded), saved and loaded with the model through `save_own_variables` /
     `load_own_variables` (`.keras`, `.weights.h5`, `BackupAndRestore`), and
     re-created empty if the trainable variables change (e.g. after freezing
     a layer and compiling again). They are not in `model.variables`: Keras
@@ -110,25 +109,21 @@ class GradientAccumulation(CustomModel):
             return 0
         return int(state.count.numpy()) % self.accumulation_steps
 
-    def make_train_function(self, force: bool = False) -> Callable:
-        self._accumulators()
-        return super().make_train_function(force)
-
     def _accumulators(self) -> _Accumulators:
         """The accumulators, built for the trainable variables now (again,
         empty, when those changed since)."""
         state = self._accumulation
         variables = self.trainable_weights
         if not state.built_for(variables):
-            with loop.state_scope(self):
+            with steptools.state_scope(self):
                 state.build(variables)
         return state
 
-    def _step_variables(self) -> list[keras.Variable]:
+    def step_variables(self) -> list[keras.Variable]:
         state = self._accumulators()
-        return [*super()._step_variables(), state.count, *state.sums]
+        return [*super().step_variables(), state.count, *state.sums]
 
-    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
+    def update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
         state = self._accumulation
         if not state.built_for(variables):
             state = self._accumulators()
@@ -143,14 +138,14 @@ class GradientAccumulation(CustomModel):
                 None if g is None else total.value / ops.cast(steps, total.dtype)
                 for g, total in zip(gradients, state.sums)
             ]
-            super(GradientAccumulation, self)._update_weights(loss, averaged, variables)
+            super(GradientAccumulation, self).update_weights(loss, averaged, variables)
             for total in state.sums:
                 total.assign(ops.zeros_like(total.value))
 
         if replicas.in_replica_context():
             replicas.update_on_every_replica_if(lambda: state.count.value % steps == 0, update)
         else:
-            loop.cond(state.count.value % steps == 0, update, lambda: None)
+            steptools.cond(state.count.value % steps == 0, update, lambda: None)
 
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)

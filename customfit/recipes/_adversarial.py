@@ -9,8 +9,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from customfit._backend import loop
-from customfit._keras import internals
+from customfit import steptools
 from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 
@@ -81,16 +80,14 @@ def adversarial_examples(
             flat[i] = value
         inputs = keras.tree.pack_sequence_as(x, flat)
         y_pred = model(inputs, training=False)
-        loss = internals.compute_loss(
-            model, x=inputs, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-        )
+        loss = steptools.loss(model, inputs, y, y_pred, sample_weight, training=False)
         if getattr(model, "optimizer", None) is not None:
             loss = model.optimizer.scale_loss(loss)
         return loss
 
     adversarial = list(clean)
     for _ in range(steps):
-        _, gradients = loop.stateless_gradients(scaled_loss, adversarial)
+        _, gradients = steptools.stateless_gradients(scaled_loss, adversarial)
         adversarial = [
             _step(a, c, g, epsilon, step_size, input_range)
             for a, c, g in zip(adversarial, clean, gradients)

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from customfit._backend import replicas
+from customfit import steptools
 from customfit._model import CustomModel
 from customfit.recipes import _options as options
 
@@ -34,7 +34,8 @@ class GlobalNormClipping(CustomModel):
     clipping recipe) see the clipped gradients, and a `transform_gradients`
     of the user's own class that calls `super()` gets them back clipped.
     With `GradientAccumulation` it clips the accumulated gradient; with `SAM`
-    the SAM gradient.
+    the SAM gradient. With both clipping recipes, the one listed first
+    clips first, and only it logs (the norm before any clipping).
 
     Args:
         clip_norm: The largest global norm, `> 0`.
@@ -63,8 +64,9 @@ class GlobalNormClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        norm = global_norm(replicas.summed(gradients))
-        self.log(self.log_name, norm)
+        norm = global_norm(steptools.summed_over_replicas(gradients))
+        if _logs_norm(self, GlobalNormClipping):
+            self.log(self.log_name, norm)
         # As tf.clip_by_global_norm scales: 1 while the norm is within bounds.
         scale = self.clip_norm * ops.minimum(1.0 / norm, 1.0 / self.clip_norm)
         clipped = [None if g is None else g * ops.cast(scale, g.dtype) for g in gradients]
@@ -100,7 +102,8 @@ class AdaptiveGradientClipping(CustomModel):
     clipping recipe) see the clipped gradients, and a `transform_gradients`
     of the user's own class that calls `super()` gets them back clipped.
     With `GradientAccumulation` it clips the accumulated gradient; with `SAM`
-    the SAM gradient.
+    the SAM gradient. With both clipping recipes, the one listed first
+    clips first, and only it logs (the norm before any clipping).
 
     Args:
         clip_factor: `lambda > 0`, the largest ratio of gradient norm to
@@ -143,8 +146,9 @@ class AdaptiveGradientClipping(CustomModel):
         return config
 
     def transform_gradients(self, gradients: list, variables: list) -> list:
-        totals = replicas.summed(gradients)
-        self.log(self.log_name, global_norm(totals))
+        totals = steptools.summed_over_replicas(gradients)
+        if _logs_norm(self, AdaptiveGradientClipping):
+            self.log(self.log_name, global_norm(totals))
         clipped = [
             None if g is None else g * self._unit_factor(total, variable)
             for g, total, variable in zip(gradients, totals, variables)
@@ -172,3 +176,13 @@ def unitwise_norm(x: Any) -> Any:
         return ops.abs(x)
     axes = tuple(range(len(x.shape) - 1))
     return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))
+
+
+def _logs_norm(model: CustomModel, recipe: type) -> bool:
+    """Whether `recipe` is the leftmost clipping recipe of `model`'s class:
+    with both, only it logs (`log_name` is one option, one column: the
+    norm before any clipping)."""
+    for cls in type(model).__mro__:
+        if cls in (GlobalNormClipping, AdaptiveGradientClipping):
+            return cls is recipe
+    return False

@@ -109,7 +109,7 @@ class GAN(CustomModel):
         gradient_penalty_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        for seam in ("_loss_gradients", "_update_weights"):
+        for seam in ("compute_gradients", "update_weights"):
             if getattr(type(self), seam) is not getattr(CustomModel, seam):
                 raise TypeError(
                     f"{type(self).__name__} mixes GAN with a recipe that changes "

@@ -7,10 +7,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from customfit import _step
-from customfit._backend import loop
-from customfit._keras import internals
-from customfit._model import CustomModel, Tensor
+from customfit import steptools
+from customfit._model import CustomModel, StepGradients, Tensor
 from customfit.recipes import _options as options
 from customfit.recipes._clipping import global_norm
 
@@ -82,15 +80,15 @@ class SAM(CustomModel):
         config["rho"] = self.rho
         return config
 
-    def _loss_gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor, list, list]:
-        state = loop.pass_state(self)
-        y_pred, loss, gradients, variables = super()._loss_gradients(x, y, sample_weight)
-        if not variables:
-            return y_pred, loss, gradients, variables
+    def compute_gradients(self, x: Any, y: Any, sample_weight: Any) -> StepGradients:
+        state = steptools.pass_state(self)
+        result = super().compute_gradients(x, y, sample_weight)
+        if not result.variables:
+            return result
         gradients = self._sharpness_aware_gradients(
-            x, y, sample_weight, gradients, variables, state
+            x, y, sample_weight, result.gradients, result.variables, state
         )
-        return y_pred, loss, gradients, variables
+        return result._replace(gradients=gradients)
 
     def _sharpness_aware_gradients(
         self,
@@ -104,7 +102,7 @@ class SAM(CustomModel):
         """`g_sam`: the unscaled gradient of the loss at `w + e`.
 
         Runs once per training batch, after the first backward pass. `state`
-        is the model's state before the first pass (`loop.pass_state`); the
+        is the model's state before the first pass (`steptools.pass_state`); the
         second pass reads it.
         """
         norm = global_norm(gradients)
@@ -115,11 +113,9 @@ class SAM(CustomModel):
         ]
 
         def scaled_loss(values: list) -> Tensor:
-            y_pred = _step.forward(self, x, training=True)
-            loss = internals.compute_loss(
-                self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
+            y_pred = steptools.forward(self, x, training=True)
+            loss = steptools.loss(self, x, y, y_pred, sample_weight)
             return loss if self.optimizer is None else self.optimizer.scale_loss(loss)
 
-        _, sam_gradients = loop.stateless_gradients(scaled_loss, perturbed, variables, state)
-        return _step.unscaled(self, sam_gradients)
+        _, sam_gradients = steptools.stateless_gradients(scaled_loss, perturbed, variables, state)
+        return steptools.unscaled(self, sam_gradients)

@@ -9,9 +9,8 @@ from typing import Any, Protocol, cast
 import keras
 from keras import ops
 
-from customfit import _saving
-from customfit._backend import loop, replicas
-from customfit._keras import internals
+from customfit import _saving, steptools
+from customfit._backend import replicas
 from customfit._model import CustomModel, Tensor
 from customfit.recipes import _options as options
 from customfit.recipes._accumulation import GradientAccumulation
@@ -119,15 +118,18 @@ class SkipNonFinite(CustomModel):
                 f"History column) or None; got {count_log_name!r}. Pass e.g. "
                 'count_log_name="skipped_steps".'
             )
-        _check_bases(type(self))
         super().__init__(*args, **kwargs)
         self.max_consecutive_skips = max_consecutive_skips
         self.max_skipped_steps = max_skipped_steps
         self.count_log_name = count_log_name
-        with loop.state_scope(self):
+        with steptools.state_scope(self):
             state = _State()
         # Plain attributes: saved through save_own_variables, not as weights.
         object.__setattr__(self, "_skip_state", state)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_bases(cls)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -176,20 +178,20 @@ class SkipNonFinite(CustomModel):
 
     # ------------------------------------------------------------ the step
 
-    def _step_variables(self) -> list[keras.Variable]:
+    def step_variables(self) -> list[keras.Variable]:
         state = self._skip_state
-        return [*super()._step_variables(), state.total, state.consecutive, state.halted]
+        return [*super().step_variables(), state.total, state.consecutive, state.halted]
 
-    def _update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
+    def update_weights(self, loss: Tensor, gradients: list, variables: list) -> None:
         skip = self._replica_skips(loss, gradients)
 
         def update(gradients: list) -> None:
-            super(SkipNonFinite, self)._update_weights(loss, list(gradients), variables)
+            super(SkipNonFinite, self).update_weights(loss, list(gradients), variables)
 
         if replicas.in_replica_context():
             replicas.skip_on_every_replica_if(self, skip, gradients, update)
             return
-        loop.cond(
+        steptools.cond(
             self._skip_state.halted.value | skip,
             self._count_skip,
             lambda: self._updated(lambda: update(gradients)),
@@ -199,7 +201,7 @@ class SkipNonFinite(CustomModel):
         """This replica's decision: non-finite loss or gradients (gradients
         left to a LossScaleOptimizer), or `should_skip_update`."""
         skip = ops.logical_not(_all_finite([loss]))
-        if internals.loss_scale_in_use(self.optimizer) is None:
+        if steptools.loss_scale(self.optimizer) is None:
             skip = ops.logical_or(skip, ops.logical_not(_all_finite(gradients)))
         wanted = ops.convert_to_tensor(self.should_skip_update(loss, gradients))
         shape = tuple(wanted.shape)
@@ -231,7 +233,7 @@ class SkipNonFinite(CustomModel):
                 over = ops.logical_or(over, state.total.value > self.max_skipped_steps)
             state.halted.assign(over)
 
-        loop.cond(state.halted.value, lambda: None, count)
+        steptools.cond(state.halted.value, lambda: None, count)
 
     def _updated(self, update: Callable[[], Any]) -> None:
         update()
@@ -338,11 +340,14 @@ def _all_finite(tensors: list) -> Tensor:
 
 
 def _check_bases(cls: type) -> None:
+    """Refuses, when the class is defined, the order without a defined
+    meaning."""
     mro = cls.__mro__
     if GradientAccumulation in mro and mro.index(GradientAccumulation) < mro.index(SkipNonFinite):
         raise TypeError(
-            f"{cls.__name__} lists GradientAccumulation before SkipNonFinite; "
-            "list SkipNonFinite first, e.g. class Net(SkipNonFinite, "
-            "GradientAccumulation), so a bad micro-batch is skipped before it "
-            "reaches the accumulators."
+            f"{cls.__name__} lists GradientAccumulation before SkipNonFinite: "
+            "the accumulators would take in a non-finite micro-batch that "
+            "SkipNonFinite then could not take out. List SkipNonFinite first, "
+            "e.g. class Net(SkipNonFinite, GradientAccumulation), so a bad "
+            "micro-batch is skipped before it reaches the accumulators."
         )
