@@ -176,3 +176,42 @@ def test_a_recipe_of_public_names_composes_in_the_order_stated(outer):
     expected.fit(x, y)
     for got, want in zip(model.get_weights(), expected.weights):
         np.testing.assert_allclose(got, want, **ref.CLOSE)
+
+
+# ------------------------------------------------------------- bad seams
+
+
+class ReturnsTwo(CustomModel):
+    def compute_gradients(self, x, y, sample_weight):
+        result = super().compute_gradients(x, y, sample_weight)
+        return result.loss, result.gradients
+
+
+class DropsAGradient(CustomModel):
+    def compute_gradients(self, x, y, sample_weight):
+        result = super().compute_gradients(x, y, sample_weight)
+        return result._replace(gradients=result.gradients[:1])
+
+
+class ReturnsGradients(CustomModel):
+    def update_weights(self, loss, gradients, variables):
+        super().update_weights(loss, gradients, variables)
+        return gradients
+
+
+class ReturnsAName(CustomModel):
+    def step_variables(self):
+        return ["counter"]
+
+
+@pytest.mark.parametrize("cls, message", [
+    (ReturnsTwo, r"ReturnsTwo.compute_gradients\(\) must return StepGradients.*got tuple"),
+    (DropsAGradient, r"DropsAGradient.compute_gradients\(\).*got 1 gradients for 2 variables"),
+    (ReturnsGradients, r"ReturnsGradients.update_weights\(\) returned list; it must return None"),
+    (ReturnsAName, r"ReturnsAName.step_variables\(\) must return a list of keras.Variable"),
+], ids=["compute_gradients_tuple", "compute_gradients_short", "update_weights_value",
+        "step_variables_names"])
+def test_a_seam_returning_the_wrong_structure_names_the_recipe(cls, message):
+    x, y = ref.data(batches=1)
+    with pytest.raises(TypeError, match=message):
+        ref.fit_recipe(cls, x, y)
