@@ -116,7 +116,9 @@ def nightly(session: nox.Session) -> None:
 JAX_STACK = ("keras==3.15.1", "jax==0.10.2")
 RECIPE_TESTS = (
     *(f"tests/test_recipes_{name}.py" for name in (
-        "accumulation", "adversarial", "clipping", "distillation", "gan", "sam", "skipping")),
+        "accumulation", "adversarial", "clipping", "distillation", "gan", "lookahead_ema",
+        "sam", "skipping")),
+    "tests/test_recipe_composition.py",
     "tests/test_value_and_gradients.py",
 )
 JAX_TESTS = (

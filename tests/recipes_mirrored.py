@@ -35,8 +35,10 @@ def run(strategy, base, batch_size, **options):
         model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     history = model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0,
                         shuffle=False).history
+    state = getattr(model, "slow_weights", None) or getattr(model, "average_weights", [])
     return {"history": history, "weights": [w.tolist() for w in model.get_weights()],
-            "iterations": int(model.optimizer.iterations.numpy())}
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "state": [v.numpy().tolist() for v in state]}
 
 
 clip = dict(clip_norm=0.2)
@@ -55,6 +57,10 @@ results = {
     "agc_one": run(one, recipes.AdaptiveGradientClipping, 64, **agc),
     "adversarial_two": run(two, recipes.AdversarialTraining, 64, **adv),
     "adversarial_one": run(one, recipes.AdversarialTraining, 64, **adv),
+    "lookahead_two": run(two, recipes.Lookahead, 64, sync_period=3),
+    "lookahead_one": run(one, recipes.Lookahead, 64, sync_period=3),
+    "ema_two": run(two, recipes.WeightEMA, 64, momentum=0.9),
+    "ema_one": run(one, recipes.WeightEMA, 64, momentum=0.9),
 }
 print("RESULTS" + json.dumps(results))
 """

@@ -146,6 +146,23 @@ def test_validation_uses_the_average_as_keras_swap_ema_weights_does():
     assert ours["loss"] == stock["loss"]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["lookahead", "ema"])
+def test_two_replicas_train_as_one_device(name):
+    """Under MirroredStrategy the recipe's step runs once per replica, on
+    mirrored weights: the weights and the recipe's state match one device
+    within float32 summation-order ulps."""
+    from tests import recipes_mirrored
+
+    results = recipes_mirrored.results()
+    two, one = results[f"{name}_two"], results[f"{name}_one"]
+    assert two["state"] and len(two["state"]) == len(one["state"])
+    for a, b in zip(two["weights"] + two["state"], one["weights"] + one["state"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("recipe", ["Lookahead", "WeightEMA"])
 def test_state_is_saved_and_training_resumes_exactly(recipe, tmp_path):
     cls = getattr(recipes, recipe)

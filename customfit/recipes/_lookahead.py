@@ -33,6 +33,10 @@ class Lookahead(CustomModel):
     weights; they equal the slow ones right after a synchronisation, e.g.
     with `steps_per_epoch` a multiple of `sync_period`.
 
+    **`tf.distribute`.** It runs on every replica, on the mirrored weights
+    the optimizer has just updated, so the replicas stay equal: two
+    replicas train as one device (tested within float32 rounding).
+
     **State.** The update counter and the slow weights (`slow_weights`)
     are created before the first training step, saved and loaded with the
     model (`.keras`, `.weights.h5`, `BackupAndRestore`).
