@@ -121,9 +121,13 @@ RECIPE_TESTS = (
     "tests/test_recipe_composition.py",
     "tests/test_value_and_gradients.py",
 )
+# The worked paths beyond supervised learning (examples/), in quick mode.
+WORKED_PATH_TESTS = ("tests/test_worked_paths_learning.py",
+                     "tests/test_worked_paths_generative_rl.py")
 JAX_TESTS = (
     "tests/jax_backend",
     *RECIPE_TESTS,
+    *WORKED_PATH_TESTS,
     "tests/test_every_backend.py",
     "tests/test_callback_preconditions.py",
     "tests/test_composite_checkpoints.py",
@@ -156,7 +160,8 @@ def jax(session: nox.Session) -> None:
 TORCH_STACK = ("keras==3.15.1", "torch==2.13.0")
 # The parity, hook, Keras-2 helper and guard tests of tests/jax_backend are
 # written with keras.ops and run on PyTorch too.
-TORCH_TESTS = ("tests/torch_backend", *RECIPE_TESTS, "tests/test_every_backend.py",
+TORCH_TESTS = ("tests/torch_backend", *RECIPE_TESTS, *WORKED_PATH_TESTS,
+               "tests/test_every_backend.py",
                "tests/test_callback_preconditions.py", "tests/test_composite_checkpoints.py",
                *(f"tests/jax_backend/test_{name}.py"
                  for name in ("parity", "hooks", "keras2_helpers", "guards")))

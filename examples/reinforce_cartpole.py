@@ -307,10 +307,9 @@ def build_agent(seed: int = 0) -> Reinforce:
 
 
 def save_curve(mean_returns: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: drawing it leaves the caller's
+    # matplotlib backend (a notebook's inline plots) as it was.
+    from matplotlib.figure import Figure
 
     epochs = np.arange(1, len(mean_returns) + 1)
     window = np.array(
@@ -319,7 +318,8 @@ def save_curve(mean_returns: list[float], path: Path, title: str) -> None:
             for i in range(len(mean_returns))
         ]
     )
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(
         epochs,
         mean_returns,
@@ -341,7 +341,6 @@ def save_curve(mean_returns: list[float], path: Path, title: str) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(quick: bool = False, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:

@@ -138,17 +138,17 @@ def digits_split(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def save_grid(
     samples: np.ndarray, originals: np.ndarray, reconstructions: np.ndarray, path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: drawing it leaves the caller's
+    # matplotlib backend (a notebook's inline plots) as it was.
+    from matplotlib.figure import Figure
 
     panels = [
         ("from the prior", samples),
         ("held-out digits", originals),
         ("their reconstructions", reconstructions),
     ]
-    fig, axes = plt.subplots(8, 26, figsize=(13, 4.4))
+    fig = Figure(figsize=(13, 4.4))
+    axes = fig.subplots(8, 26)
     for row in range(8):
         for col in range(26):
             ax = axes[row, col]
@@ -163,7 +163,6 @@ def save_grid(
         right = axes[0, panel * 9 + 7].get_position().x1
         fig.text((left + right) / 2, 0.93, title, ha="center", fontsize=11)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(quick: bool = False, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
