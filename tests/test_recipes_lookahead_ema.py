@@ -178,6 +178,12 @@ def test_state_is_saved_and_training_resumes_exactly(recipe, tmp_path):
     for got, want in zip([*resumed.weights, *getattr(resumed, state)],
                          [*uninterrupted.weights, *getattr(uninterrupted, state)]):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # What BackupAndRestore and ModelCheckpoint(save_weights_only=True) keep.
+    uninterrupted.save_weights(tmp_path / "recipe.weights.h5")
+    fresh = ref.fit_recipe(cls, x, y, epochs=1, **options)
+    fresh.load_weights(tmp_path / "recipe.weights.h5")
+    for got, want in zip(getattr(fresh, state), getattr(uninterrupted, state)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
 @pytest.mark.parametrize("recipe, options, message", [
