@@ -150,7 +150,8 @@ def jax(session: nox.Session) -> None:
     session.install("--no-deps", "-e", ".")
     session.run("python", "-c", "import importlib.util, sys; "
                 "sys.exit(importlib.util.find_spec('tensorflow') is not None)")
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *JAX_TESTS,
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist",
+                "worksteal", *JAX_TESTS,
                 *session.posargs, env={"KERAS_BACKEND": "jax"})
     session.run("python", "conformance/run.py", "--backend", "jax", "--control", "auto")
 

@@ -1,14 +1,13 @@
 """The worked paths beyond supervised learning: `examples/vae_digits.py` and
 `examples/reinforce_cartpole.py`, in their quick mode (what CI runs, on
-every backend), and the code their pages in `docs/beyond/` quote."""
+every backend); tests/test_worked_paths_learning.py checks the code their
+pages quote."""
 
-import re
 
 import numpy as np
 import pytest
 
 from examples import reinforce_cartpole, vae_digits
-from tests.subproc import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,31 +63,3 @@ def test_reinforce_quick_run_plays_every_batch_with_the_updated_policy(tmp_path)
     # was 1.71-6.57 times the first 5 epochs'.
     assert returns[-5:].mean() > 1.25 * returns[:5].mean()
     assert_png(results["curve_png"])
-
-
-def python_blocks(page):
-    return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
-
-
-@pytest.mark.parametrize(
-    "page, example",
-    [
-        ("generative.md", "vae_digits.py"),
-        ("reinforcement.md", "reinforce_cartpole.py"),
-    ],
-)
-def test_the_docs_quote_the_examples_as_they_are(page, example):
-    """A block of the page that defines a class or a function (decorated or
-    not) is a verbatim part of the example (tests/test_docs.py runs the
-    page's blocks)."""
-    source = (ROOT / "examples" / example).read_text()
-    quoted = [
-        block
-        for block in python_blocks(ROOT / "docs" / "beyond" / page)
-        if block.startswith(("class ", "def ", "@"))
-    ]
-    assert quoted
-    for block in quoted:
-        assert block in source, (
-            f"docs/beyond/{page} quotes code not in examples/{example}:\n{block}"
-        )

@@ -115,11 +115,14 @@ def python_blocks(page):
     [
         ("semi-supervised.md", "semi_supervised_digits.py"),
         ("self-supervised.md", "contrastive_digits.py"),
+        ("generative.md", "vae_digits.py"),
+        ("reinforcement.md", "reinforce_cartpole.py"),
     ],
 )
 def test_the_docs_quote_the_examples_as_they_are(page, example):
-    """A block of the page that defines a class or a function is a verbatim
-    part of the example (tests/test_docs.py runs the page's blocks)."""
+    """A block of a page of docs/beyond/ that defines a class or a function
+    (decorated or not) is a verbatim part of its example (tests/test_docs.py
+    runs the page's blocks)."""
     source = (ROOT / "examples" / example).read_text()
     quoted = [
         block
