@@ -59,6 +59,11 @@ class CustomModel(keras.Model):
     5. `compute_metrics(...)`, whose dict (plus every `log`ged value) goes to
        callbacks, the progress bar and `History`.
 
+    Steps 1 and 2 are the seam `compute_gradients`; 3 and 4 run inside the
+    seam `update_weights`. Recipes (`customfit.recipes`, and your own) override
+    these and `step_variables` and compose in the order their classes are
+    listed (see the guide "Write your own recipe").
+
     Each hook can be overridden alone; `train_step`/`test_step` can still be
     overridden whole, with the Keras-2 helpers `compiled_loss`,
     `compiled_metrics` and `metrics` behaving as they did in `tf.keras`.
