@@ -72,7 +72,11 @@ def checked_gradients_result(model: keras.Model, result: Any) -> Any:
         ok = ok and len(gradients) == len(variables)
     if not ok:
         owner = _defining_class(model, "compute_gradients")
-        if isinstance(result, tuple) and len(result) == 4:
+        if (
+            isinstance(result, tuple)
+            and len(result) == 4
+            and all(isinstance(part, (list, tuple)) for part in result[2:])
+        ):
             got = f"{len(result[2])} gradients for {len(result[3])} variables"
         else:
             got = type(result).__name__
