@@ -14,10 +14,11 @@ The primary stack (the newest of each) runs the whole suite and Keras' own
 tests from the README's command; `.ci/run` runs `compat`, `jax`, `torch`,
 `readme`, `lint` and `docs` after them. Each session installs its TensorFlow
 (or its other backend) into a fresh virtual environment, and customfit from
-this checkout without dependencies; a `compat` session then installs each Keras release tested with that
-TensorFlow in turn (one environment per TensorFlow: installing TensorFlow
-takes longer than the tests), so the stack under test is exactly the one
-named.
+this checkout without dependencies; a `compat` session then installs each
+Keras release tested with that TensorFlow in turn (one environment per
+TensorFlow: installing TensorFlow takes longer than the tests), so the stack
+under test is exactly the one named. A session that passes removes its
+environment unless nox runs with `-r`.
 """
 
 import dataclasses
@@ -64,6 +65,14 @@ def _install(session: nox.Session, *stack: str) -> None:
     _print_stack(session)
 
 
+def _discard_environment(session: nox.Session) -> None:
+    """Removes a passed session's environment unless nox reuses environments
+    (`-r`): a later run would recreate it anyway, and each TensorFlow stack
+    takes over 2 GB, so `.ci/run` never holds more than one at a time."""
+    if not session.virtualenv.reuse_existing:
+        shutil.rmtree(session.virtualenv.location)
+
+
 def _print_stack(session: nox.Session) -> None:
     session.run("python", "-c", "import keras, tensorflow as tf; "
                 "print('Keras', keras.version(), 'TensorFlow', tf.__version__)")
@@ -95,6 +104,7 @@ def compat(session: nox.Session, tensorflow: str) -> None:
                     *tests, *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
         if keras in EDGES:
             session.run("python", "-m", "customfit", "check", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    _discard_environment(session)
 
 
 @nox.session
@@ -109,6 +119,7 @@ def nightly(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *COMPAT_SELECTION, "-p", "no:cacheprovider",
                 "-W", "ignore::customfit.CompatibilityWarning", *COMPAT_TESTS,
                 *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    _discard_environment(session)
 
 
 # Keras' JAX backend, without TensorFlow: `tests/jax_backend`, and the
@@ -154,6 +165,7 @@ def jax(session: nox.Session) -> None:
                 "worksteal", *JAX_TESTS,
                 *session.posargs, env={"KERAS_BACKEND": "jax"})
     session.run("python", "conformance/run.py", "--backend", "jax", "--control", "auto")
+    _discard_environment(session)
 
 
 # Keras' PyTorch backend, without TensorFlow: torch's CPU build (the
@@ -187,6 +199,7 @@ def torch(session: nox.Session) -> None:
                 env={"KERAS_BACKEND": "torch"})
     session.install(JAX_STACK[1])
     session.run("python", "conformance/run.py", "--backend", "torch", "--control", "auto")
+    _discard_environment(session)
 
 
 LINT = ("ruff==0.17.6", "mypy==2.4.1")
